@@ -169,8 +169,8 @@ class GatedDeltaNet(RecurrentMixer):
         g = -self.A_log.float().exp() * F.softplus(self.W_a(x).float() + self.dt_bias.float())
         alpha = g.exp()
         edited_alpha = self.hook_decay(alpha)
-        if edited_alpha is not alpha:
-            g = edited_alpha.log()
+        if edited_alpha is not alpha:  # keep g exactly where the decay was not edited
+            g = torch.where(edited_alpha == alpha, g, edited_alpha.log())
         alpha = edited_alpha
 
         S0 = None if past is None else past["S"]
