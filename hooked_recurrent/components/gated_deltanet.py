@@ -168,10 +168,11 @@ class GatedDeltaNet(RecurrentMixer):
         beta = self.hook_beta(torch.sigmoid(self.W_b(x)).float())
         g = -self.A_log.float().exp() * F.softplus(self.W_a(x).float() + self.dt_bias.float())
         alpha = g.exp()
-        edited_alpha = self.hook_decay(alpha)
-        if edited_alpha is not alpha:  # keep g exactly where the decay was not edited
-            g = torch.where(edited_alpha == alpha, g, edited_alpha.log())
-        alpha = edited_alpha
+        if self.hook_decay.active:
+            native_alpha = alpha.clone()  # a hook may edit in place
+            alpha = self.hook_decay(alpha)
+            # keep g exactly where the decay was not edited
+            g = torch.where(alpha == native_alpha, g, alpha.log())
 
         S0 = None if past is None else past["S"]
         transition = Transition(alpha, -(alpha * beta)[..., None] * k, k)
