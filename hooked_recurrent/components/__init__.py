@@ -1,0 +1,1 @@
+"""Model components: one file per idea (norms, MLPs, attention, and one per recurrent mixer)."""

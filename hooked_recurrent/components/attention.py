@@ -1,0 +1,100 @@
+"""Qwen3.5 gated full attention: q/k RMSNorm, partial RoPE, GQA, causal softmax, sigmoid output gate.
+
+q_h, gate_h = split(W_Q x)             (per head: d_head query rows, then d_head gate rows)
+q = rope(qnorm(q)),  k = rope(knorm(W_K x)),  v = W_V x
+z = softmax(q k^T / sqrt(d_head) + causal) v
+out = W_O (z * sigmoid(gate))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_recurrent.components.norms import RMSNorm
+from hooked_recurrent.hook_points import RecurrentHookPoint
+from hooked_recurrent.state import RunContext
+
+
+def rotate_partial(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first `rotary_dim` channels (rotate-half convention); pass the rest through."""
+    rd = cos.shape[-1]
+    xr, xp = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+    rotated = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, xp), dim=-1)
+
+
+class GatedAttention(nn.Module):
+    """Gated multi-head attention with a KV cache for stepwise decoding.
+
+    Hooks (TransformerLens names): `hook_q`, `hook_k`, `hook_v` `[batch, pos, head, d_head]`
+    (after the q/k norms, before RoPE), `hook_rot_q`, `hook_rot_k`, `hook_attn_scores` and
+    `hook_pattern` `[batch, head, query_pos, key_pos]`, `hook_z` `[batch, pos, head, d_head]`,
+    `hook_gate` `[batch, pos, head, d_head]` (before the sigmoid).
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        d_head: int,
+        rotary_dim: int,
+        rope_theta: float,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.W_Q = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)
+        self.W_K = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
+        self.W_V = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
+        self.W_O = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
+        self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        inv_freq = 1.0 / (
+            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "gate"):
+            setattr(self, f"hook_{name}", RecurrentHookPoint())
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
+        qg = self.W_Q(x).view(B, T, H, 2 * D)
+        q, gate = qg[..., :D], qg[..., D:]
+        q = self.hook_q(self.q_norm(q))
+        k = self.hook_k(self.k_norm(self.W_K(x).view(B, T, Hkv, D)))
+        v = self.hook_v(self.W_V(x).view(B, T, Hkv, D))
+        gate = self.hook_gate(gate)
+
+        freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        q = self.hook_rot_q(rotate_partial(q, cos, sin))
+        k = self.hook_rot_k(rotate_partial(k, cos, sin))
+
+        k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+        past = run.layer_in(self.layer)
+        if past is not None and "k" in past:
+            k_all = torch.cat((past["k"], k_all), dim=2)
+            v_all = torch.cat((past["v"], v_all), dim=2)
+        run.save(self.layer, k=k_all, v=v_all)
+        rep = H // Hkv
+        k_rep = k_all.repeat_interleave(rep, dim=1)
+        v_rep = v_all.repeat_interleave(rep, dim=1)
+
+        scores = torch.matmul(q.transpose(1, 2), k_rep.transpose(-1, -2)) / math.sqrt(D)
+        n_past = k_all.shape[2] - T
+        causal = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
+        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+        pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
+        z = self.hook_z(torch.matmul(pattern, v_rep).transpose(1, 2))  # [B, T, H, D]
+        out = z.reshape(B, T, H * D) * torch.sigmoid(gate.reshape(B, T, H * D))
+        return self.W_O(out)

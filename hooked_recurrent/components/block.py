@@ -1,0 +1,45 @@
+"""A pre-norm residual block: token mixer at `attn`, optional MLP at `mlp`."""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_recurrent.hook_points import RecurrentHookPoint
+from hooked_recurrent.state import RunContext
+
+
+class Block(nn.Module):
+    """resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid)).
+
+    Blocks without an MLP (Mamba-2) have no `ln2`, `mlp`, `hook_resid_mid` or `hook_mlp_out`.
+    """
+
+    def __init__(
+        self,
+        layer: int,
+        ln1: nn.Module,
+        attn: nn.Module,
+        ln2: nn.Module | None = None,
+        mlp: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer = layer
+        self.ln1, self.attn = ln1, attn
+        self.hook_resid_pre = RecurrentHookPoint()
+        self.hook_attn_out = RecurrentHookPoint()
+        self.hook_resid_post = RecurrentHookPoint()
+        if mlp is not None:
+            self.ln2, self.mlp = ln2, mlp
+            self.hook_resid_mid = RecurrentHookPoint()
+            self.hook_mlp_out = RecurrentHookPoint()
+        else:
+            self.mlp = None
+
+    def forward(self, resid: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        resid = self.hook_resid_pre(resid)
+        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), run))
+        if self.mlp is not None:
+            resid = self.hook_resid_mid(resid)
+            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid), run))
+        return self.hook_resid_post(resid)

@@ -1,0 +1,74 @@
+"""What a model carries from one token to the next, and the context of one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["RecurrentState", "RunContext"]
+
+
+@dataclass
+class RecurrentState:
+    """Per-layer carried state of a `HookedRecurrentModel` after `offset` tokens.
+
+    `layers[l]` is a dict of tensors whose keys depend on the layer's kind:
+
+    * recurrent mixers: `"S"` the matrix state `[batch, head, d_k, d_v]` (float32, key side first)
+      and the mixer's short-range buffer (`"conv"`: the last K-1 pre-convolution inputs
+      `[batch, channels, K-1]`, or RWKV-7's `"shift"`: the previous normalised token);
+    * attention layers: `"k"`, `"v"`: the KV cache `[batch, kv_head, pos, d_head]` (keys rotated);
+    * blocks with a token-shifted MLP (RWKV-7): `"mlp_shift"`.
+    """
+
+    offset: int
+    layers: list[dict[str, Tensor]]
+
+    @property
+    def batch_size(self) -> int:
+        for layer in self.layers:
+            for t in layer.values():
+                return t.shape[0]
+        return 0
+
+    def clone(self) -> RecurrentState:
+        return RecurrentState(
+            self.offset, [{k: v.clone() for k, v in layer.items()} for layer in self.layers]
+        )
+
+    def index_batch(self, idx: Tensor | slice) -> RecurrentState:
+        """The state of a subset of the batch (e.g. to drop finished sequences)."""
+        return RecurrentState(
+            self.offset, [{k: v[idx] for k, v in layer.items()} for layer in self.layers]
+        )
+
+    def to(self, device: torch.device | str) -> RecurrentState:
+        return RecurrentState(
+            self.offset, [{k: v.to(device) for k, v in layer.items()} for layer in self.layers]
+        )
+
+
+@dataclass
+class RunContext:
+    """The context of one forward pass, handed to every block.
+
+    Attributes:
+        positions: absolute positions `[pos]` of the tokens in this call.
+        state_in: the state to start from (None: the empty state).
+        state_out: filled by the layers when the caller asked for the final state.
+        shared: values that one layer hands to later ones (RWKV-7's v_first).
+    """
+
+    positions: Tensor
+    state_in: RecurrentState | None = None
+    state_out: list[dict[str, Tensor]] | None = None
+    shared: dict[str, Tensor] = field(default_factory=dict)
+
+    def layer_in(self, layer: int) -> dict[str, Tensor] | None:
+        return None if self.state_in is None else self.state_in.layers[layer]
+
+    def save(self, layer: int, **tensors: Tensor) -> None:
+        if self.state_out is not None:
+            self.state_out[layer].update(tensors)
