@@ -352,7 +352,9 @@ class ShardSource:
     def __iter__(self) -> Iterator[Tensor | WriteFactors]:
         g = torch.Generator().manual_seed(self.seed + self._epoch)
         self._epoch += 1
-        order = torch.randperm(len(self.paths), generator=g) if self.shuffle else range(len(self.paths))
+        order = (
+            torch.randperm(len(self.paths), generator=g) if self.shuffle else range(len(self.paths))
+        )
         rest: Tensor | WriteFactors | None = None
         for i in order:
             data = self._load(self.paths[int(i)])

@@ -99,7 +99,9 @@ class WriteSAEConfig:
         if self.head < 0:
             raise ValueError(f"WriteSAEConfig.head must be >= 0, got {self.head}")
         if self.n_heads is not None and self.head >= self.n_heads:
-            raise ValueError(f"WriteSAEConfig.head={self.head} out of range for n_heads={self.n_heads}")
+            raise ValueError(
+                f"WriteSAEConfig.head={self.head} out of range for n_heads={self.n_heads}"
+            )
         if _HOOK_RE.match(self.hook_name) is None:
             raise ValueError(
                 f"WriteSAEConfig.hook_name={self.hook_name!r} must end in '.hook_state' or "

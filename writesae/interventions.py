@@ -11,7 +11,7 @@ where the SAE fires, with native write ``D = beta_t k_t v_t^T`` and top atom ``A
     substitute (matched_norm):  D -> sign(c_j) * ||D||_F * A / ||A||_F
     substitute (coefficient):   D -> c_j * A
     ablate (delete):            D -> 0
-    ablate (random):            D -> ||D||_F * g h^T / (||g|| ||h||),  g ~ N(0, I_dk), h ~ N(0, I_dv)
+    ablate (random):            D -> ||D||_F * g h^T / (||g|| ||h||),  g, h ~ N(0, I)
 
 ``c_j`` is the atom's code; TopK/ReLU codes are non-negative, so the matched-norm sign is +1
 for them (we keep the sign of the code, as the paper's "c A" does, rather than aligning with D).
@@ -232,7 +232,8 @@ def install_hook(
         direction = torch.as_tensor(atom_or_direction)
         if direction.shape != (cfg.d_k, cfg.d_v):
             raise ValueError(
-                f"direction must be [d_k, d_v] = [{cfg.d_k}, {cfg.d_v}], got {tuple(direction.shape)}"
+                f"direction must be [d_k, d_v] = [{cfg.d_k}, {cfg.d_v}], "
+                f"got {tuple(direction.shape)}"
             )
     if positions is None:
         raise ValueError("install needs explicit absolute positions")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +91,18 @@ class BaseSAE(nn.Module):
         """Pre-activations of the rank-1 input ``key value^T`` (default: materialise it)."""
         return self.pre_acts(key[..., :, None] * value[..., None, :])
 
+    def pre_acts_at(
+        self, x: Float[Tensor, "*b d_k d_v"], idx: Int[Tensor, "*b m"]
+    ) -> Float[Tensor, "*b m"]:
+        """Pre-activations of the listed atoms only (``p_{b, idx[b, j]}``)."""
+        raise NotImplementedError
+
+    def pre_acts_factors_at(
+        self, key: Float[Tensor, "*b d_k"], value: Float[Tensor, "*b d_v"], idx: Int[Tensor, "*b m"]
+    ) -> Float[Tensor, "*b m"]:
+        """Pre-activations of the listed atoms for ``X = key value^T`` (default: materialise)."""
+        return self.pre_acts_at(key[..., :, None] * value[..., None, :], idx)
+
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
         """Decoder atoms as ``d_k x d_v`` matrices (unit Frobenius norm after renorm)."""
         raise NotImplementedError
@@ -115,17 +126,22 @@ class BaseSAE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---------------------------------------------------------------- sparsifier
-    def sparsify(self, pre: Float[Tensor, "... n_atoms"]) -> SAEOutput:
+    def sparsify(self, pre: Float[Tensor, "... n_atoms"], pre_at: Any = None) -> SAEOutput:
         """Apply the configured activation to pre-activations.
 
         * topk: ``c = ReLU(p)`` on the k largest ``p`` (by value) of each sample, 0 elsewhere.
         * batchtopk: ``c = ReLU(p)`` on the ``k * B`` largest over all samples of the batch
           (leading dims flattened to B), 0 elsewhere.
         * relu: ``c = ReLU(p)``.
+
+        ``pre_at(idx)``, if given, recomputes the selected TopK pre-activations with gradients, so
+        ``pre`` itself can be computed without autograd (see :meth:`_encode`).
         """
         act = self.cfg.activation
         if act == "topk":
             vals, idx = pre.topk(self.cfg.k, dim=-1)
+            if pre_at is not None:
+                vals = pre_at(idx)
             vals = torch.relu(vals)
             codes = torch.zeros_like(pre).scatter(-1, idx, vals)
             return SAEOutput(None, codes, pre, vals, idx)
@@ -139,15 +155,34 @@ class BaseSAE(nn.Module):
         return SAEOutput(None, torch.relu(pre), pre)
 
     # ---------------------------------------------------------------- public API
+    def _encode(self, x: Tensor | None, key: Tensor | None = None, value: Tensor | None = None):
+        """Encode a matrix ``x`` or factors ``(key, value)``.
+
+        With TopK the gradient reaches only the k selected pre-activations, so all n_atoms
+        pre-activations are computed without autograd and the selected ones are recomputed with
+        it: the backward pass then costs O(k) atoms per sample instead of O(n_atoms).
+        """
+        if x is not None:
+            full = lambda: self.pre_acts(x)  # noqa: E731
+            at = lambda idx: self.pre_acts_at(x, idx)  # noqa: E731
+        else:
+            full = lambda: self.pre_acts_factors(key, value)  # noqa: E731
+            at = lambda idx: self.pre_acts_factors_at(key, value, idx)  # noqa: E731
+        if self.cfg.activation == "topk" and torch.is_grad_enabled():
+            with torch.no_grad():
+                pre = full()
+            return self.sparsify(pre, pre_at=at)
+        return self.sparsify(full())
+
     def encode(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
         """Sparse codes ``c = sparsify(p(X))``."""
-        return self.sparsify(self.pre_acts(self._check_input(x))).codes
+        return self._encode(self._check_input(x)).codes
 
     def encode_factors(
         self, key: Float[Tensor, "... d_k"], value: Float[Tensor, "... d_v"]
     ) -> Float[Tensor, "... n_atoms"]:
         """Codes of the rank-1 input ``X = key value^T`` from its factors."""
-        return self.sparsify(self.pre_acts_factors(key, value)).codes
+        return self._encode(None, key, value).codes
 
     def decode(self, codes: Float[Tensor, "... n_atoms"]) -> Float[Tensor, "... d_k d_v"]:
         """``X_hat = sum_i c_i A_i + B_dec`` for dense codes (only nonzero codes are used)."""
@@ -162,16 +197,18 @@ class BaseSAE(nn.Module):
 
     def run(self, x: Float[Tensor, "... d_k d_v"]) -> SAEOutput:
         """Encode and decode; returns reconstruction, codes and pre-activations."""
-        out = self.sparsify(self.pre_acts(self._check_input(x)))
+        out = self._encode(self._check_input(x))
         if out.values is not None:
             out.recon = self.decode_sparse(out.values, out.indices)
         else:
             out.recon = self.decode(out.codes)
         return out
 
-    def run_factors(self, key: Float[Tensor, "... d_k"], value: Float[Tensor, "... d_v"]) -> SAEOutput:
+    def run_factors(
+        self, key: Float[Tensor, "... d_k"], value: Float[Tensor, "... d_v"]
+    ) -> SAEOutput:
         """Encode a rank-1 input from its factors (``recon`` stays ``None``)."""
-        return self.sparsify(self.pre_acts_factors(key, value))
+        return self._encode(None, key, value)
 
     def forward(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... d_k d_v"]:
         """Reconstruction ``X_hat``; use :meth:`run` for codes and pre-activations as well."""
@@ -193,8 +230,10 @@ class BaseSAE(nn.Module):
         """Per-sample ``||k v^T - X_hat||_F^2`` (default: materialise; WriteSAE overrides)."""
         out = self.run_factors(key, value) if out is None else out
         x = key[..., :, None] * value[..., None, :]
-        recon = self.decode(out.codes) if out.values is None else self.decode_sparse(
-            out.values, out.indices
+        recon = (
+            self.decode(out.codes)
+            if out.values is None
+            else self.decode_sparse(out.values, out.indices)
         )
         return (x - recon).pow(2).sum((-2, -1))
 
@@ -256,7 +295,7 @@ class BaseSAE(nn.Module):
         return ablate_hook(self, **kwargs)
 
     def install(self, atom_or_direction: Any, positions: Any, scale: float = 1.0):
-        """Hook adding ``scale * A`` at absolute positions; see :func:`interventions.install_hook`."""
+        """Hook adding ``scale * A`` at absolute positions; see ``interventions.install_hook``."""
         from writesae.interventions import install_hook
 
         return install_hook(self, atom_or_direction, positions, scale)
@@ -276,7 +315,8 @@ class WriteSAE(BaseSAE):
         b_enc [n_atoms]: encoder bias.
 
     Example:
-        >>> cfg = WriteSAEConfig(d_k=8, d_v=4, n_atoms=16, k=2, hook_name="blocks.0.attn.hook_write", head=0)
+        >>> cfg = WriteSAEConfig(d_k=8, d_v=4, n_atoms=16, k=2,
+        ...                      hook_name="blocks.0.attn.hook_write", head=0)
         >>> sae = WriteSAE(cfg)
         >>> sae.encode(torch.randn(3, 8, 4)).shape
         torch.Size([3, 16])
@@ -332,8 +372,34 @@ class WriteSAE(BaseSAE):
         dt = self.b_enc.dtype
         return (key.to(dt) @ self.W_enc_key.T) * (value.to(dt) @ self.W_enc_value.T) + self.b_enc
 
+    def pre_acts_at(
+        self, x: Float[Tensor, "*b d_k d_v"], idx: Int[Tensor, "*b m"]
+    ) -> Float[Tensor, "*b m"]:
+        x = x.to(self.b_enc.dtype)
+        if self.cfg.encoder == "bilinear":
+            ex = self.W_enc_key[idx] @ x  # [*b, m, d_v] = e_j^T X
+            return (ex * self.W_enc_value[idx]).sum(-1) + self.b_enc[idx]
+        rows = self.W_enc.T[idx]  # [*b, m, d_in]
+        return (rows @ x.flatten(-2)[..., :, None]).squeeze(-1) + self.b_enc[idx]
+
+    def pre_acts_factors_at(
+        self, key: Float[Tensor, "*b d_k"], value: Float[Tensor, "*b d_v"], idx: Int[Tensor, "*b m"]
+    ) -> Float[Tensor, "*b m"]:
+        if self.cfg.encoder != "bilinear":
+            return super().pre_acts_factors_at(key, value, idx)
+        dt = self.b_enc.dtype
+        ek = (self.W_enc_key[idx] @ key.to(dt)[..., :, None]).squeeze(-1)
+        fv = (self.W_enc_value[idx] @ value.to(dt)[..., :, None]).squeeze(-1)
+        return ek * fv + self.b_enc[idx]
+
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
         return self.W_dec_key[idx][..., :, None] * self.W_dec_value[idx][..., None, :]
+
+    def bias_inner(self) -> Float[Tensor, " n_atoms"] | None:
+        """``u_i^T B_dec w_i`` for every atom (None without a decoder bias); O(n d_k d_v) once."""
+        if self.b_dec is None:
+            return None
+        return ((self.W_dec_key @ self.b_dec) * self.W_dec_value).sum(-1)
 
     def decode_sparse(
         self, values: Float[Tensor, "... m"], indices: Int[Tensor, "... m"], bias: bool = True
@@ -371,7 +437,8 @@ class WriteSAE(BaseSAE):
             vals, idx = out.values, out.indices
         u = self.W_dec_key[idx]
         w = self.W_dec_value[idx]
-        return rank1_sq_error(key, value, vals, u, w, self.b_dec)
+        ubw = self.bias_inner()
+        return rank1_sq_error(key, value, vals, u, w, self.b_dec, None if ubw is None else ubw[idx])
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -386,11 +453,13 @@ def rank1_sq_error(
     u: Float[Tensor, "*b m d_k"],
     w: Float[Tensor, "*b m d_v"],
     bias: Float[Tensor, "d_k d_v"] | None = None,
+    ubw: Float[Tensor, "*b m"] | None = None,
 ) -> Float[Tensor, "*b"]:
     """``||k v^T - sum_j coef_j u_j w_j^T - bias||_F^2`` per sample, via Gram matrices.
 
     The expansion is written out in :meth:`WriteSAE.factor_sq_error`; no ``d_k x d_v`` matrix is
     formed per sample (``bias`` is shared by the batch, so ``B v`` costs one matmul).
+    ``ubw`` [*b, m] = ``u_j^T bias w_j`` if precomputed per atom (else computed per sample).
     """
     dt = coef.dtype
     key, value = key.to(dt), value.to(dt)
@@ -404,7 +473,7 @@ def rank1_sq_error(
     if bias is not None:
         bv = value @ bias.T  # [*b, d_k] = B v
         k_b_v = (key * bv).sum(-1)
-        uBw = ((u @ bias) * w).sum(-1)  # [*b, m] = u_j^T B w_j
+        uBw = ((u @ bias) * w).sum(-1) if ubw is None else ubw  # [*b, m] = u_j^T B w_j
         err = err - 2 * k_b_v + 2 * (coef * uBw).sum(-1) + bias.pow(2).sum()
     # cancellation can push a tiny true error slightly negative
     return err.clamp_min(0.0)
@@ -447,6 +516,13 @@ class FlatSAE(BaseSAE):
 
     def pre_acts(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
         return x.to(self.b_enc.dtype).flatten(-2) @ self.W_enc + self.b_enc
+
+    def pre_acts_at(
+        self, x: Float[Tensor, "*b d_k d_v"], idx: Int[Tensor, "*b m"]
+    ) -> Float[Tensor, "*b m"]:
+        rows = self.W_enc.T[idx]  # [*b, m, d_in]
+        x = x.to(self.b_enc.dtype).flatten(-2)[..., :, None]
+        return (rows @ x).squeeze(-1) + self.b_enc[idx]
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
         return self.W_dec[idx].unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
@@ -515,10 +591,3 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
             raise ValueError(f"{w_path}: tensor {name!r} contains NaN or inf")
     sae.load_state_dict(tensors)
     return sae.to(device)
-
-
-def _norm_check(sae: BaseSAE) -> float:
-    """Largest deviation of an atom's Frobenius norm from 1 (diagnostics)."""
-    idx = torch.arange(sae.cfg.n_atoms)
-    norms = sae.atom_matrices(idx).flatten(-2).norm(dim=-1)
-    return float((norms - 1).abs().max()) if norms.numel() else math.nan

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from writesae.activations import WriteFactors
 from writesae.config import TrainConfig
-from writesae.sae import BaseSAE, SAEOutput, WriteSAE, rank1_sq_error
+from writesae.sae import BaseSAE, SAEOutput, WriteSAE
 
 __all__ = ["TrainMetrics", "train", "lr_at", "batch_fve", "StepResult", "training_step_loss"]
 
@@ -94,7 +94,9 @@ def _as_batch(b: Any) -> Batch:
         return WriteFactors(b[0], b[1])
     if isinstance(b, dict) and "key" in b:
         return WriteFactors(b["key"], b["value"])
-    raise TypeError(f"a batch must be a [B, d_k, d_v] tensor or (key, value) factors, got {type(b)}")
+    raise TypeError(
+        f"a batch must be a [B, d_k, d_v] tensor or (key, value) factors, got {type(b)}"
+    )
 
 
 def _batch_size(b: Batch) -> int:
@@ -133,9 +135,7 @@ def _active(out: SAEOutput, n: int) -> tuple[Tensor, Tensor]:
     return out.codes.gather(-1, idx), idx
 
 
-def training_step_loss(
-    sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainConfig
-) -> StepResult:
+def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainConfig) -> StepResult:
     """Loss of one batch (module docstring); ``dead`` is a bool mask [n_atoms] or None."""
     n, d_in = sae.cfg.n_atoms, sae.cfg.d_in
     factors = isinstance(b, WriteFactors)
@@ -149,16 +149,15 @@ def training_step_loss(
     aux = torch.zeros((), dtype=mse.dtype)
     if cfg.aux_coef > 0 and dead is not None and bool(dead.any()):
         ka = min(cfg.aux_k, int(dead.sum()))
-        z, zi = out.pre.masked_fill(~dead, -math.inf).topk(ka, dim=-1)
-        z = torch.relu(z)
+        # choose the aux atoms without autograd; recompute only their pre-activations with it
+        zi = out.pre.detach().masked_fill(~dead, -math.inf).topk(ka, dim=-1).indices
+        if factors:
+            z = torch.relu(sae.pre_acts_factors_at(b.key, b.value, zi))
+        else:
+            z = torch.relu(sae.pre_acts_at(b, zi))
         if factors and isinstance(sae, WriteSAE):
-            # e - D_aux = k v^T - (B + sum_active c_j A_j)|detached - sum_aux z_j A_j: one rank-1 sum
             vals, idx = _active(out, n)
-            coef = torch.cat([vals.detach(), z], -1)
-            u = torch.cat([sae.W_dec_key[idx].detach(), sae.W_dec_key[zi]], -2)
-            w = torch.cat([sae.W_dec_value[idx].detach(), sae.W_dec_value[zi]], -2)
-            bias = None if sae.b_dec is None else sae.b_dec.detach()
-            aux_err = rank1_sq_error(b.key, b.value, coef, u, w, bias)
+            aux_err = _aux_factor_sq_error(sae, b, vals, idx, z, zi, dead, sq_err)
         else:
             x = b.key[..., :, None] * b.value[..., None, :] if factors else b
             recon = out.recon
@@ -172,6 +171,52 @@ def training_step_loss(
     if cfg.l1_coef > 0:
         loss = loss + cfg.l1_coef * out.codes.abs().sum(-1).mean()
     return StepResult(loss, mse, aux, sq_err, out)
+
+
+def _aux_factor_sq_error(
+    sae: WriteSAE,
+    b: WriteFactors,
+    vals: Tensor,
+    idx: Tensor,
+    z: Tensor,
+    zi: Tensor,
+    dead: Tensor,
+    sq_err: Tensor,
+) -> Tensor:
+    """AuxK error ``||e - sum_j z_j A_j||^2`` from factors, ``e = k v^T - X_hat`` detached.
+
+    Expanded as ``||e||^2 - 2 <e, D> + ||D||^2`` with ``||e||^2`` = the main error and::
+
+        <e, D> = sum_j z_j [ (k.u_j)(v.w_j) - u_j^T B w_j - sum_i c_i (u_i.u_j)(w_i.w_j) ]
+        ||D||^2 = z^T (G_u * G_w) z      over the aux atoms j
+
+    The Gram matrices are built once per batch over the dead atoms (and active x dead), then
+    gathered per sample, so the cost does not grow as k_aux^2 (d_k + d_v) per sample.
+    """
+    n = sae.cfg.n_atoms
+    dead_idx = dead.nonzero().squeeze(-1)
+    slot = torch.full((n,), -1, dtype=torch.long)
+    slot[dead_idx] = torch.arange(dead_idx.numel())
+    zs = slot[zi]  # positions of the aux atoms among the dead ones
+    u, w = sae.W_dec_key, sae.W_dec_value
+    ud, wd = u[dead_idx], w[dead_idx]
+    g_dead = (ud @ ud.T) * (wd @ wd.T)  # [n_dead, n_dead], live
+    g_cross = (u.detach() @ ud.T) * (w.detach() @ wd.T)  # [n, n_dead], active side detached
+    dt = z.dtype
+    k, v = b.key.to(dt), b.value.to(dt)
+    kv = (k @ ud.T) * (v @ wd.T)  # [B, n_dead]: (k.u_j)(v.w_j)
+    ed = kv.gather(-1, zs)
+    ubw = sae.bias_inner()
+    if ubw is not None:
+        # B is detached in e; the aux atom side u_j, w_j stays live
+        ubw_live = ((u @ sae.b_dec.detach()) * w).sum(-1)
+        ed = ed - ubw_live[zi]
+    cross = g_cross[idx]  # [B, m, n_dead]
+    cross = cross.gather(-1, zs[:, None, :].expand(-1, idx.shape[-1], -1))  # [B, m, k_aux]
+    ed = ed - (vals.detach()[:, :, None] * cross).sum(1)
+    gz = g_dead[zs[:, :, None], zs[:, None, :]]  # [B, k_aux, k_aux]
+    quad = (z[:, None, :] @ gz @ z[:, :, None]).squeeze(-1).squeeze(-1)
+    return (sq_err.detach() - 2 * (z * ed).sum(-1) + quad).clamp_min(0.0)
 
 
 @torch.no_grad()
@@ -227,7 +272,7 @@ def _resample(
             touched.append((sae.W_enc, 1))
     else:
         if mats is None:
-            mats = (u1[:, :, None] * w1[:, None, :])
+            mats = u1[:, :, None] * w1[:, None, :]
         vec = mats.flatten(-2)
         vec = vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         sae.W_dec[dead_idx] = vec
@@ -269,14 +314,13 @@ def train(
         source: iterable of batches: ``[B, d_k, d_v]`` tensors, :class:`WriteFactors`, or
             ``(key [B, d_k], value [B, d_v])`` pairs (see :mod:`writesae.activations`). It is
             re-iterated when exhausted; a one-shot iterator ends training early.
-        cfg: hyper-parameters; ``overrides`` replace single fields (``train(sae, src, n_steps=10)``).
+        cfg: hyper-parameters; ``overrides`` replace single fields, e.g.
+            ``train(sae, src, n_steps=10)``.
 
     Returns:
         :class:`TrainMetrics` with FVE, L0 and dead fraction every ``log_every`` steps.
     """
     cfg = replace(cfg or TrainConfig(), **overrides)
-    valid = {f.name for f in fields(TrainConfig)}
-    assert set(overrides) <= valid
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999))
     n = sae.cfg.n_atoms
@@ -322,7 +366,9 @@ def train(
             metrics.mse.append(float(res.mse.detach()))
             metrics.aux_loss.append(float(res.aux.detach()))
             metrics.lr.append(lr)
-            bar.set_postfix(fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}")
+            bar.set_postfix(
+                fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}"
+            )
         bar.update(1)
     bar.close()
     metrics.n_steps = step

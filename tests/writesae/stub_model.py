@@ -32,7 +32,10 @@ class StubHookPoint(HookPoint):
 
 
 def recurrence(
-    writes: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+    writes: torch.Tensor,
+    k: torch.Tensor,
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
     s0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Step-by-step gated delta rule; writes [b,p,h,dk,dv], k [b,p,h,dk], alpha/beta [b,p,h]."""
@@ -94,8 +97,14 @@ class StubModel(HookedRootModule):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.cfg = SimpleNamespace(
-            n_layers=n_layers, d_model=d_model, d_vocab=d_vocab, n_heads=n_heads, d_k=d_k,
-            d_v=d_v, layer_types=["recurrent"] * n_layers, architecture="stub",
+            n_layers=n_layers,
+            d_model=d_model,
+            d_vocab=d_vocab,
+            n_heads=n_heads,
+            d_k=d_k,
+            d_v=d_v,
+            layer_types=["recurrent"] * n_layers,
+            architecture="stub",
         )
         self.W_E = nn.Parameter(torch.randn(d_vocab, d_model, generator=gen, dtype=torch.float64))
         self.blocks = nn.ModuleList(

@@ -12,7 +12,9 @@ from writesae import ModelSource, ShardSource, TensorSource, WriteFactors, save_
 def rows_sorted(x: torch.Tensor) -> torch.Tensor:
     """Rows of [N, ...] in a canonical order (by a fixed random projection), for multiset checks."""
     flat = x.reshape(x.shape[0], -1).double()
-    proj = flat @ torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0), dtype=flat.dtype)
+    proj = flat @ torch.randn(
+        flat.shape[1], generator=torch.Generator().manual_seed(0), dtype=flat.dtype
+    )
     return flat[proj.argsort()]
 
 
@@ -33,7 +35,11 @@ def brute_states(model, tokens, layer=0, head=1):
     _, cache = model.run_with_cache(tokens, names_filter=names)
     k, v, beta, alpha = (cache[n] for n in names)
     writes = beta[..., None, None] * k[..., :, None] * v[..., None, :]
-    return recurrence(writes, k, alpha, beta)[:, :, head], k[:, :, head] * beta[:, :, head, None], v[:, :, head]
+    return (
+        recurrence(writes, k, alpha, beta)[:, :, head],
+        k[:, :, head] * beta[:, :, head, None],
+        v[:, :, head],
+    )
 
 
 def test_model_source_states_and_write_factors():
@@ -42,15 +48,34 @@ def test_model_source_states_and_write_factors():
     texts = [torch.randint(11, (n,), generator=g) for n in (13, 7, 30, 22)]  # 72 tokens
     blocks = torch.cat(texts)[:64].reshape(4, 16)  # packing: 4 blocks of 16, no separators
     states, key, value = brute_states(model, blocks)
-    src = ModelSource(model, texts, layer=0, head=1, kind="state", positions=[3, 7, 15],
-                      batch_size=4, buffer_size=8, context_len=16, model_batch_size=2)
+    src = ModelSource(
+        model,
+        texts,
+        layer=0,
+        head=1,
+        kind="state",
+        positions=[3, 7, 15],
+        batch_size=4,
+        buffer_size=8,
+        context_len=16,
+        model_batch_size=2,
+    )
     got = torch.cat(list(src))
     assert got.shape == (12, 4, 3)
     ref = states[:, [3, 7, 15]].reshape(-1, 4, 3)
     torch.testing.assert_close(rows_sorted(got), rows_sorted(ref.float()))
 
-    src = ModelSource(model, texts, layer=0, head=1, kind="write", batch_size=8, buffer_size=16,
-                      context_len=16, model_batch_size=4)
+    src = ModelSource(
+        model,
+        texts,
+        layer=0,
+        head=1,
+        kind="write",
+        batch_size=8,
+        buffer_size=16,
+        context_len=16,
+        model_batch_size=4,
+    )
     batches = list(src)
     assert all(isinstance(b, WriteFactors) for b in batches) and len(batches) == 8
     k = torch.cat([b.key for b in batches])
@@ -58,7 +83,9 @@ def test_model_source_states_and_write_factors():
     # the factors rebuild the model's own hook_write: (beta * k) v^T
     _, cache = model.run_with_cache(blocks, names_filter=["blocks.0.attn.hook_write"])
     ref_w = cache["blocks.0.attn.hook_write"][:, :, 1].reshape(-1, 4, 3)
-    torch.testing.assert_close(rows_sorted(k[:, :, None] * v[:, None, :]), rows_sorted(ref_w.float()))
+    torch.testing.assert_close(
+        rows_sorted(k[:, :, None] * v[:, None, :]), rows_sorted(ref_w.float())
+    )
     torch.testing.assert_close(rows_sorted(k), rows_sorted(key.reshape(-1, 4).float()))
 
 
@@ -68,8 +95,12 @@ def test_shards_round_trip(tmp_path, kind):
         data = torch.randn(50, 3, 2)
     else:
         data = WriteFactors(torch.randn(50, 3), torch.randn(50, 2))
-    paths = save_shards(TensorSource(data, batch_size=7, shuffle=False, drop_last=False),
-                        tmp_path, samples_per_shard=20, metadata={"hook_name": "blocks.0.attn.hook_" + kind})
+    paths = save_shards(
+        TensorSource(data, batch_size=7, shuffle=False, drop_last=False),
+        tmp_path,
+        samples_per_shard=20,
+        metadata={"hook_name": "blocks.0.attn.hook_" + kind},
+    )
     assert len(paths) == 3
     batches = list(ShardSource(tmp_path, batch_size=5, seed=2))
     assert len(batches) == 10

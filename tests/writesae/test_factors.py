@@ -14,8 +14,16 @@ D_K, D_V, N = 7, 5, 24
 
 def make(encoder="bilinear", activation="topk", bias=True, seed=0) -> WriteSAE:
     cfg = WriteSAEConfig(
-        d_k=D_K, d_v=D_V, n_atoms=N, k=4, hook_name="blocks.0.attn.hook_write", head=0,
-        encoder=encoder, activation=activation, decoder_bias=bias, input_kind="write",
+        d_k=D_K,
+        d_v=D_V,
+        n_atoms=N,
+        k=4,
+        hook_name="blocks.0.attn.hook_write",
+        head=0,
+        encoder=encoder,
+        activation=activation,
+        decoder_bias=bias,
+        input_kind="write",
         dtype="float64",
     )
     sae = WriteSAE(cfg, seed=seed)

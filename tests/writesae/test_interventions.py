@@ -14,8 +14,14 @@ TOKENS = torch.tensor([[1, 4, 2, 7, 3, 9, 5, 0], [6, 6, 2, 8, 10, 1, 3, 4]])
 
 def make_sae(input_kind="state", head=1, d_k=4, d_v=3, seed=0, bias=-0.05) -> WriteSAE:
     cfg = WriteSAEConfig(
-        d_k=d_k, d_v=d_v, n_atoms=6, k=2, hook_name="blocks.0.attn.hook_" + input_kind,
-        head=head, input_kind=input_kind, dtype="float64",
+        d_k=d_k,
+        d_v=d_v,
+        n_atoms=6,
+        k=2,
+        hook_name="blocks.0.attn.hook_" + input_kind,
+        head=head,
+        input_kind=input_kind,
+        dtype="float64",
     )
     sae = WriteSAE(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
@@ -127,10 +133,13 @@ def test_ablate_delete_and_random_control():
     torch.testing.assert_close(got[:, :, 0], write[:, :, 0], rtol=0, atol=0)
     rep = got[:, [1, 6], 1]
     # matched Frobenius norm, exactly rank 1, and not the native write
-    torch.testing.assert_close(rep.flatten(-2).norm(dim=-1), write[:, [1, 6], 1].flatten(-2).norm(dim=-1))
+    torch.testing.assert_close(
+        rep.flatten(-2).norm(dim=-1), write[:, [1, 6], 1].flatten(-2).norm(dim=-1)
+    )
     sv = torch.linalg.svdvals(rep.detach())
     assert float((sv[..., 1] / sv[..., 0]).max()) < 1e-12
-    cos = (rep * write[:, [1, 6], 1]).sum((-2, -1)) / (rep.norm(dim=(-2, -1)) ** 2)
+    rep = rep.detach()
+    cos = (rep * write[:, [1, 6], 1].detach()).sum((-2, -1)) / (rep.norm(dim=(-2, -1)) ** 2)
     assert float(cos.abs().max()) < 0.999
 
 
@@ -166,7 +175,9 @@ def test_install_atom_direction_and_generation():
     states, steps = None, []
     for t in range(TOKENS.shape[1]):
         with model.hooks(fwd_hooks=[(HOOK, hook)]):
-            logits, states = model(TOKENS[:, t : t + 1], start_pos=t, states=states, return_states=True)
+            logits, states = model(
+                TOKENS[:, t : t + 1], start_pos=t, states=states, return_states=True
+            )
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
     assert not torch.allclose(full, model(TOKENS))
@@ -175,7 +186,9 @@ def test_install_atom_direction_and_generation():
 def test_mismatched_hook_errors():
     model = StubModel()
     with pytest.raises(ValueError, match="wrong hook name.*blocks.1.attn.hook_write"):
-        model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.attn.hook_write", make_sae().substitute)])
+        model.run_with_hooks(
+            TOKENS, fwd_hooks=[("blocks.1.attn.hook_write", make_sae().substitute)]
+        )
     with pytest.raises(ValueError, match="wrong hook name"):
         model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.attn.hook_state", make_sae().ablate)])
     with pytest.raises(ValueError, match="d_k mismatch.*d_k=4.*d_k=5"):

@@ -54,7 +54,9 @@ def test_corrupt_and_mismatched_files(tmp_path):
     with pytest.raises(ValueError, match=r"W_dec_key.*shape \(12, 6\).*n_atoms=13.*\(13, 6\)"):
         WriteSAE.load(d)
     (d / CFG_FILE).write_text(json.dumps({**raw, "d_v": 4}))
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILE}: tensor '(W_dec_value|W_enc_value|b_dec)'"):
+    with pytest.raises(
+        ValueError, match=rf"{WEIGHTS_FILE}: tensor '(W_dec_value|W_enc_value|b_dec)'"
+    ):
         WriteSAE.load(d)
     (d / CFG_FILE).write_text(json.dumps({**raw, "decoder_bias": False}))
     with pytest.raises(ValueError, match=r"unexpected \['b_dec'\]"):

@@ -50,7 +50,9 @@ def run_states(k, alpha, beta, writes):
     for t in range(L):
         kt = k[:, t]
         kts = torch.einsum("bhk,bhkv->bhv", kt, s)
-        s = alpha[:, t, :, None, None] * (s - beta[:, t, :, None, None] * kt[..., :, None] * kts[..., None, :])
+        s = alpha[:, t, :, None, None] * (
+            s - beta[:, t, :, None, None] * kt[..., :, None] * kts[..., None, :]
+        )
         s = s + writes[:, t]
         out.append(s)
     return torch.stack(out, 1)
@@ -85,10 +87,18 @@ def test_substitute_matches_brute_force_recurrence():
     hf = qwen_hf("gqa", seed=5)
     model = HookedRecurrentModel.from_hf_model(hf)
     la = hf.model.layers[LAYER].linear_attn
-    tokens = torch.randint(0, hf.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
-    cfg = WriteSAEConfig(d_k=la.head_k_dim, d_v=la.head_v_dim, n_atoms=32, k=4,
-                         hook_name=f"blocks.{LAYER}.attn.hook_state", head=HEAD,
-                         n_heads=la.num_v_heads)
+    tokens = torch.randint(
+        0, hf.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1)
+    )
+    cfg = WriteSAEConfig(
+        d_k=la.head_k_dim,
+        d_v=la.head_v_dim,
+        n_atoms=32,
+        k=4,
+        hook_name=f"blocks.{LAYER}.attn.hook_state",
+        head=HEAD,
+        n_heads=la.num_v_heads,
+    )
     sae = WriteSAE(cfg, seed=0)
     # bias at minus the median top pre-activation: about half the positions fire
     _, cache = model.run_with_cache(tokens, names_filter=[cfg.hook_name])

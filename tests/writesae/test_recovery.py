@@ -27,7 +27,10 @@ def planted_states(seed: int = 0):
         alpha = (0.3 + 0.3 * torch.rand(N_SEQ, generator=g))[:, None, None]
         beta = (0.5 + 0.5 * torch.rand(N_SEQ, generator=g))[:, None, None]
         k, v = u[i], c[:, None] * w[i]
-        s = alpha * (s - beta * k[:, :, None] * (k[:, None, :] @ s)) + beta * k[:, :, None] * v[:, None, :]
+        s = (
+            alpha * (s - beta * k[:, :, None] * (k[:, None, :] @ s))
+            + beta * k[:, :, None] * v[:, None, :]
+        )
         if t >= BURN_IN:
             out.append(s.clone())
     return torch.cat(out), u, w
@@ -57,18 +60,37 @@ def test_planted_dictionary_recovery_and_flat_baseline():
 
 def _run():
     x, u, w = planted_states()
-    train_kw = dict(n_steps=600, lr=3e-3, min_lr=3e-4, warmup_steps=50, dead_steps=50,
-                    resample_every=150, log_every=150, progress=False)
-    cfg = WriteSAEConfig(d_k=D, d_v=D, n_atoms=2 * N_TRUE, k=4,
-                         hook_name="blocks.0.attn.hook_state", head=0)
+    train_kw = dict(
+        n_steps=600,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=50,
+        dead_steps=50,
+        resample_every=150,
+        log_every=150,
+        progress=False,
+    )
+    cfg = WriteSAEConfig(
+        d_k=D, d_v=D, n_atoms=2 * N_TRUE, k=4, hook_name="blocks.0.attn.hook_state", head=0
+    )
     sae = WriteSAE(cfg, seed=1)
     m = writesae.train(sae, TensorSource(x, batch_size=256, seed=0), **train_kw)
     rec = mean_best_cosine(sae, u, w)
     assert rec >= 0.9, rec
 
     flat_n = FlatSAE.matched_n_atoms(cfg)
-    flat = FlatSAE(WriteSAEConfig(d_k=D, d_v=D, n_atoms=flat_n, k=min(4, flat_n),
-                                  hook_name=cfg.hook_name, head=0, architecture="flat"), seed=1)
+    flat = FlatSAE(
+        WriteSAEConfig(
+            d_k=D,
+            d_v=D,
+            n_atoms=flat_n,
+            k=min(4, flat_n),
+            hook_name=cfg.hook_name,
+            head=0,
+            architecture="flat",
+        ),
+        seed=1,
+    )
     # equal parameter count (within one FlatSAE atom's worth)
     assert abs(flat.n_parameters - sae.n_parameters) <= 2 * D * D + 1
     mf = writesae.train(flat, TensorSource(x, batch_size=256, seed=0), **train_kw)

@@ -44,11 +44,16 @@ def test_decode_equals_sum_of_scaled_atoms():
         sae.b_dec.normal_()
     codes = torch.zeros(2, 10, dtype=torch.float64)
     codes[0, 1], codes[0, 7], codes[1, 4] = 0.5, -2.0, 3.0
-    ref = torch.stack([
-        0.5 * torch.outer(sae.W_dec_key[1], sae.W_dec_value[1])
-        - 2.0 * torch.outer(sae.W_dec_key[7], sae.W_dec_value[7]),
-        3.0 * torch.outer(sae.W_dec_key[4], sae.W_dec_value[4]),
-    ]) + sae.b_dec
+    ref = (
+        torch.stack(
+            [
+                0.5 * torch.outer(sae.W_dec_key[1], sae.W_dec_value[1])
+                - 2.0 * torch.outer(sae.W_dec_key[7], sae.W_dec_value[7]),
+                3.0 * torch.outer(sae.W_dec_key[4], sae.W_dec_value[4]),
+            ]
+        )
+        + sae.b_dec
+    )
     torch.testing.assert_close(sae.decode(codes), ref.detach())
     assert sae.key_factors.shape == (10, 5) and sae.value_factors.shape == (10, 4)
     norms = sae.atom_matrices(torch.arange(10)).flatten(1).norm(dim=1)
@@ -67,10 +72,22 @@ def test_lr_schedule_values():
 
 def test_parameter_counts_match_paper_formulas():
     # method file section 2.2: param-matched control at d_k = d_v = 128
-    w = WriteSAE(WriteSAEConfig(d_k=128, d_v=128, n_atoms=16384, k=32,
-                                hook_name="blocks.9.attn.hook_state", head=4))
-    f = FlatSAE(WriteSAEConfig(d_k=128, d_v=128, n_atoms=256, k=32,
-                               hook_name="blocks.9.attn.hook_state", head=4, architecture="flat"))
+    w = WriteSAE(
+        WriteSAEConfig(
+            d_k=128, d_v=128, n_atoms=16384, k=32, hook_name="blocks.9.attn.hook_state", head=4
+        )
+    )
+    f = FlatSAE(
+        WriteSAEConfig(
+            d_k=128,
+            d_v=128,
+            n_atoms=256,
+            k=32,
+            hook_name="blocks.9.attn.hook_state",
+            head=4,
+            architecture="flat",
+        )
+    )
     assert w.n_parameters == 8_421_376
     assert f.n_parameters == 8_405_248
     assert FlatSAE.matched_n_atoms(w.cfg) == 256  # the paper's param-matched control
