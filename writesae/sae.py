@@ -359,8 +359,18 @@ class WriteSAE(BaseSAE):
         """``p_i = e_i^T X f_i + b_i`` (bilinear) or ``<E_i, X>_F + b_i`` (dense)."""
         x = x.to(self.b_enc.dtype)
         if self.cfg.encoder == "bilinear":
-            xf = x @ self.W_enc_value.T  # [..., d_k, n]: X f_i for every atom
-            return (xf * self.W_enc_key.T).sum(-2) + self.b_enc
+            # <X, e_i f_i^T>_F as one GEMM per block of atoms: building the rank-1 filters costs
+            # n d_k d_v once per batch and avoids an [..., d_k, n_atoms] intermediate (2.5x faster
+            # on CPU at d_k = d_v = 128, n_atoms = 2048).
+            flat = x.reshape(-1, self.cfg.d_in)
+            block = max(1, 2**22 // self.cfg.d_in)
+            parts = []
+            for s in range(0, self.cfg.n_atoms, block):
+                e, f = self.W_enc_key[s : s + block], self.W_enc_value[s : s + block]
+                filt = (e[:, :, None] * f[:, None, :]).reshape(e.shape[0], -1)
+                parts.append(flat @ filt.T)
+            pre = torch.cat(parts, -1).reshape(*x.shape[:-2], self.cfg.n_atoms)
+            return pre + self.b_enc
         return x.flatten(-2) @ self.W_enc + self.b_enc
 
     def pre_acts_factors(
@@ -388,8 +398,9 @@ class WriteSAE(BaseSAE):
         if self.cfg.encoder != "bilinear":
             return super().pre_acts_factors_at(key, value, idx)
         dt = self.b_enc.dtype
-        ek = (self.W_enc_key[idx] @ key.to(dt)[..., :, None]).squeeze(-1)
-        fv = (self.W_enc_value[idx] @ value.to(dt)[..., :, None]).squeeze(-1)
+        # multiply-and-sum, not a batched mat-vec: bmm with a width-1 operand is slow on CPU
+        ek = (self.W_enc_key[idx] * key.to(dt)[..., None, :]).sum(-1)
+        fv = (self.W_enc_value[idx] * value.to(dt)[..., None, :]).sum(-1)
         return ek * fv + self.b_enc[idx]
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
@@ -464,16 +475,16 @@ def rank1_sq_error(
     dt = coef.dtype
     key, value = key.to(dt), value.to(dt)
     target = key.pow(2).sum(-1) * value.pow(2).sum(-1)
-    ku = (u @ key[..., :, None]).squeeze(-1)  # [*b, m]
-    vw = (w @ value[..., :, None]).squeeze(-1)
+    ku = (u * key[..., None, :]).sum(-1)  # [*b, m]
+    vw = (w * value[..., None, :]).sum(-1)
     cross = (coef * ku * vw).sum(-1)
     gram = (u @ u.transpose(-1, -2)) * (w @ w.transpose(-1, -2))  # [*b, m, m]
-    quad = (coef[..., None, :] @ gram @ coef[..., :, None]).squeeze(-1).squeeze(-1)
+    quad = (gram * coef[..., :, None] * coef[..., None, :]).sum((-2, -1))
     err = target - 2 * cross + quad
     if bias is not None:
         bv = value @ bias.T  # [*b, d_k] = B v
         k_b_v = (key * bv).sum(-1)
-        uBw = ((u @ bias) * w).sum(-1) if ubw is None else ubw  # [*b, m] = u_j^T B w_j
+        uBw = ((u @ bias) * w).sum(-1) if ubw is None else ubw  # [*b, m]: u_j^T B w_j
         err = err - 2 * k_b_v + 2 * (coef * uBw).sum(-1) + bias.pow(2).sum()
     # cancellation can push a tiny true error slightly negative
     return err.clamp_min(0.0)

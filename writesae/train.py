@@ -215,7 +215,7 @@ def _aux_factor_sq_error(
     cross = cross.gather(-1, zs[:, None, :].expand(-1, idx.shape[-1], -1))  # [B, m, k_aux]
     ed = ed - (vals.detach()[:, :, None] * cross).sum(1)
     gz = g_dead[zs[:, :, None], zs[:, None, :]]  # [B, k_aux, k_aux]
-    quad = (z[:, None, :] @ gz @ z[:, :, None]).squeeze(-1).squeeze(-1)
+    quad = (gz * z[:, :, None] * z[:, None, :]).sum((-2, -1))
     return (sq_err.detach() - 2 * (z * ed).sum(-1) + quad).clamp_min(0.0)
 
 
