@@ -121,3 +121,46 @@ def test_substitute_matches_brute_force_recurrence():
     first = min(t for _, t in fired)
     assert torch.equal(ours[:, :first], clean[:, :first]) or first == 0
     assert (ours - clean).abs().max() > 1e-3  # the substitution does change the output
+
+
+@torch.no_grad()
+def test_write_factors_and_generation_hooks():
+    from writesae import extract_cell
+
+    hf = qwen_hf("gqa", seed=5)
+    model = HookedRecurrentModel.from_hf_model(hf)
+    la = hf.model.layers[LAYER].linear_attn
+    tokens = torch.randint(
+        0, hf.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3)
+    )
+    # the streamed factors rebuild the model's own hook_write: (beta * k) v^T
+    f = extract_cell(model, tokens, LAYER, HEAD, kind="write")
+    name = f"blocks.{LAYER}.attn.hook_write"
+    _, cache = model.run_with_cache(tokens, names_filter=[name])
+    ref = cache[name][:, :, HEAD].reshape(-1, la.head_k_dim, la.head_v_dim)
+    torch.testing.assert_close(f.key[:, :, None] * f.value[:, None, :], ref, rtol=1e-5, atol=1e-6)
+
+    cfg = WriteSAEConfig(
+        d_k=la.head_k_dim,
+        d_v=la.head_v_dim,
+        n_atoms=16,
+        k=2,
+        hook_name=f"blocks.{LAYER}.attn.hook_state",
+        head=HEAD,
+    )
+    sae = WriteSAE(cfg, seed=1)
+    sae.b_enc.fill_(10.0)  # every position fires, so the substitution below is certain to act
+    prompt = tokens[:, :5]
+    # absolute positions 6..8 are generated one token at a time (pos axis of length 1)
+    hooks = [
+        # substitution first: before position 6 nothing is edited, so the native state the SAE
+        # reads is the same in generation and in the full pass
+        (name, sae.substitute_hook(positions=[6])),
+        (name, sae.install(3, positions=[7, 8], scale=4.0)),
+    ]
+    out = model.generate(prompt, max_new_tokens=6, fwd_hooks=hooks)
+    full = model.run_with_hooks(out, fwd_hooks=hooks)
+    # greedy decoding with the hooks == argmax of one full pass with the same hooks
+    assert torch.equal(full[:, 4:-1].argmax(-1), out[:, 5:])
+    clean = model.generate(prompt, max_new_tokens=6)
+    assert not torch.equal(clean, out)
