@@ -150,6 +150,18 @@ class GatedDeltaNet(RecurrentMixer):
         for name in ("q", "k", "v", "beta", "decay", "read", "gate", "out"):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
+    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
+        """W_O^(h): the columns of the output projection that read state head `head`."""
+        return self.W_out.weight[:, head * self.d_v : (head + 1) * self.d_v]
+
+    def transition_from_cache(self, cache, head: int) -> Transition:
+        """One head's transitions A_t, rebuilt from cached `hook_decay`, `hook_beta`, `hook_k`."""
+        p = self.hook_k.name.rsplit(".", 1)[0]
+        alpha = cache[f"{p}.hook_decay"][:, :, head].double()
+        beta = cache[f"{p}.hook_beta"][:, :, head].double()
+        k = cache[f"{p}.hook_k"][:, :, head].double()
+        return Transition(alpha, -(alpha * beta)[..., None] * k, k)
+
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         B, T, _ = x.shape
         H, Hk, dk, dv = self.n_heads, self.n_key_heads, self.d_k, self.d_v
