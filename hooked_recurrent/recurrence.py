@@ -119,17 +119,39 @@ def propagate(
     and only from the first edited position on, so a rank-1 edit at one position of one head costs
     O((T - t) d_k d_v).
     """
-    B, T, H, dk, dv = delta.shape
-    d_o = delta.new_zeros(B, T, H, dv)
-    E_T = delta.new_zeros(B, H, dk, dv)
     touched = delta.ne(0).flatten(3).any(-1)  # [b, T, h]
+    return _propagate_edits(transition, q, [(touched, delta, None)], delta.shape)
+
+
+#: (changed [batch, pos, head] bool, edited, native): the edit is edited - native where changed
+_Edit = tuple[Tensor, Tensor, "Tensor | None"]
+
+
+def _propagate_edits(
+    transition: Transition, q: Tensor, edits: list[_Edit], shape: torch.Size
+) -> tuple[Tensor, Tensor]:
+    """`propagate` for edits given as (changed, edited, native) without a dense delta tensor.
+
+    Only the (batch, head) pairs where `changed` is set are gathered, so the cost does not
+    grow with the size of the untouched part of the batch.
+    """
+    B, T, H, dk, dv = shape
+    d_o = q.new_zeros(B, T, H, dv)
+    E_T = q.new_zeros(B, H, dk, dv)
+    touched = edits[0][0]
+    for changed, _, _ in edits[1:]:
+        touched = touched | changed
     pairs = touched.any(1).nonzero(as_tuple=False)  # [(b, h)]
     if len(pairs) == 0:
         return d_o, E_T
     bi, hi = pairs[:, 0], pairs[:, 1]
     t0 = int(touched[bi, :, hi].any(0).nonzero()[0])
     sub = transition.select(bi, hi)
-    dsub = delta[bi, :, hi].unsqueeze(2)  # [n, T, 1, dk, dv]
+    dsub = 0
+    for changed, edited, native in edits:
+        d = edited[bi, :, hi] if native is None else edited[bi, :, hi] - native[bi, :, hi]
+        dsub = dsub + d.float() * changed[bi, :, hi][..., None, None]
+    dsub = dsub.unsqueeze(2)  # [n, T, 1, dk, dv]
     qsub = q[bi, :, hi].unsqueeze(2)
     E = torch.zeros_like(dsub[:, 0])
     outs = []
@@ -139,6 +161,27 @@ def propagate(
     d_o[bi, t0:, hi] = torch.stack(outs, 1)[:, :, 0]
     E_T[bi, hi] = E[:, 0]
     return d_o, E_T
+
+
+def _hooked(
+    hook: RecurrentHookPoint, native: Tensor, rebuild: Callable[[], Tensor]
+) -> tuple[Tensor, _Edit | None]:
+    """Run `hook` on `native`; return (tensor to use, the edit or None if nothing changed).
+
+    A hook may return a new tensor or edit its input in place (TransformerLens hooks often do).
+    In place is detected from the tensor's version counter; the native values are then rebuilt
+    with `rebuild` to find what changed. A hook that only reads (a cache) costs nothing more.
+    """
+    version = native._version
+    edited = hook(native)
+    if edited is native:
+        if native._version == version:
+            return native, None
+        native = rebuild()
+    changed = edited.ne(native).flatten(3).any(-1)  # [b, T, h]
+    if not bool(changed.any()):
+        return edited, None
+    return edited, (changed, edited, native)
 
 
 FastPath = Callable[[], tuple[Tensor, Tensor]]
@@ -186,9 +229,12 @@ class RecurrentMixer(torch.nn.Module):
             return fast_path()
 
         writes = None
-        delta = None
+        edits: list[_Edit] = []
         if want_write:
-            native = write_k[..., :, None] * write_v[..., None, :]
+
+            def native_writes() -> Tensor:
+                return write_k[..., :, None] * write_v[..., None, :]
+
             memo: dict = {}
 
             def native_state(head: int | None = None) -> Tensor:
@@ -214,23 +260,24 @@ class RecurrentMixer(torch.nn.Module):
                 return memo[head]
 
             with self.hook_write.providing(native_state=native_state):
-                edited = self.hook_write(native)
-            if not torch.equal(edited, native):
+                edited, edit = _hooked(self.hook_write, native_writes(), native_writes)
+            if edit is not None:
                 writes = edited
-                delta = edited - native
+                edits.append(edit)
 
         if want_state:
-            _, _, states = scan(
-                transition, q, write_k, write_v, S0, writes=writes, keep_states=True
-            )
-            edited = self.hook_state(states)
-            if not torch.equal(edited, states):
-                d_state = edited - states
-                delta = d_state if delta is None else delta + d_state
+
+            def native_states() -> Tensor:
+                return scan(transition, q, write_k, write_v, S0, writes=writes, keep_states=True)[2]
+
+            _, edit = _hooked(self.hook_state, native_states(), native_states)
+            if edit is not None:
+                edits.append(edit)
 
         o, S_T = fast_path()
-        if delta is not None:
-            d_o, E_T = propagate(transition, q.float(), delta)
+        if edits:
+            shape = (*q.shape[:3], q.shape[-1], write_v.shape[-1])
+            d_o, E_T = _propagate_edits(transition, q.float(), edits, shape)
             o = o + d_o.to(o.dtype)
             S_T = S_T + E_T
         return o, S_T
