@@ -180,10 +180,14 @@ class Mamba2Mixer(RecurrentMixer):
         dt = self.hook_dt(dt)
         log_decay = -self.A_log.float().exp() * dt  # dt A: computed from the (edited) dt
         decay = log_decay.exp()
-        edited_decay = self.hook_decay(decay)
-        if edited_decay is not decay:
-            log_decay = edited_decay.log()
-        decay = edited_decay
+        if self.hook_decay.active:
+            # compare with a copy: a hook may edit in place. Only edited entries take the log of
+            # the new decay, so the others (and every position before an edit) stay bit-exact.
+            native = decay.clone()
+            decay = self.hook_decay(decay)
+            changed = decay != native
+            if bool(changed.any()):
+                log_decay = torch.where(changed, decay.log(), log_decay)
 
         S0 = None if past is None else past["S"]
         o, S_T = self.recur(

@@ -87,6 +87,16 @@ class Mamba2Config(HookedRecurrentConfig):
         return self.n_heads * self.d_v
 
 
+def _limit(pair: Any) -> tuple[float, float]:
+    """A dt clamp from a config: floats, or transformers' JSON form {"__float__": "Infinity"}."""
+
+    def one(x: Any) -> float:
+        return float(x["__float__"]) if isinstance(x, dict) else float(x)
+
+    lo, hi = pair
+    return one(lo), one(hi)
+
+
 def is_mamba_ssm_config(config: dict[str, Any]) -> bool:
     """True for an original `mamba_ssm` config.json (`d_model`, `n_layer`, `ssm_cfg`)."""
     return "model_type" not in config and {"d_model", "n_layer", "ssm_cfg"} <= set(config)
@@ -137,7 +147,7 @@ def _from_mamba_ssm(config: dict[str, Any]) -> Mamba2Config:
         conv_kernel=ssm["d_conv"],
         eps=1e-5,  # mamba_ssm's default norm_epsilon, and hard-coded in its gated norm
         chunk_size=ssm["chunk_size"],
-        time_step_limit=tuple(float(x) for x in ssm["dt_limit"]),
+        time_step_limit=_limit(ssm["dt_limit"]),
         use_conv_bias=bool(ssm["conv_bias"]),
         use_bias=bool(ssm["bias"]),
         tie_word_embeddings=bool(config.get("tie_embeddings", True)),
@@ -169,7 +179,7 @@ def config_from_hf(config: dict[str, Any]) -> Mamba2Config:
         conv_kernel=config.get("conv_kernel", 4),
         eps=config.get("layer_norm_epsilon", 1e-5),
         chunk_size=config.get("chunk_size", 256),
-        time_step_limit=tuple(float(x) for x in config.get("time_step_limit", (0.0, math.inf))),
+        time_step_limit=_limit(config.get("time_step_limit", (0.0, math.inf))),
         use_conv_bias=bool(config.get("use_conv_bias", True)),
         use_bias=bool(config.get("use_bias", False)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
@@ -179,12 +189,17 @@ def config_from_hf(config: dict[str, Any]) -> Mamba2Config:
 
 def to_hf_config(cfg: Mamba2Config) -> dict[str, Any]:
     """Keyword arguments of a Hugging Face `Mamba2Config` for this model."""
+    if cfg.d_inner % cfg.d_model:
+        raise ValueError(
+            f"d_inner {cfg.d_inner} is not an integer multiple of d_model {cfg.d_model}; "
+            "transformers' Mamba2Config needs an integer expand"
+        )
     return dict(
         vocab_size=cfg.d_vocab,
         hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layers,
         state_size=cfg.d_k,
-        expand=cfg.d_inner / cfg.d_model,
+        expand=cfg.d_inner // cfg.d_model,
         head_dim=cfg.d_v,
         num_heads=cfg.n_heads,
         n_groups=cfg.n_groups,

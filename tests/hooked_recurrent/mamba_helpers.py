@@ -7,24 +7,59 @@ import torch.nn.functional as F
 
 MAMBA_CONFIGS = {
     # 2 groups, chunk 16 (sequences of 50 leave a partial chunk), 8 heads
-    "g2": dict(hidden_size=64, num_hidden_layers=3, state_size=16, expand=2, head_dim=16,
-               num_heads=8, n_groups=2, conv_kernel=4, chunk_size=16),
+    "g2": dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        state_size=16,
+        expand=2,
+        head_dim=16,
+        num_heads=8,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=16,
+    ),
     # 4 groups of one head each, d_state != headdim, chunk 7, conv 3, tied embeddings
-    "g4_tied": dict(hidden_size=32, num_hidden_layers=2, state_size=12, expand=2, head_dim=16,
-                    num_heads=4, n_groups=4, conv_kernel=3, chunk_size=7,
-                    tie_word_embeddings=True),
+    "g4_tied": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        state_size=12,
+        expand=2,
+        head_dim=16,
+        num_heads=4,
+        n_groups=4,
+        conv_kernel=3,
+        chunk_size=7,
+        tie_word_embeddings=True,
+    ),
     # 2 groups of 3 heads, biases on the projections, no conv bias, dt clamped, expand 3
-    "bias": dict(hidden_size=40, num_hidden_layers=2, state_size=8, expand=3, head_dim=20,
-                 num_heads=6, n_groups=2, conv_kernel=4, chunk_size=5, use_bias=True,
-                 use_conv_bias=False, time_step_limit=(0.01, 2.0)),
+    "bias": dict(
+        hidden_size=40,
+        num_hidden_layers=2,
+        state_size=8,
+        expand=3,
+        head_dim=20,
+        num_heads=6,
+        n_groups=2,
+        conv_kernel=4,
+        chunk_size=6,
+        use_bias=True,
+        use_conv_bias=False,
+        time_step_limit=(0.01, 2.0),
+    ),
 }
 
 
 def mamba_config(name: str = "g2", vocab: int = 101, **over):
     from transformers import Mamba2Config
 
-    kw = dict(vocab_size=vocab, layer_norm_epsilon=1e-5, pad_token_id=0, eos_token_id=1,
-              bos_token_id=1, residual_in_fp32=True)
+    kw = dict(
+        vocab_size=vocab,
+        layer_norm_epsilon=1e-5,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        residual_in_fp32=True,
+    )
     kw.update(MAMBA_CONFIGS[name])
     kw.update(over)
     return Mamba2Config(**kw)
