@@ -123,8 +123,10 @@ def propagate(
     return _propagate_edits(transition, q, [(touched, delta, None)], delta.shape)
 
 
-#: (changed [batch, pos, head] bool, edited, native): the edit is edited - native where changed
-_Edit = tuple[Tensor, Tensor, "Tensor | None"]
+#: (changed [batch, pos, head] bool, edited, native): the edit is edited - native where changed.
+#: `native` is a tensor, None (edited is already the difference), or a function (batch index,
+#: head index) -> the native values of those pairs, `[n, pos, d_k, d_v]`.
+_Edit = tuple[Tensor, Tensor, "Tensor | Callable[[Tensor, Tensor], Tensor] | None"]
 
 
 def _propagate_edits(
@@ -149,7 +151,11 @@ def _propagate_edits(
     sub = transition.select(bi, hi)
     dsub = 0
     for changed, edited, native in edits:
-        d = edited[bi, :, hi] if native is None else edited[bi, :, hi] - native[bi, :, hi]
+        d = edited[bi, :, hi]
+        if callable(native):
+            d = d - native(bi, hi)
+        elif native is not None:
+            d = d - native[bi, :, hi]
         dsub = dsub + d.float() * changed[bi, :, hi][..., None, None]
     dsub = dsub.unsqueeze(2)  # [n, T, 1, dk, dv]
     qsub = q[bi, :, hi].unsqueeze(2)
@@ -161,6 +167,37 @@ def _propagate_edits(
     d_o[bi, t0:, hi] = torch.stack(outs, 1)[:, :, 0]
     E_T[bi, hi] = E[:, 0]
     return d_o, E_T
+
+
+def _hooked_write(
+    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 22
+) -> tuple[Tensor, _Edit | None]:
+    """Run `hook` on the writes k v^T; return (writes to use, the edit or None).
+
+    The writes are built once, for the hook. What the hook changed, whether it returned a new
+    tensor or edited in place, is found by comparing with k v^T rebuilt from the factors a block
+    of positions at a time, so no second full-size tensor is allocated. (Float multiplication is
+    deterministic, so the rebuilt values are bit-identical to the ones the hook was given.)
+    """
+    native = write_k[..., :, None] * write_v[..., None, :]
+    version = native._version
+    edited = hook(native)
+    if edited is native and native._version == version:
+        return native, None
+    B, T = edited.shape[:2]
+    step = max(1, block_elems // max(1, edited[:, :1].numel()))
+    changed = torch.empty(edited.shape[:3], dtype=torch.bool, device=edited.device)
+    for s in range(0, T, step):
+        e = slice(s, s + step)
+        ref = write_k[:, e, :, :, None] * write_v[:, e, :, None, :]
+        changed[:, e] = edited[:, e].ne(ref).flatten(3).any(-1)
+    if not bool(changed.any()):
+        return edited, None
+
+    def native_pairs(bi: Tensor, hi: Tensor) -> Tensor:
+        return write_k[bi, :, hi, :, None] * write_v[bi, :, hi, None, :]
+
+    return edited, (changed, edited, native_pairs)
 
 
 def _hooked(
@@ -231,10 +268,6 @@ class RecurrentMixer(torch.nn.Module):
         writes = None
         edits: list[_Edit] = []
         if want_write:
-
-            def native_writes() -> Tensor:
-                return write_k[..., :, None] * write_v[..., None, :]
-
             memo: dict = {}
 
             def native_state(head: int | None = None) -> Tensor:
@@ -260,7 +293,7 @@ class RecurrentMixer(torch.nn.Module):
                 return memo[head]
 
             with self.hook_write.providing(native_state=native_state):
-                edited, edit = _hooked(self.hook_write, native_writes(), native_writes)
+                edited, edit = _hooked_write(self.hook_write, write_k, write_v)
             if edit is not None:
                 writes = edited
                 edits.append(edit)

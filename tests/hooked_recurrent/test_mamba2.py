@@ -328,3 +328,32 @@ def test_greedy_generation_matches_hf(pair):
         ours = model.generate(prompt, 32)
     assert ours.shape == ref.shape == (2, 39)
     assert torch.equal(ours, ref)
+
+
+def test_generation_with_write_hook_equals_forward_with_it(pair):
+    """A hook keyed on absolute positions acts the same in generate and in a full forward pass."""
+    _, model = pair
+    c = model.cfg
+    g = torch.Generator().manual_seed(12)
+    atom = 2.0 * torch.randn(c.d_k, generator=g)[:, None] * torch.randn(c.d_v, generator=g)
+    targets = {5, 9, 14}  # one in the prompt, two during generation
+
+    def install(x, hook):
+        hit = [i for i, p in enumerate(hook.positions.tolist()) if p in targets]
+        if not hit:
+            return x
+        x = x.clone()
+        x[:, hit, 0] += atom
+        return x
+
+    hooks = [
+        ("blocks.0.attn.hook_write", install),
+        ("blocks.1.attn.hook_ssm_state", lambda x, hook: x),
+    ]
+    prompt = tokens(2, 8, seed=13)
+    with torch.no_grad():
+        out = model.generate(prompt, 12, fwd_hooks=hooks)
+        plain = model.generate(prompt, 12)
+        logits = model.run_with_hooks(out, fwd_hooks=hooks)
+    assert torch.equal(logits[:, 7:-1].argmax(-1), out[:, 8:])
+    assert not torch.equal(out, plain)  # the installed atom changed the continuation
