@@ -120,7 +120,7 @@ def propagate(
     O((T - t) d_k d_v).
     """
     touched = delta.ne(0).flatten(3).any(-1)  # [b, T, h]
-    return _propagate_edits(transition, q, [(touched, delta, None)], delta.shape)
+    return _propagate_edits(transition, q, [(touched, delta, None)], tuple(delta.shape))
 
 
 #: (changed [batch, pos, head] bool, edited, native): the edit is edited - native where changed.
@@ -130,7 +130,7 @@ _Edit = tuple[Tensor, Tensor, "Tensor | Callable[[Tensor, Tensor], Tensor] | Non
 
 
 def _propagate_edits(
-    transition: Transition, q: Tensor, edits: list[_Edit], shape: torch.Size
+    transition: Transition, q: Tensor, edits: list[_Edit], shape: tuple[int, ...]
 ) -> tuple[Tensor, Tensor]:
     """`propagate` for edits given as (changed, edited, native) without a dense delta tensor.
 
