@@ -111,19 +111,27 @@ def rows(rounds: int = 7) -> list[dict]:
     u = torch.randn(64, generator=g)  # d_state
     w = torch.randn(64, generator=g)  # headdim
 
-    def write_edit(x, hook):  # rank-1 addition to one head's write at one position
+    def write_edit_in_place(x, hook):  # rank-1 addition to one head's write at one position
+        x[:, EDIT_POS, EDIT_HEAD] += 0.1 * u[:, None] * w[None, :]
+        return x
+
+    def write_edit_clone(x, hook):  # the same, on a copy (the hook allocates its own tensor)
         x = x.clone()
         x[:, EDIT_POS, EDIT_HEAD] += 0.1 * u[:, None] * w[None, :]
         return x
 
-    edit = [(f"blocks.{EDIT_LAYER}.attn.hook_write", write_edit)]
+    hook = f"blocks.{EDIT_LAYER}.attn.hook_write"
     conds: list[tuple[str, Callable]] = [
         ("HF Mamba2ForCausalLM forward", lambda: hf(toks, use_cache=False).logits),
         ("ours: forward", lambda: ours(toks)),
         ("ours: run_with_cache()", lambda: ours.run_with_cache(toks)),
         (
-            "ours: run_with_hooks, rank-1 hook_write edit",
-            lambda: ours.run_with_hooks(toks, fwd_hooks=edit),
+            "ours: rank-1 hook_write edit (in place)",
+            lambda: ours.run_with_hooks(toks, fwd_hooks=[(hook, write_edit_in_place)]),
+        ),
+        (
+            "ours: rank-1 hook_write edit (hook clones)",
+            lambda: ours.run_with_hooks(toks, fwd_hooks=[(hook, write_edit_clone)]),
         ),
         ("TL TransformerBridge forward", lambda: bridge(toks, return_type="logits")),
         ("TL TransformerBridge run_with_cache()", lambda: bridge.run_with_cache(toks)),
