@@ -23,7 +23,9 @@ def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float,
     denom = 1.0 + z * z / n
     center = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    # clamp so that the interval contains p exactly: at p = 0 or 1, rounding leaves center - half
+    # a few ulps above 0 (or center + half below 1), and error bars would come out negative
+    return min(p, max(0.0, center - half)), max(p, min(1.0, center + half))
 
 
 def r_squared(measured: np.ndarray, predicted: np.ndarray) -> float:

@@ -14,6 +14,12 @@ from writesae.evaluate import evaluate_closed_form, evaluate_substitution
 from writesae.stats import wilson
 
 
+def test_wilson_contains_p_at_the_ends():
+    for n in (1, 6, 12, 100, 4851):
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+        assert wilson(0, n)[1] > 0 and wilson(n, n)[0] < 1
+
+
 def test_wilson_reproduces_the_paper():
     lo, hi = wilson(4481, 4851)
     assert (round(100 * lo, 2), round(100 * hi, 2)) == (91.59, 93.09)
