@@ -471,23 +471,74 @@ def rank1_sq_error(
     The expansion is written out in :meth:`WriteSAE.factor_sq_error`; no ``d_k x d_v`` matrix is
     formed per sample (``bias`` is shared by the batch, so ``B v`` costs one matmul).
     ``ubw`` [*b, m] = ``u_j^T bias w_j`` if precomputed per atom (else computed per sample).
+    The backward pass is written by hand (:class:`_Rank1SqError`): two batched matmuls instead of
+    the four autograd would use for the Gram matrices, and fewer temporaries.
     """
     dt = coef.dtype
     key, value = key.to(dt), value.to(dt)
-    target = key.pow(2).sum(-1) * value.pow(2).sum(-1)
-    ku = (u * key[..., None, :]).sum(-1)  # [*b, m]
-    vw = (w * value[..., None, :]).sum(-1)
-    cross = (coef * ku * vw).sum(-1)
-    gram = (u @ u.transpose(-1, -2)) * (w @ w.transpose(-1, -2))  # [*b, m, m]
-    quad = (gram * coef[..., :, None] * coef[..., None, :]).sum((-2, -1))
-    err = target - 2 * cross + quad
+    lead = coef.shape[:-1]
+    m = coef.shape[-1]
+    flat = (
+        key.reshape(-1, key.shape[-1]),
+        value.reshape(-1, value.shape[-1]),
+        coef.reshape(-1, m),
+        u.reshape(-1, m, u.shape[-1]),
+        w.reshape(-1, m, w.shape[-1]),
+    )
+    err = _Rank1SqError.apply(*flat).reshape(lead)
     if bias is not None:
+        if ubw is None:
+            ubw = ((u @ bias) * w).sum(-1)  # [*b, m]: u_j^T B w_j
         bv = value @ bias.T  # [*b, d_k] = B v
-        k_b_v = (key * bv).sum(-1)
-        uBw = ((u @ bias) * w).sum(-1) if ubw is None else ubw  # [*b, m]: u_j^T B w_j
-        err = err - 2 * k_b_v + 2 * (coef * uBw).sum(-1) + bias.pow(2).sum()
+        err = err - 2 * (key * bv).sum(-1) + 2 * (coef * ubw).sum(-1) + bias.pow(2).sum()
     # cancellation can push a tiny true error slightly negative
     return err.clamp_min(0.0)
+
+
+class _Rank1SqError(torch.autograd.Function):
+    """``e = |k|^2 |v|^2 - 2 sum_j c_j a_j b_j + c^T (G_u * G_w) c`` with hand-written gradients.
+
+    ``a_j = k.u_j``, ``b_j = v.w_j``, ``G_u = U U^T``, ``G_w = W W^T`` (per sample). Gradients::
+
+        de/dc_j = -2 a_j b_j + 2 [(G_u * G_w) c]_j
+        de/du_j = -2 c_j b_j k + 2 c_j sum_i c_i (G_w)_ji u_i
+        de/dw_j = -2 c_j a_j v + 2 c_j sum_i c_i (G_u)_ji w_i
+        de/dk   = 2 |v|^2 k - 2 sum_j c_j b_j u_j        (and symmetrically for v)
+    """
+
+    @staticmethod
+    def forward(ctx, key, value, coef, u, w):  # noqa: D102
+        a = (u * key[:, None, :]).sum(-1)
+        b = (w * value[:, None, :]).sum(-1)
+        gu = u @ u.transpose(-1, -2)
+        gw = w @ w.transpose(-1, -2)
+        gc = ((gu * gw) @ coef[:, :, None]).squeeze(-1)  # (G_u * G_w) c
+        kk, vv = key.pow(2).sum(-1), value.pow(2).sum(-1)
+        err = kk * vv - 2 * (coef * a * b).sum(-1) + (coef * gc).sum(-1)
+        ctx.save_for_backward(key, value, coef, u, w, a, b, gu, gw, gc, kk, vv)
+        return err
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        key, value, coef, u, w, a, b, gu, gw, gc, kk, vv = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g1 = g[:, None]
+        gc2 = 2 * g1 * coef  # [B, m]: 2 g c_j
+        d_key = d_value = d_coef = d_u = d_w = None
+        if need[2]:
+            d_coef = 2 * g1 * (gc - a * b)
+        # baddbmm folds the "- b_j k" term into the batched matmul (one pass fewer over [B, m, d])
+        if need[3]:
+            d_u = torch.baddbmm(-b[..., None] * key[:, None, :], gw * coef[:, None, :], u)
+            d_u.mul_(gc2[..., None])
+        if need[4]:
+            d_w = torch.baddbmm(-a[..., None] * value[:, None, :], gu * coef[:, None, :], w)
+            d_w.mul_(gc2[..., None])
+        if need[0]:
+            d_key = 2 * g1 * (vv[:, None] * key - ((coef * b)[:, :, None] * u).sum(1))
+        if need[1]:
+            d_value = 2 * g1 * (kk[:, None] * value - ((coef * a)[:, :, None] * w).sum(1))
+        return d_key, d_value, d_coef, d_u, d_w
 
 
 class FlatSAE(BaseSAE):

@@ -322,7 +322,8 @@ def train(
     """
     cfg = replace(cfg or TrainConfig(), **overrides)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999))
+    # fused: one kernel per parameter instead of ~10 small ops (matters on busy CPUs)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
     n = sae.cfg.n_atoms
     since_fired = torch.zeros(n, dtype=torch.long)
     resample_every = min(cfg.resample_every, max(1, cfg.n_steps // 4)) if cfg.resample_every else 0
