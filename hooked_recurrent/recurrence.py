@@ -215,17 +215,18 @@ class RecurrentMixer(torch.nn.Module):
 
             with self.hook_write.providing(native_state=native_state):
                 edited = self.hook_write(native)
-            if not torch.equal(edited, native):
-                writes = edited
-                delta = edited - native
+            # rebuilt rather than kept: a hook may have edited its input in place
+            d_write = edited - write_k[..., :, None] * write_v[..., None, :]
+            if d_write.ne(0).any():
+                writes, delta = edited, d_write
 
         if want_state:
             _, _, states = scan(
                 transition, q, write_k, write_v, S0, writes=writes, keep_states=True
             )
-            edited = self.hook_state(states)
-            if not torch.equal(edited, states):
-                d_state = edited - states
+            edited = self.hook_state(states.clone())  # a hook may edit its input in place
+            d_state = edited - states
+            if d_state.ne(0).any():
                 delta = d_state if delta is None else delta + d_state
 
         o, S_T = fast_path()

@@ -88,3 +88,23 @@ def test_positions_and_native_state(model):
     _, state = model(tokens[:, :7], return_state=True)
     model.run_with_hooks(tokens[:, 7:], state=state, fwd_hooks=[("blocks.0.attn.hook_write", hook)])
     assert seen["pos"].tolist() == list(range(7, 12))
+
+
+@pytest.mark.parametrize("name", ["hook_write", "hook_state", "hook_decay", "hook_beta", "hook_k"])
+def test_in_place_edits_act_like_returned_copies(model, name):
+    """TransformerLens users often edit the tensor in place and return it: that must count."""
+    tokens = torch.randint(0, 97, (2, 20))
+
+    def in_place(x, hook):
+        x[:, 5] *= 0.25
+        return x
+
+    def copied(x, hook):
+        x = x.clone()
+        x[:, 5] *= 0.25
+        return x
+
+    a = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.0.attn.{name}", in_place)])
+    b = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.0.attn.{name}", copied)])
+    assert torch.equal(a, b)
+    assert (a - model(tokens)).abs().max() > 1e-4
