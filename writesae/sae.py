@@ -67,6 +67,12 @@ def _unit_rows(t: Tensor) -> Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` for a parameter table ``t`` [n, ...] (index_select: about 2x faster than
+    advanced indexing, forward and backward, on CPU)."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
+
+
 class BaseSAE(nn.Module):
     """Shared encode/sparsify/decode logic, persistence and intervention hooks."""
 
@@ -387,10 +393,10 @@ class WriteSAE(BaseSAE):
     ) -> Float[Tensor, "*b m"]:
         x = x.to(self.b_enc.dtype)
         if self.cfg.encoder == "bilinear":
-            ex = self.W_enc_key[idx] @ x  # [*b, m, d_v] = e_j^T X
-            return (ex * self.W_enc_value[idx]).sum(-1) + self.b_enc[idx]
-        rows = self.W_enc.T[idx]  # [*b, m, d_in]
-        return (rows @ x.flatten(-2)[..., :, None]).squeeze(-1) + self.b_enc[idx]
+            ex = rows(self.W_enc_key, idx) @ x  # [*b, m, d_v] = e_j^T X
+            return (ex * rows(self.W_enc_value, idx)).sum(-1) + rows(self.b_enc, idx)
+        w_rows = self.W_enc.T[idx]  # [*b, m, d_in]
+        return (w_rows @ x.flatten(-2)[..., :, None]).squeeze(-1) + rows(self.b_enc, idx)
 
     def pre_acts_factors_at(
         self, key: Float[Tensor, "*b d_k"], value: Float[Tensor, "*b d_v"], idx: Int[Tensor, "*b m"]
@@ -399,12 +405,12 @@ class WriteSAE(BaseSAE):
             return super().pre_acts_factors_at(key, value, idx)
         dt = self.b_enc.dtype
         # multiply-and-sum, not a batched mat-vec: bmm with a width-1 operand is slow on CPU
-        ek = (self.W_enc_key[idx] * key.to(dt)[..., None, :]).sum(-1)
-        fv = (self.W_enc_value[idx] * value.to(dt)[..., None, :]).sum(-1)
-        return ek * fv + self.b_enc[idx]
+        ek = (rows(self.W_enc_key, idx) * key.to(dt)[..., None, :]).sum(-1)
+        fv = (rows(self.W_enc_value, idx) * value.to(dt)[..., None, :]).sum(-1)
+        return ek * fv + rows(self.b_enc, idx)
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
-        return self.W_dec_key[idx][..., :, None] * self.W_dec_value[idx][..., None, :]
+        return rows(self.W_dec_key, idx)[..., :, None] * rows(self.W_dec_value, idx)[..., None, :]
 
     def bias_inner(self) -> Float[Tensor, " n_atoms"] | None:
         """``u_i^T B_dec w_i`` for every atom (None without a decoder bias); O(n d_k d_v) once."""
@@ -416,8 +422,8 @@ class WriteSAE(BaseSAE):
         self, values: Float[Tensor, "... m"], indices: Int[Tensor, "... m"], bias: bool = True
     ) -> Float[Tensor, "... d_k d_v"]:
         """``X_hat = U_S^T diag(c_S) W_S (+ B_dec)`` over the listed atoms S."""
-        u = self.W_dec_key[indices]  # [..., m, d_k]
-        w = self.W_dec_value[indices]  # [..., m, d_v]
+        u = rows(self.W_dec_key, indices)  # [..., m, d_k]
+        w = rows(self.W_dec_value, indices)  # [..., m, d_v]
         out = (values[..., None] * u).transpose(-1, -2) @ w
         if bias and self.b_dec is not None:
             out = out + self.b_dec
@@ -446,10 +452,11 @@ class WriteSAE(BaseSAE):
             vals = out.codes.gather(-1, idx)
         else:
             vals, idx = out.values, out.indices
-        u = self.W_dec_key[idx]
-        w = self.W_dec_value[idx]
+        u = rows(self.W_dec_key, idx)
+        w = rows(self.W_dec_value, idx)
         ubw = self.bias_inner()
-        return rank1_sq_error(key, value, vals, u, w, self.b_dec, None if ubw is None else ubw[idx])
+        ubw = None if ubw is None else rows(ubw, idx)
+        return rank1_sq_error(key, value, vals, u, w, self.b_dec, ubw)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -582,17 +589,17 @@ class FlatSAE(BaseSAE):
     def pre_acts_at(
         self, x: Float[Tensor, "*b d_k d_v"], idx: Int[Tensor, "*b m"]
     ) -> Float[Tensor, "*b m"]:
-        rows = self.W_enc.T[idx]  # [*b, m, d_in]
+        w_rows = self.W_enc.T[idx]  # [*b, m, d_in]
         x = x.to(self.b_enc.dtype).flatten(-2)[..., :, None]
-        return (rows @ x).squeeze(-1) + self.b_enc[idx]
+        return (w_rows @ x).squeeze(-1) + rows(self.b_enc, idx)
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
-        return self.W_dec[idx].unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
+        return rows(self.W_dec, idx).unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
 
     def decode_sparse(
         self, values: Float[Tensor, "... m"], indices: Int[Tensor, "... m"], bias: bool = True
     ) -> Float[Tensor, "... d_k d_v"]:
-        out = (values[..., None, :] @ self.W_dec[indices]).squeeze(-2)
+        out = (values[..., None, :] @ rows(self.W_dec, indices)).squeeze(-2)
         out = out.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
         if bias and self.b_dec is not None:
             out = out + self.b_dec
