@@ -25,6 +25,9 @@ path is tested against it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,17 +122,45 @@ def propagate(
     and only from the first edited position on, so a rank-1 edit at one position of one head costs
     O((T - t) d_k d_v).
     """
-    B, T, H, dk, dv = delta.shape
-    d_o = delta.new_zeros(B, T, H, dv)
-    E_T = delta.new_zeros(B, H, dk, dv)
     touched = delta.ne(0).flatten(3).any(-1)  # [b, T, h]
+    return _propagate_edits(transition, q, [(touched, delta, None)], tuple(delta.shape))
+
+
+#: (changed [batch, pos, head] bool, edited, native): the edit is edited - native where changed.
+#: `native` is a tensor, None (edited is already the difference), or a function (batch index,
+#: head index) -> the native values of those pairs, `[n, pos, d_k, d_v]`.
+_Edit = tuple[Tensor, Tensor, "Tensor | Callable[[Tensor, Tensor], Tensor] | None"]
+
+
+def _propagate_edits(
+    transition: Transition, q: Tensor, edits: list[_Edit], shape: tuple[int, ...]
+) -> tuple[Tensor, Tensor]:
+    """`propagate` for edits given as (changed, edited, native) without a dense delta tensor.
+
+    Only the (batch, head) pairs where `changed` is set are gathered, so the cost does not
+    grow with the size of the untouched part of the batch.
+    """
+    B, T, H, dk, dv = shape
+    d_o = q.new_zeros(B, T, H, dv)
+    E_T = q.new_zeros(B, H, dk, dv)
+    touched = edits[0][0]
+    for changed, _, _ in edits[1:]:
+        touched = touched | changed
     pairs = touched.any(1).nonzero(as_tuple=False)  # [(b, h)]
     if len(pairs) == 0:
         return d_o, E_T
     bi, hi = pairs[:, 0], pairs[:, 1]
     t0 = int(touched[bi, :, hi].any(0).nonzero()[0])
     sub = transition.select(bi, hi)
-    dsub = delta[bi, :, hi].unsqueeze(2)  # [n, T, 1, dk, dv]
+    dsub = 0
+    for changed, edited, native in edits:
+        d = edited[bi, :, hi]
+        if callable(native):
+            d = d - native(bi, hi)
+        elif native is not None:
+            d = d - native[bi, :, hi]
+        dsub = dsub + d.float() * changed[bi, :, hi][..., None, None]
+    dsub = dsub.unsqueeze(2)  # [n, T, 1, dk, dv]
     qsub = q[bi, :, hi].unsqueeze(2)
     E = torch.zeros_like(dsub[:, 0])
     outs = []
@@ -139,6 +170,99 @@ def propagate(
     d_o[bi, t0:, hi] = torch.stack(outs, 1)[:, :, 0]
     E_T[bi, hi] = E[:, 0]
     return d_o, E_T
+
+
+_HUGE_PAGE = 2 << 20
+_libc_madvise: Callable[[int, int, int], int] | None | bool = None
+
+
+def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """torch.empty(shape), on Linux CPU advised to use transparent huge pages when large.
+
+    The writes of one layer are large (d_k d_v floats per token and head, 128 MiB at batch 4 x 256
+    tokens for 8 heads of 64 x 64) and freshly allocated on every call; on a virtual machine the
+    first touch of each 4 KiB page then costs more than the multiplication that fills it. Huge
+    pages (MADV_HUGEPAGE, honoured in the kernel's default "madvise" mode) cut that 512-fold.
+    Only this allocation is advised; where that is not possible this is plain torch.empty.
+    """
+    global _libc_madvise
+    t = torch.empty(shape, dtype=like.dtype, device=like.device)
+    nbytes = t.numel() * t.element_size()
+    if like.device.type != "cpu" or nbytes < 4 * _HUGE_PAGE:
+        return t
+    if _libc_madvise is None:
+        _libc_madvise = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                _libc_madvise = libc.madvise
+            except (OSError, AttributeError):
+                pass
+    if _libc_madvise:
+        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            _libc_madvise(start, end - start, 14)  # MADV_HUGEPAGE; a failure is harmless
+    return t
+
+
+def _hooked_write(
+    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 22
+) -> tuple[Tensor, _Edit | None]:
+    """Run `hook` on the writes k v^T; return (writes to use, the edit or None).
+
+    The writes are built once, for the hook. What the hook changed, whether it returned a new
+    tensor or edited in place, is found by comparing with k v^T rebuilt from the factors a block
+    of positions at a time, so no second full-size tensor is allocated. (Float multiplication is
+    deterministic, so the rebuilt values are bit-identical to the ones the hook was given.)
+    """
+    shape = (*write_k.shape, write_v.shape[-1])
+    if torch.is_grad_enabled() and (write_k.requires_grad or write_v.requires_grad):
+        native = write_k[..., :, None] * write_v[..., None, :]  # out= does not support autograd
+    else:
+        native = torch.mul(
+            write_k[..., :, None], write_v[..., None, :], out=_empty_large(shape, write_k)
+        )
+    version = native._version
+    edited = hook(native)
+    if edited is native and native._version == version:
+        return native, None
+    B, T = edited.shape[:2]
+    step = max(1, block_elems // max(1, edited[:, :1].numel()))
+    changed = torch.empty(edited.shape[:3], dtype=torch.bool, device=edited.device)
+    for s in range(0, T, step):
+        e = slice(s, s + step)
+        ref = write_k[:, e, :, :, None] * write_v[:, e, :, None, :]
+        changed[:, e] = edited[:, e].ne(ref).flatten(3).any(-1)
+    if not bool(changed.any()):
+        return edited, None
+
+    def native_pairs(bi: Tensor, hi: Tensor) -> Tensor:
+        return write_k[bi, :, hi, :, None] * write_v[bi, :, hi, None, :]
+
+    return edited, (changed, edited, native_pairs)
+
+
+def _hooked(
+    hook: RecurrentHookPoint, native: Tensor, rebuild: Callable[[], Tensor]
+) -> tuple[Tensor, _Edit | None]:
+    """Run `hook` on `native`; return (tensor to use, the edit or None if nothing changed).
+
+    A hook may return a new tensor or edit its input in place (TransformerLens hooks often do).
+    In place is detected from the tensor's version counter; the native values are then rebuilt
+    with `rebuild` to find what changed. A hook that only reads (a cache) costs nothing more.
+    """
+    version = native._version
+    edited = hook(native)
+    if edited is native:
+        if native._version == version:
+            return native, None
+        native = rebuild()
+    changed = edited.ne(native).flatten(3).any(-1)  # [b, T, h]
+    if not bool(changed.any()):
+        return edited, None
+    return edited, (changed, edited, native)
 
 
 FastPath = Callable[[], tuple[Tensor, Tensor]]
@@ -186,9 +310,8 @@ class RecurrentMixer(torch.nn.Module):
             return fast_path()
 
         writes = None
-        delta = None
+        edits: list[_Edit] = []
         if want_write:
-            native = write_k[..., :, None] * write_v[..., None, :]
             memo: dict = {}
 
             def native_state(head: int | None = None) -> Tensor:
@@ -214,24 +337,24 @@ class RecurrentMixer(torch.nn.Module):
                 return memo[head]
 
             with self.hook_write.providing(native_state=native_state):
-                edited = self.hook_write(native)
-            # rebuilt rather than kept: a hook may have edited its input in place
-            d_write = edited - write_k[..., :, None] * write_v[..., None, :]
-            if d_write.ne(0).any():
-                writes, delta = edited, d_write
+                edited, edit = _hooked_write(self.hook_write, write_k, write_v)
+            if edit is not None:
+                writes = edited
+                edits.append(edit)
 
         if want_state:
-            _, _, states = scan(
-                transition, q, write_k, write_v, S0, writes=writes, keep_states=True
-            )
-            edited = self.hook_state(states.clone())  # a hook may edit its input in place
-            d_state = edited - states
-            if d_state.ne(0).any():
-                delta = d_state if delta is None else delta + d_state
+
+            def native_states() -> Tensor:
+                return scan(transition, q, write_k, write_v, S0, writes=writes, keep_states=True)[2]
+
+            _, edit = _hooked(self.hook_state, native_states(), native_states)
+            if edit is not None:
+                edits.append(edit)
 
         o, S_T = fast_path()
-        if delta is not None:
-            d_o, E_T = propagate(transition, q.float(), delta)
+        if edits:
+            shape = (*q.shape[:3], q.shape[-1], write_v.shape[-1])
+            d_o, E_T = _propagate_edits(transition, q.float(), edits, shape)
             o = o + d_o.to(o.dtype)
             S_T = S_T + E_T
         return o, S_T

@@ -403,8 +403,18 @@ def main() -> None:
                 indent=2,
             )
         )
-    # a held-out sample for demos and tutorials
-    (args.out / "heldout_sample.txt").write_text(held_texts[0][:20000], encoding="utf-8")
+    write_samples(args.data, args.out)
+
+
+def write_samples(data: Path, out: Path) -> None:
+    """Small public-domain text samples shipped for demos and tutorials."""
+    train_texts, held_texts = read_split(data)
+    (out / "train_sample.txt").write_text(
+        "\n".join(t[:60000] for t in train_texts[:5]), encoding="utf-8"
+    )
+    (out / "heldout_sample.txt").write_text(
+        "\n".join(t[:30000] for t in held_texts), encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

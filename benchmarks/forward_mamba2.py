@@ -1,0 +1,174 @@
+"""Mamba-2 forward-pass timing: Hugging Face vs hooked_recurrent vs TransformerLens's bridge.
+
+Setup (as in the issue and the peer review's `t2_timing.py`): 2 CPU threads, a random
+`Mamba2ForCausalLM` with d_model 256, 4 layers, expand 2, 8 heads of 64, state 64, 1 group,
+chunk 64, vocabulary 512; batch 4, 256 tokens. Each round runs every condition once, in turn
+(interleaved), and the table reports the median over rounds (round 0, the warm-up, is dropped),
+with the ratio to the Hugging Face forward.
+
+    python benchmarks/forward_mamba2.py [rounds]
+
+`rows(rounds)` returns the table rows, for `benchmarks/forward.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+VOCAB = 512
+BATCH, SEQ = 4, 256
+EDIT_LAYER, EDIT_HEAD, EDIT_POS = 2, 3, 100
+
+
+def mamba2_hf(seed: int = 0, hidden: int = 256, layers: int = 4, vocab: int = VOCAB):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        expand=2,
+        head_dim=64,
+        num_heads=(2 * hidden) // 64,
+        n_groups=1,
+        state_size=64,
+        conv_kernel=4,
+        chunk_size=64,
+        pad_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        bos_token_id=vocab - 1,
+        tie_word_embeddings=False,
+    )
+    return Mamba2ForCausalLM(cfg).eval()
+
+
+def _tokenizer(folder: str, vocab: int = VOCAB):
+    """A word-level tokenizer saved to `folder` and reloaded (the bridge re-reads it by path)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    v = {f"t{i}": i for i in range(vocab - 3)}
+    v.update({"<unk>": vocab - 3, "<pad>": vocab - 2, "<eos>": vocab - 1})
+    tk = Tokenizer(models.WordLevel(vocab=v, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    t = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<eos>",
+    )
+    t.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _bridge(hf_model, tokenizer):
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  registers the source
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        "local-tiny-mamba2",
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        device="cpu",
+        dtype=torch.float32,
+    )
+
+
+def rows(rounds: int = 7) -> list[dict]:
+    """Time every condition `rounds` times, interleaved; one dict per condition.
+
+    Keys: `condition`, `median_ms`, `min_ms`, `ratio` (median / HF forward median).
+    """
+    from hooked_recurrent import HookedRecurrentModel
+
+    torch.set_num_threads(2)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("hooked_recurrent").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    torch.manual_seed(1)
+    toks = torch.randint(0, VOCAB - 3, (BATCH, SEQ))
+    hf = mamba2_hf()
+    ours = HookedRecurrentModel.from_hf_model(hf)
+    with tempfile.TemporaryDirectory() as d:
+        bridge = _bridge(copy.deepcopy(hf), _tokenizer(d))
+
+    g = torch.Generator().manual_seed(2)
+    u = torch.randn(64, generator=g)  # d_state
+    w = torch.randn(64, generator=g)  # headdim
+
+    def write_edit_in_place(x, hook):  # rank-1 addition to one head's write at one position
+        x[:, EDIT_POS, EDIT_HEAD] += 0.1 * u[:, None] * w[None, :]
+        return x
+
+    def write_edit_clone(x, hook):  # the same, on a copy (the hook allocates its own tensor)
+        x = x.clone()
+        x[:, EDIT_POS, EDIT_HEAD] += 0.1 * u[:, None] * w[None, :]
+        return x
+
+    hook = f"blocks.{EDIT_LAYER}.attn.hook_write"
+    conds: list[tuple[str, Callable]] = [
+        ("HF Mamba2ForCausalLM forward", lambda: hf(toks, use_cache=False).logits),
+        ("ours: forward", lambda: ours(toks)),
+        ("ours: run_with_cache()", lambda: ours.run_with_cache(toks)),
+        (
+            "ours: rank-1 hook_write edit (in place)",
+            lambda: ours.run_with_hooks(toks, fwd_hooks=[(hook, write_edit_in_place)]),
+        ),
+        (
+            "ours: rank-1 hook_write edit (hook clones)",
+            lambda: ours.run_with_hooks(toks, fwd_hooks=[(hook, write_edit_clone)]),
+        ),
+        ("TL TransformerBridge forward", lambda: bridge(toks, return_type="logits")),
+        ("TL TransformerBridge run_with_cache()", lambda: bridge.run_with_cache(toks)),
+    ]
+    times: dict[str, list[float]] = {c: [] for c, _ in conds}
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            for name, fn in conds:
+                t = time.perf_counter()
+                out = fn()
+                dt = time.perf_counter() - t
+                del out
+                if r > 0:
+                    times[name].append(dt)
+    base = statistics.median(times[conds[0][0]])
+    return [
+        dict(
+            condition=name,
+            median_ms=1e3 * statistics.median(ts),
+            min_ms=1e3 * min(ts),
+            ratio=statistics.median(ts) / base,
+        )
+        for name, ts in times.items()
+    ]
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+    table = rows(rounds)
+    print(
+        f"Mamba-2, 2 threads, batch {BATCH} x {SEQ} tokens, d_model 256, 4 layers; "
+        f"median of {rounds} interleaved rounds"
+    )
+    print(f"{'condition':48s} {'median ms':>10s} {'min ms':>8s} {'x HF':>6s}")
+    for r in table:
+        print(f"{r['condition']:48s} {r['median_ms']:10.1f} {r['min_ms']:8.1f} {r['ratio']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

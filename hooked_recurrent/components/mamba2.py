@@ -1,0 +1,209 @@
+"""Mamba-2 (SSD) token mixer, in the order of its equations.
+
+Per token t and head h (state key side first: S in R^{d_state x headdim}, the transpose of the
+Hugging Face / mamba_ssm layout [headdim, d_state]):
+
+    [z, xBC, dt~] = W_in u                                   split: d_inner | conv_dim | n_heads
+    [x, B~, C~] = silu(causal_conv1d(xBC) + conv_bias)       depthwise, kernel K
+    B_t, C_t = the group of head h, g = h // (n_heads / n_groups)
+    dt_t = clamp(softplus(dt~_t + dt_bias), *time_step_limit),   A = -exp(A_log)
+    S_t = exp(dt_t A) S_{t-1} + B_t (dt_t x_t)^T              (no removal term)
+    o_t = S_t^T C_t                                           the read
+    y_t = o_t + D x_t                                         D skip on the un-scaled x
+    y = w * grouped_rmsnorm(y * silu(z))                      gate FIRST, then RMS over groups of
+                                                              d_inner / n_groups channels
+    out = W_out y
+
+Hooks (at `blocks.{l}.attn.`): `hook_q` = C_t and `hook_k` = B_t per head `[batch, pos, head,
+d_state]` (group-expanded), `hook_v` = x_t `[batch, pos, head, headdim]`, `hook_dt` and
+`hook_decay` = exp(dt_t A) `[batch, pos, head]`, `hook_write` = B_t (dt_t x_t)^T and `hook_state`
+= S_t `[batch, pos, head, d_state, headdim]`, `hook_read` = o_t (before the D skip), `hook_gate` =
+z (before its silu) `[batch, pos, head, headdim]`, `hook_out` `[batch, pos, d_model]`.
+
+Editing semantics: `hook_dt` fires before the decay is computed, so an edited dt changes both the
+write (B (dt x)^T) and the decay exp(dt A), as in the model; `hook_decay` fires after and can
+override the decay alone. An edited `hook_v` (x) also feeds the D skip, since it is the same x.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_recurrent.components.gated_deltanet import causal_conv
+from hooked_recurrent.hook_points import RecurrentHookPoint
+from hooked_recurrent.recurrence import RecurrentMixer, Transition
+from hooked_recurrent.state import RunContext
+
+__all__ = ["Mamba2Mixer", "chunk_ssd", "segment_sum"]
+
+
+def segment_sum(a: Float[Tensor, "... chunk"]) -> Float[Tensor, "... chunk chunk"]:
+    """out[i, j] = sum_{j < m <= i} a_m for j <= i, and -inf above the diagonal.
+
+    Built from a cumulative sum of masked copies (not as cumsum_i - cumsum_j), so nearby positions
+    do not lose precision to a large running sum, and row i depends on a_{<=i} only.
+    """
+    L = a.shape[-1]
+    x = a[..., :, None].expand(*a.shape, L)
+    ones = torch.ones(L, L, dtype=torch.bool, device=a.device)
+    x = x.masked_fill(~ones.tril(-1), 0.0)
+    return x.cumsum(-2).masked_fill(~ones.tril(0), float("-inf"))
+
+
+def chunk_ssd(
+    q: Float[Tensor, "batch pos head d_state"],
+    k: Float[Tensor, "batch pos head d_state"],
+    v: Float[Tensor, "batch pos head headdim"],
+    dt: Float[Tensor, "batch pos head"],
+    log_decay: Float[Tensor, "batch pos head"],
+    S0: Float[Tensor, "batch head d_state headdim"] | None = None,
+    chunk_size: int = 256,
+) -> tuple[Float[Tensor, "batch pos head headdim"], Float[Tensor, "batch head d_state headdim"]]:
+    """The SSD recurrence S_t = exp(a_t) S_{t-1} + k_t (dt_t v_t)^T, o_t = S_t^T q_t, in chunks.
+
+    With a_t = `log_decay` (dt_t A for Mamba-2) and, inside a chunk, the segment sums
+    seg(i, j) = a_{j+1} + ... + a_i and prefix sums c_i = a_1 + ... + a_i:
+
+        o_i = sum_{j <= i} exp(seg(i, j)) (q_i . k_j) dt_j v_j   +   exp(c_i) S_start^T q_i
+        S_end = exp(c_L) S_start + sum_j exp(c_L - c_j) k_j (dt_j v_j)^T
+
+    The first sum is a masked quadratic form within the chunk; the state is passed sequentially
+    from chunk to chunk. The same algorithm family as Hugging Face's `mamba2_chunk_scan` (and
+    mamba_ssm's `mamba_chunk_scan_combined`), in float32. A sequence whose length is not a multiple
+    of the chunk size is zero-padded (a = 0, dt v = 0: the padding leaves the state unchanged).
+
+    Returns:
+        (o `[batch, pos, head, headdim]`, S_T `[batch, head, d_state, headdim]`), both float32.
+    """
+    Bsz, T, H, N = k.shape
+    P = v.shape[-1]
+    L = max(1, min(chunk_size, T))
+    n = math.ceil(T / L)
+    pad = n * L - T
+
+    def prep(x: Tensor) -> Tensor:  # [B, T, H, ...] -> [B, H, n, L, ...]
+        x = x.float().transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
+        return x.reshape(Bsz, H, n, L, *x.shape[3:])
+
+    q, k, a = prep(q), prep(k), prep(log_decay)
+    xd = prep(v.float() * dt.float()[..., None])
+    a_cum = a.cumsum(-1)  # [B, H, n, L]
+    y = ((q @ k.transpose(-1, -2)) * segment_sum(a).exp()) @ xd  # within the chunk
+    k_to_end = k * (a_cum[..., -1:] - a_cum).exp()[..., None]
+    chunk_write = k_to_end.transpose(-1, -2) @ xd  # [B, H, n, N, P]
+    chunk_decay = a_cum[..., -1].exp()[..., None, None]  # [B, H, n, 1, 1]
+    q_from_start = q * a_cum.exp()[..., None]
+
+    S = q.new_zeros(Bsz, H, N, P) if S0 is None else S0.float()
+    carried = []
+    for c in range(n):
+        carried.append(q_from_start[:, :, c] @ S)
+        S = chunk_decay[:, :, c] * S + chunk_write[:, :, c]
+    y = y + torch.stack(carried, 2)
+    return y.reshape(Bsz, H, n * L, P)[:, :, :T].transpose(1, 2), S
+
+
+class Mamba2Mixer(RecurrentMixer):
+    """Mamba-2 token mixer at `blocks.{l}.attn` (see the module docstring for its equations).
+
+    Parameters (Hugging Face name in brackets): `W_in` [in_proj], `conv_w` `[conv_dim, K]` and
+    `conv_b` [conv1d.weight squeezed, conv1d.bias], `dt_bias`, `A_log`, `D`, `norm_w` [norm.weight],
+    `W_out` [out_proj].
+    """
+
+    write_strength_hook = "hook_dt"
+
+    def __init__(
+        self,
+        layer: int,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        d_state: int,
+        n_groups: int,
+        conv_kernel: int,
+        eps: float,
+        chunk_size: int = 256,
+        time_step_limit: tuple[float, float] = (0.0, float("inf")),
+        use_conv_bias: bool = True,
+        use_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_heads % n_groups:
+            raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_groups ({n_groups})")
+        self.layer = layer
+        self.n_heads, self.head_dim, self.d_state, self.n_groups = (
+            n_heads,
+            head_dim,
+            d_state,
+            n_groups,
+        )
+        self.d_inner = n_heads * head_dim
+        self.conv_dim = self.d_inner + 2 * n_groups * d_state
+        self.eps = eps
+        self.chunk_size = chunk_size
+        self.time_step_limit = (float(time_step_limit[0]), float(time_step_limit[1]))
+        self.W_in = nn.Linear(d_model, self.d_inner + self.conv_dim + n_heads, bias=use_bias)
+        self.conv_w = nn.Parameter(torch.zeros(self.conv_dim, conv_kernel))
+        self.conv_b = nn.Parameter(torch.zeros(self.conv_dim)) if use_conv_bias else None
+        self.dt_bias = nn.Parameter(torch.zeros(n_heads))
+        self.A_log = nn.Parameter(torch.zeros(n_heads))
+        self.D = nn.Parameter(torch.ones(n_heads))
+        self.norm_w = nn.Parameter(torch.ones(self.d_inner))
+        self.W_out = nn.Linear(self.d_inner, d_model, bias=use_bias)
+        for name in ("q", "k", "v", "dt", "decay", "read", "gate", "out"):
+            setattr(self, f"hook_{name}", RecurrentHookPoint())
+
+    def forward(
+        self, u: Float[Tensor, "batch pos d_model"], run: RunContext
+    ) -> Float[Tensor, "batch pos d_model"]:
+        Bsz, T, _ = u.shape
+        H, P, N, G = self.n_heads, self.head_dim, self.d_state, self.n_groups
+        past = run.layer_in(self.layer)
+
+        z, xBC, dt = self.W_in(u).split((self.d_inner, self.conv_dim, H), dim=-1)
+        prev = None if past is None else past["conv"]
+        xBC, conv_buf = causal_conv(xBC, self.conv_w, self.conv_b, prev)
+        x, B, C = F.silu(xBC).split((self.d_inner, G * N, G * N), dim=-1)
+        rep = H // G
+        q = self.hook_q(C.float().view(Bsz, T, G, N).repeat_interleave(rep, dim=2))
+        k = self.hook_k(B.float().view(Bsz, T, G, N).repeat_interleave(rep, dim=2))
+        v = self.hook_v(x.float().view(Bsz, T, H, P))
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+        dt = self.hook_dt(dt)
+        log_decay = -self.A_log.float().exp() * dt  # dt A: computed from the (edited) dt
+        decay = log_decay.exp()
+        if self.hook_decay.active:
+            # compare with a copy: a hook may edit in place. Only edited entries take the log of
+            # the new decay, so the others (and every position before an edit) stay bit-exact.
+            native = decay.clone()
+            decay = self.hook_decay(decay)
+            changed = decay != native
+            if bool(changed.any()):
+                log_decay = torch.where(changed, decay.log(), log_decay)
+
+        S0 = None if past is None else past["S"]
+        o, S_T = self.recur(
+            lambda: chunk_ssd(q, k, v, dt, log_decay, S0, self.chunk_size),
+            Transition(decay),
+            q,
+            k,
+            dt[..., None] * v,
+            S0,
+        )
+        run.save(self.layer, S=S_T, conv=conv_buf)
+        o = self.hook_read(o)
+
+        y = o + self.D.float()[:, None] * v  # D skip on the un-scaled x
+        gate = self.hook_gate(z.view(Bsz, T, H, P))
+        y = (y * F.silu(gate.float())).reshape(Bsz, T, G, self.d_inner // G)
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = self.norm_w.float() * y.reshape(Bsz, T, self.d_inner)
+        return self.hook_out(self.W_out(y.to(u.dtype)))
