@@ -1,0 +1,291 @@
+"""RWKV-7 "Goose": time mix (at `blocks.{l}.attn`) and channel mix (at `blocks.{l}.mlp`).
+
+Per token t, with h_t the attn-normed input and h_{-1} the carried `shift` (zeros at the start):
+
+    x_c = h_t + (h_{t-1} - h_t) * mu_c                  c in {r, w, k, v, a, g}   (static lerps)
+    r = W_r x_r,  k~ = W_k x_k,  v = W_v x_v
+    w = -exp(-1/2) sigmoid(w0 + tanh(x_w w1) w2)       log-decay per key channel, in (-0.607, 0)
+    a = sigmoid(a0 + (x_a a1) a2)                      in-context learning rate, per key channel
+    g = sigmoid(x_g g1) g2                             output gate
+    v = v + (v_first - v) sigmoid(v0 + (x_v v1) v2)    value residual (layer 0 sets v_first = v)
+    kappa = normalize(k~ * k_k)  per head               removal key
+    k = k~ * (1 + (a - 1) * k_a)                       write key
+    S_t = (diag(exp w_t) - (a_t * kappa_t) kappa_t^T) S_{t-1} + k_t v_t^T     S in R^{d_k x d_v}
+    o_t = S_t^T r_t                                    no 1/sqrt(d_k) scale
+    y = W_o( (GroupNorm_heads(o) + ((r * k * r_k).sum per head) v) * g )
+
+GroupNorm uses eps = head_dim * norm_eps (64e-5 at head size 64, BlinkDL's constant). The state is
+kept in the shared layout [d_k, d_v] (key side first); BlinkDL and the `rwkv` package store its
+transpose [d_v, d_k].
+
+Channel mix: y = W_out relu(W_in (h_t + (h_{t-1} - h_t) * x_k))^2, with its own carried shift.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from hooked_recurrent.hook_points import RecurrentHookPoint
+from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan
+from hooked_recurrent.state import RunContext
+
+__all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]
+
+logger = logging.getLogger(__name__)
+
+#: w = -DECAY_SCALE * sigmoid(...): e^{-1/2}, the bound of RWKV-7's log-decay (fla's constant; the
+#: rwkv package rounds it to 0.606531, a 5e-8 relative difference)
+DECAY_SCALE = math.exp(-0.5)
+#: chunks whose cumulative log-decay goes below this use the step-by-step scan instead (the chunked
+#: form multiplies by exp(-cumulative log-decay), which must stay finite in float32)
+MAX_CHUNK_LOG_DECAY = 60.0
+
+
+def token_shift(
+    x: Float[Tensor, "batch pos d"], prev: Float[Tensor, "batch d"] | None
+) -> Float[Tensor, "batch pos d"]:
+    """h_{t-1} for every t: the sequence shifted right by one, starting from `prev` (or zeros)."""
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if prev is None else prev[:, None].to(x.dtype)
+    return torch.cat((first, x[:, :-1]), dim=1)
+
+
+def kappa_normalize(x: Float[Tensor, "... d"], fused: bool) -> Float[Tensor, "... d"]:
+    """L2 normalisation of the removal key, as the checkpoint was trained.
+
+    `fused=False` (BlinkDL, the `rwkv` package, fla with fuse_norm=False): x / max(|x|, 1e-12).
+    `fused=True` (fla's fused l2_norm): x / sqrt(|x|^2 + 1e-6).
+    """
+    if fused:
+        return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+    return F.normalize(x, p=2.0, dim=-1)
+
+
+def chunk_dplr_rule(
+    q: Float[Tensor, "batch pos head d_k"],
+    log_decay: Float[Tensor, "batch pos head d_k"],
+    k: Float[Tensor, "batch pos head d_k"],
+    v: Float[Tensor, "batch pos head d_v"],
+    erase_a: Float[Tensor, "batch pos head d_k"],
+    erase_b: Float[Tensor, "batch pos head d_k"],
+    S0: Float[Tensor, "batch head d_k d_v"] | None = None,
+    chunk_size: int = 16,
+) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+    """S_t = diag(exp w_t) S_{t-1} + a_t (b_t^T S_{t-1}) + k_t v_t^T, o_t = S_t^T q_t, in chunks.
+
+    Diagonal-plus-low-rank (WY) form. Within a chunk starting from state S0, let
+    G_i = sum_{j<=i} w_j (per channel, from the chunk start), and the removal reads
+    u_i = S_{i-1}^T b_i. With b^_i = b_i e^{G_{i-1}}, a'_j = a_j e^{-G_j}, k'_j = k_j e^{-G_j},
+    q^_i = q_i e^{G_i}:
+
+        S_i = e^{G_i} * (S0 + sum_{j<=i} a'_j u_j^T + k'_j v_j^T)
+        (I - L) U = B^ S0 + tril_{-1}(B^ K'^T) V,            L = tril_{-1}(B^ A'^T)
+        O = Q^ S0 + tril(Q^ A'^T) U + tril(Q^ K'^T) V
+
+    so U = W S0 + U0 with W, U0 from one unit-triangular solve, O = P S0 + O0 and the state after
+    the chunk is M S0 + N; only `S <- M S + N` runs sequentially across chunks. The factors
+    e^{G} e^{-G} are within exp(chunk_size * 0.607) (~1.6e4 at 16) for RWKV-7's own decays; chunks
+    with stronger (edited) decays fall back to the step-by-step `scan`. All in float32.
+
+    Returns:
+        (o [batch, pos, head, d_v], final state [batch, head, d_k, d_v]).
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    C = max(1, min(chunk_size, T))
+    n = math.ceil(T / C)
+    pad = n * C - T
+
+    def prep(x: Tensor) -> Tensor:
+        x = x.float().transpose(1, 2)  # [B, H, T, d]
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))  # zero log-decay, key, value: an identity step
+        return x.reshape(B, H, n, C, x.shape[-1])
+
+    G = prep(log_decay).cumsum(-2)  # inclusive cumulative log-decay, [B, H, n, C, K]
+    last = G[..., -1:, :]
+    lowest = last.detach().min()
+    if not bool(torch.isfinite(lowest)) or float(lowest) < -MAX_CHUNK_LOG_DECAY:
+        logger.debug("decays too strong for the chunked RWKV-7 path; using the step-by-step scan")
+        tr = Transition(log_decay.float().exp(), erase_a.float(), erase_b.float())
+        return scan(tr, q, k, v, S0)[:2]
+    q, w, k, v, ea, eb = (prep(x) for x in (q, log_decay, k, v, erase_a, erase_b))
+    inv = (-G).exp()
+    q_hat = q * G.exp()
+    b_hat = eb * (G - w).exp()
+    a_chk, k_chk = ea * inv, k * inv
+    L = torch.tril(b_hat @ a_chk.transpose(-1, -2), -1)
+    Lk = torch.tril(b_hat @ k_chk.transpose(-1, -2), -1)
+    eye = torch.eye(C, dtype=L.dtype, device=L.device)
+    X = torch.linalg.solve_triangular(
+        eye - L, torch.cat((b_hat, Lk @ v), -1), upper=False, unitriangular=True
+    )
+    W, U0 = X[..., :K], X[..., K:]
+    Qa = torch.tril(q_hat @ a_chk.transpose(-1, -2))
+    Qk = torch.tril(q_hat @ k_chk.transpose(-1, -2))
+    P = q_hat + Qa @ W  # [B, H, n, C, K]
+    O0 = Qa @ U0 + Qk @ v  # [B, H, n, C, V]
+    to_end = (last - G).exp()
+    a_end = (ea * to_end).transpose(-1, -2)  # [B, H, n, K, C]
+    M = a_end @ W + torch.diag_embed(last.exp()[..., 0, :])  # [B, H, n, K, K]
+    N = a_end @ U0 + (k * to_end).transpose(-1, -2) @ v  # [B, H, n, K, V]
+
+    S = q.new_zeros(B, H, K, V) if S0 is None else S0.float()
+    starts = []
+    for c in range(n):
+        starts.append(S)
+        S = torch.baddbmm(
+            N[:, :, c].reshape(B * H, K, V), M[:, :, c].reshape(B * H, K, K), S.reshape(B * H, K, V)
+        ).view(B, H, K, V)
+    o = O0 + P @ torch.stack(starts, 2)
+    return o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2), S
+
+
+class TimeMix(RecurrentMixer):
+    """RWKV-7 time mix, the token mixer at `blocks.{l}.attn` (equations in the module docstring).
+
+    Hooks (per head, float32): `hook_q` (r), `hook_k` (k after its a-update), `hook_a` (a),
+    `hook_kappa` (the removal key, normalised) `[batch, pos, head, d_k]`; `hook_decay` (exp(w),
+    per key channel) `[batch, pos, head, d_k]`; `hook_v` (v after the value residual)
+    `[batch, pos, head, d_v]`; `hook_write` (k v^T) and `hook_state` (S_t)
+    `[batch, pos, head, d_k, d_v]`; `hook_read` (S_t^T r_t, before GroupNorm and bonus)
+    `[batch, pos, head, d_v]`; `hook_gate` (g) `[batch, pos, head, d_v]`; `hook_out`
+    `[batch, pos, d_model]`.
+
+    `hook_a` fires before the key update, so an edit of a changes both the write key k and the
+    removal term. In layer 0 the (possibly edited) `hook_v` is the v_first of later layers. Edits of
+    `hook_k`, `hook_v`, `hook_a`, `hook_kappa`, `hook_decay`, `hook_write` and `hook_state` reach
+    the later tokens of the layer.
+    """
+
+    write_strength_hook = None
+
+    def __init__(
+        self,
+        layer: int,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        d_decay_lora: int,
+        d_a_lora: int,
+        d_v_lora: int,
+        d_gate_lora: int,
+        norm_eps: float = 1e-5,
+        fuse_norm: bool = False,
+        chunk_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.d_head = layer, n_heads, d_head
+        self.fuse_norm, self.chunk_size = fuse_norm, chunk_size
+        self.group_norm_eps = d_head * norm_eps
+        C = d_model
+
+        def vec() -> nn.Parameter:
+            return nn.Parameter(torch.zeros(C))
+
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
+        self.w0, self.w1 = vec(), nn.Parameter(torch.zeros(C, d_decay_lora))
+        self.w2 = nn.Parameter(torch.zeros(d_decay_lora, C))
+        self.a0, self.a1 = vec(), nn.Parameter(torch.zeros(C, d_a_lora))
+        self.a2 = nn.Parameter(torch.zeros(d_a_lora, C))
+        if layer > 0:  # layer 0 has no value residual (it defines v_first)
+            self.v0, self.v1 = vec(), nn.Parameter(torch.zeros(C, d_v_lora))
+            self.v2 = nn.Parameter(torch.zeros(d_v_lora, C))
+        self.g1 = nn.Parameter(torch.zeros(C, d_gate_lora))
+        self.g2 = nn.Parameter(torch.zeros(d_gate_lora, C))
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.W_r = nn.Linear(C, C, bias=False)
+        self.W_k = nn.Linear(C, C, bias=False)
+        self.W_v = nn.Linear(C, C, bias=False)
+        self.W_o = nn.Linear(C, C, bias=False)
+        self.ln_x_w = nn.Parameter(torch.ones(C))
+        self.ln_x_b = nn.Parameter(torch.zeros(C))
+        for name in ("q", "k", "v", "a", "kappa", "decay", "read", "gate", "out"):
+            setattr(self, f"hook_{name}", RecurrentHookPoint())
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        B, T, C = x.shape
+        H, N = self.n_heads, self.d_head
+        past = run.layer_in(self.layer)
+
+        xx = token_shift(x, None if past is None else past["shift"]) - x
+        xr, xw, xk, xv, xa, xg = (
+            x + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
+        )
+        r = self.W_r(xr)
+        k_raw = self.W_k(xk)
+        v = self.W_v(xv)
+        w = -DECAY_SCALE * torch.sigmoid((self.w0 + torch.tanh(xw @ self.w1) @ self.w2).float())
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        if self.layer > 0:
+            v_first = run.shared["v_first"].to(v.dtype)
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+
+        def heads(t: Tensor) -> Tensor:
+            return t.float().view(B, T, H, N)
+
+        r = self.hook_q(heads(r))
+        a = self.hook_a(heads(a))
+        kappa = self.hook_kappa(kappa_normalize(heads(k_raw * self.k_k), self.fuse_norm))
+        k = self.hook_k(heads(k_raw) * (1 + (a - 1) * heads(self.k_a.expand(B, T, C))))
+        v = self.hook_v(heads(v))
+        if self.layer == 0:
+            run.shared["v_first"] = v.reshape(B, T, C)
+        w = w.view(B, T, H, N)
+        decay = w.exp()
+        edited = self.hook_decay(decay)
+        if edited is not decay:  # keep w bit-for-bit where the decay was not changed
+            w = torch.where(edited == decay, w, edited.log())
+        decay = edited
+
+        S0 = None if past is None else past["S"]
+        erase_a = -(a * kappa)
+        o, S_T = self.recur(
+            lambda: chunk_dplr_rule(r, w, k, v, erase_a, kappa, S0, self.chunk_size),
+            Transition(decay, erase_a, kappa),
+            r,
+            k,
+            v,
+            S0,
+        )
+        run.save(self.layer, S=S_T, shift=x[:, -1])
+        o = self.hook_read(o)
+
+        o = F.group_norm(
+            o.reshape(B * T, C), H, self.ln_x_w.float(), self.ln_x_b.float(), self.group_norm_eps
+        ).view(B, T, H, N)
+        o = o + (r * k * self.r_k.float()).sum(-1, keepdim=True) * v
+        g = self.hook_gate(heads(g))
+        return self.hook_out(self.W_o((o * g).reshape(B, T, C).to(x.dtype)))
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 channel mix at `blocks.{l}.mlp`: y = W_out relu(W_in (h + (h_{t-1} - h) x_k))^2.
+
+    Hooks: `hook_pre` (W_in of the shifted input, before the activation) and `hook_post`
+    (relu(.)^2), both `[batch, pos, d_mlp]`. Carries the last ffn-normed token as `mlp_shift`.
+    """
+
+    def __init__(self, layer: int, d_model: int, d_mlp: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.x_k = nn.Parameter(torch.zeros(d_model))
+        self.W_in = nn.Linear(d_model, d_mlp, bias=False)
+        self.W_out = nn.Linear(d_mlp, d_model, bias=False)
+        self.hook_pre = RecurrentHookPoint()
+        self.hook_post = RecurrentHookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        past = run.layer_in(self.layer)
+        xk = x + (token_shift(x, None if past is None else past["mlp_shift"]) - x) * self.x_k
+        pre = self.hook_pre(self.W_in(xk))
+        post = self.hook_post(torch.relu(pre).square())
+        run.save(self.layer, mlp_shift=x[:, -1])
+        return self.W_out(post)
