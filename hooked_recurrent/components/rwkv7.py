@@ -239,11 +239,9 @@ class TimeMix(RecurrentMixer):
         if self.layer == 0:
             run.shared["v_first"] = v.reshape(B, T, C)
         w = w.view(B, T, H, N)
-        decay = w.exp()
-        edited = self.hook_decay(decay)
-        if edited is not decay:  # keep w bit-for-bit where the decay was not changed
-            w = torch.where(edited == decay, w, edited.log())
-        decay = edited
+        decay = self.hook_decay(w.exp())
+        if self.hook_decay.active:  # keep w bit-for-bit where the decay was not changed
+            w = torch.where(decay == w.exp(), w, decay.log())
 
         S0 = None if past is None else past["S"]
         erase_a = -(a * kappa)
