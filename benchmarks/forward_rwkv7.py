@@ -47,7 +47,9 @@ def rows(rounds: int = 5) -> list[dict]:
         torch.save(sd, path)
         ref = h.rwkv_package_model(path)
         model = HookedRecurrentModel.from_pretrained(str(path)).eval()
-    tokens = torch.randint(0, CONFIG["vocab"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, CONFIG["vocab"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0)
+    )
     ids = tokens[0].tolist()
     layer, head, pos = CONFIG["L"] // 2, 1, SEQ // 2
     u, w = torch.randn(64), torch.randn(64)
@@ -118,9 +120,11 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     r = rows(args.rounds)
-    print(f"RWKV-7, C={CONFIG['C']}, {CONFIG['L']} layers, seq {SEQ}, batch {BATCH}, 2 threads, "
-          f"median of {args.rounds} interleaved rounds")
-    print(f"| case | median ms | ratio | against | target |\n|---|---|---|---|---|")
+    print(
+        f"RWKV-7, C={CONFIG['C']}, {CONFIG['L']} layers, seq {SEQ}, batch {BATCH}, 2 threads, "
+        f"median of {args.rounds} interleaved rounds"
+    )
+    print("| case | median ms | ratio | against | target |\n|---|---|---|---|---|")
     for row in r:
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else ""
         target = f"<= {row['target']}" if row["target"] else ""

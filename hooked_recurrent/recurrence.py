@@ -166,6 +166,18 @@ class RecurrentMixer(torch.nn.Module):
     #: name of the hook holding the write strength (beta, dt), or None when it is 1 (RWKV-7)
     write_strength_hook: str | None = None
 
+    def propagate_edits(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        delta: Float[Tensor, "batch pos head d_k d_v"],
+    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+        """The layer's exact response to additive state edits: `propagate`, step by step.
+
+        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
+        """
+        return propagate(transition, q, delta)
+
     def recur(
         self,
         fast_path: FastPath,
@@ -230,7 +242,7 @@ class RecurrentMixer(torch.nn.Module):
 
         o, S_T = fast_path()
         if delta is not None:
-            d_o, E_T = propagate(transition, q.float(), delta)
+            d_o, E_T = self.propagate_edits(transition, q.float(), delta)
             o = o + d_o.to(o.dtype)
             S_T = S_T + E_T
         return o, S_T

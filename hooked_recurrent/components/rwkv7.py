@@ -75,6 +75,7 @@ def chunk_dplr_rule(
     erase_b: Float[Tensor, "batch pos head d_k"],
     S0: Float[Tensor, "batch head d_k d_v"] | None = None,
     chunk_size: int = 16,
+    writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
 ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
     """S_t = diag(exp w_t) S_{t-1} + a_t (b_t^T S_{t-1}) + k_t v_t^T, o_t = S_t^T q_t, in chunks.
 
@@ -92,20 +93,24 @@ def chunk_dplr_rule(
     e^{G} e^{-G} are within exp(chunk_size * 0.607) (~1.6e4 at 16) for RWKV-7's own decays; chunks
     with stronger (edited) decays fall back to the step-by-step `scan`. All in float32.
 
+    With dense `writes` W_j instead of k_j v_j^T (k and v then unused; this is how edits of the
+    write or the state are propagated), the write terms become prefix sums of W'_j = e^{-G_j} W_j:
+    sum_{j<i} W'_j^T b^_i in the solve, sum_{j<=i} W'_j^T q^_i in O, sum_j e^{G_C - G_j} W_j in N.
+
     Returns:
         (o [batch, pos, head, d_v], final state [batch, head, d_k, d_v]).
     """
-    B, T, H, K = k.shape
-    V = v.shape[-1]
+    B, T, H, K = q.shape
+    V = v.shape[-1] if writes is None else writes.shape[-1]
     C = max(1, min(chunk_size, T))
     n = math.ceil(T / C)
     pad = n * C - T
 
     def prep(x: Tensor) -> Tensor:
-        x = x.float().transpose(1, 2)  # [B, H, T, d]
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))  # zero log-decay, key, value: an identity step
-        return x.reshape(B, H, n, C, x.shape[-1])
+        x = x.float().transpose(1, 2)  # [B, H, T, ...]
+        if pad:  # zero log-decay, erase and write: an identity step
+            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+        return x.reshape(B, H, n, C, *x.shape[3:])
 
     G = prep(log_decay).cumsum(-2)  # inclusive cumulative log-decay, [B, H, n, C, K]
     last = G[..., -1:, :]
@@ -113,27 +118,38 @@ def chunk_dplr_rule(
     if not bool(torch.isfinite(lowest)) or float(lowest) < -MAX_CHUNK_LOG_DECAY:
         logger.debug("decays too strong for the chunked RWKV-7 path; using the step-by-step scan")
         tr = Transition(log_decay.float().exp(), erase_a.float(), erase_b.float())
-        return scan(tr, q, k, v, S0)[:2]
-    q, w, k, v, ea, eb = (prep(x) for x in (q, log_decay, k, v, erase_a, erase_b))
+        return scan(tr, q, k, v, S0, writes=None if writes is None else writes.float())[:2]
+    q, w, ea, eb = (prep(x) for x in (q, log_decay, erase_a, erase_b))
     inv = (-G).exp()
     q_hat = q * G.exp()
     b_hat = eb * (G - w).exp()
-    a_chk, k_chk = ea * inv, k * inv
+    a_chk = ea * inv
+    to_end = (last - G).exp()
+    if writes is None:
+        k, v = prep(k), prep(v)
+        k_chk = k * inv
+        write_u = torch.tril(b_hat @ k_chk.transpose(-1, -2), -1) @ v  # [B, H, n, C, V]
+        write_o = torch.tril(q_hat @ k_chk.transpose(-1, -2)) @ v
+        write_end = (k * to_end).transpose(-1, -2) @ v  # [B, H, n, K, V]
+    else:
+        Wd = prep(writes)  # [B, H, n, C, K, V]
+        Wp = Wd * inv[..., None]  # W'_j = e^{-G_j} W_j, rows scaled
+        incl = Wp.cumsum(-3)
+        write_o = torch.einsum("...ck,...ckv->...cv", q_hat, incl)  # sum_{j<=i} W'_j^T q^_i
+        write_u = torch.einsum("...ck,...ckv->...cv", b_hat, incl - Wp)  # sum_{j<i}
+        write_end = torch.einsum("...ck,...ckv->...kv", to_end, Wd)
     L = torch.tril(b_hat @ a_chk.transpose(-1, -2), -1)
-    Lk = torch.tril(b_hat @ k_chk.transpose(-1, -2), -1)
     eye = torch.eye(C, dtype=L.dtype, device=L.device)
     X = torch.linalg.solve_triangular(
-        eye - L, torch.cat((b_hat, Lk @ v), -1), upper=False, unitriangular=True
+        eye - L, torch.cat((b_hat, write_u), -1), upper=False, unitriangular=True
     )
     W, U0 = X[..., :K], X[..., K:]
     Qa = torch.tril(q_hat @ a_chk.transpose(-1, -2))
-    Qk = torch.tril(q_hat @ k_chk.transpose(-1, -2))
     P = q_hat + Qa @ W  # [B, H, n, C, K]
-    O0 = Qa @ U0 + Qk @ v  # [B, H, n, C, V]
-    to_end = (last - G).exp()
+    O0 = Qa @ U0 + write_o  # [B, H, n, C, V]
     a_end = (ea * to_end).transpose(-1, -2)  # [B, H, n, K, C]
     M = a_end @ W + torch.diag_embed(last.exp()[..., 0, :])  # [B, H, n, K, K]
-    N = a_end @ U0 + (k * to_end).transpose(-1, -2) @ v  # [B, H, n, K, V]
+    N = a_end @ U0 + write_end  # [B, H, n, K, V]
 
     S = q.new_zeros(B, H, K, V) if S0 is None else S0.float()
     starts = []
@@ -208,6 +224,44 @@ class TimeMix(RecurrentMixer):
         self.ln_x_b = nn.Parameter(torch.zeros(C))
         for name in ("q", "k", "v", "a", "kappa", "decay", "read", "gate", "out"):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
+
+    def propagate_edits(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        delta: Float[Tensor, "batch pos head d_k d_v"],
+    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+        """E_t = A_t(E_{t-1}) + delta_t, dO_t = E_t^T q_t, by `chunk_dplr_rule` with dense writes.
+
+        Only the (batch, head) pairs with an edit run, from the first edited position on; the
+        outputs before it are exactly zero.
+        """
+        B, T, H, K, V = delta.shape
+        d_o, E_T = delta.new_zeros(B, T, H, V), delta.new_zeros(B, H, K, V)
+        touched = delta.flatten(3).any(-1)  # [B, T, H]
+        first = touched.any(-1).any(0).nonzero()
+        if len(first) == 0:
+            return d_o, E_T
+        t0 = int(first[0])
+        bi, hi = touched.any(1).nonzero(as_tuple=True)
+
+        def pick(x: Tensor) -> Tensor:
+            return x[bi, t0:, hi].unsqueeze(2)  # [pairs, T - t0, 1, ...]
+
+        o, E = chunk_dplr_rule(
+            pick(q),
+            pick(transition.decay).log(),
+            None,
+            None,
+            pick(transition.erase_a),
+            pick(transition.erase_b),
+            None,
+            self.chunk_size,
+            writes=pick(delta),
+        )
+        d_o[bi, t0:, hi] = o[:, :, 0]
+        E_T[bi, hi] = E[:, 0]
+        return d_o, E_T
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         B, T, C = x.shape

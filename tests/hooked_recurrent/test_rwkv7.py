@@ -161,6 +161,29 @@ def test_chunk_strong_decay_falls_back_exactly():
     assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(S, S_ref, atol=1e-5)
 
 
+def test_chunked_propagation_matches_step_by_step():
+    """TimeMix.propagate_edits (chunked, dense writes) == the engine's step-by-step `propagate`."""
+    from hooked_recurrent.components.rwkv7 import TimeMix
+    from hooked_recurrent.recurrence import propagate
+
+    g = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 2, 45, 3, 16, 16
+    w = -math.exp(-0.5) * torch.rand(B, T, H, K, generator=g)
+    a, kappa = torch.rand(B, T, H, K, generator=g), F.normalize(torch.randn(B, T, H, K), dim=-1)
+    tr = Transition(w.exp(), -(a * kappa), kappa)
+    q = torch.randn(B, T, H, K, generator=g)
+    delta = torch.zeros(B, T, H, K, V)
+    delta[0, 7, 1] = torch.randn(K, V, generator=g)
+    delta[1, 20, 2] = torch.outer(torch.randn(K, generator=g), torch.randn(V, generator=g))
+    delta[0, 33, 1] = torch.randn(K, V, generator=g)
+    mixer = TimeMix(0, 64, 1, 64, 8, 8, 8, 8, chunk_size=16)
+    d_o, E_T = mixer.propagate_edits(tr, q, delta)
+    d_o_ref, E_T_ref = propagate(tr, q, delta)
+    assert torch.equal(d_o[:, :7], torch.zeros_like(d_o[:, :7]))
+    assert (d_o - d_o_ref).abs().max().item() <= 1e-5
+    assert (E_T - E_T_ref).abs().max().item() <= 1e-5
+
+
 def test_kappa_normalisations():
     x = torch.randn(3, 64)
     assert torch.allclose(kappa_normalize(x, False), x / x.norm(dim=-1, keepdim=True))
