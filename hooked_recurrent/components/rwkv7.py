@@ -69,8 +69,8 @@ def kappa_normalize(x: Float[Tensor, "... d"], fused: bool) -> Float[Tensor, "..
 def chunk_dplr_rule(
     q: Float[Tensor, "batch pos head d_k"],
     log_decay: Float[Tensor, "batch pos head d_k"],
-    k: Float[Tensor, "batch pos head d_k"],
-    v: Float[Tensor, "batch pos head d_v"],
+    k: Float[Tensor, "batch pos head d_k"] | None,
+    v: Float[Tensor, "batch pos head d_v"] | None,
     erase_a: Float[Tensor, "batch pos head d_k"],
     erase_b: Float[Tensor, "batch pos head d_k"],
     S0: Float[Tensor, "batch head d_k d_v"] | None = None,
