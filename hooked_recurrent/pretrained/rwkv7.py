@@ -381,5 +381,8 @@ FAMILY = register_family(
         ),
         detect=lambda config: "RWKV7ForCausalLM" in (config.get("architectures") or []),
         load_file=load_file,
+        default_tokenizer=lambda config: (
+            world_tokenizer() if config.get("vocab_size") == WORLD_VOCAB_SIZE else None
+        ),
     )
 )

@@ -426,3 +426,12 @@ def test_world_tokenizer_with_a_pth_model(tmp_path):
     assert model.to_string(model.to_tokens(text)[0]) == text
     out = model.generate(text, 3, verbose=False)
     assert isinstance(out, str) and out.startswith(text)
+    # an fla-hub folder of a World model gets the same tokenizer (its own is remote code)
+    from safetensors.torch import save_file
+
+    config, fla = blinkdl_to_fla(sd)
+    folder = tmp_path / "fla"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in fla.items()}, str(folder / "model.safetensors"))
+    assert isinstance(HookedRecurrentModel.from_pretrained(str(folder)).tokenizer, WorldTokenizer)
