@@ -178,6 +178,21 @@ class RecurrentMixer(torch.nn.Module):
         """
         return propagate(transition, q, delta)
 
+    def state_trajectory(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        write_k: Float[Tensor, "batch pos head d_k"] | None,
+        write_v: Float[Tensor, "batch pos head d_v"] | None,
+        S0: Float[Tensor, "batch head d_k d_v"] | None,
+        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
+    ) -> Float[Tensor, "batch pos head d_k d_v"]:
+        """S_t at every position, for `hook_state` and `native_state`: the reference `scan`.
+
+        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
+        """
+        return scan(transition, q, write_k, write_v, S0, writes=writes, keep_states=True)[2]
+
     def recur(
         self,
         fast_path: FastPath,
@@ -206,7 +221,7 @@ class RecurrentMixer(torch.nn.Module):
             def native_state(head: int | None = None) -> Tensor:
                 if head not in memo:
                     if head is None:
-                        memo[None] = scan(transition, q, write_k, write_v, S0, keep_states=True)[2]
+                        memo[None] = self.state_trajectory(transition, q, write_k, write_v, S0)
                     else:
                         sel = slice(head, head + 1)
                         sub = Transition(
@@ -215,14 +230,13 @@ class RecurrentMixer(torch.nn.Module):
                             None if transition.erase_b is None else transition.erase_b[:, :, sel],
                         )
                         s0 = None if S0 is None else S0[:, sel]
-                        memo[head] = scan(
+                        memo[head] = self.state_trajectory(
                             sub,
                             q[:, :, sel],
                             write_k[:, :, sel],
                             write_v[:, :, sel],
                             s0,
-                            keep_states=True,
-                        )[2][:, :, 0]
+                        )[:, :, 0]
                 return memo[head]
 
             with self.hook_write.providing(native_state=native_state):
@@ -232,9 +246,7 @@ class RecurrentMixer(torch.nn.Module):
                 delta = edited - native
 
         if want_state:
-            _, _, states = scan(
-                transition, q, write_k, write_v, S0, writes=writes, keep_states=True
-            )
+            states = self.state_trajectory(transition, q, write_k, write_v, S0, writes=writes)
             edited = self.hook_state(states)
             if not torch.equal(edited, states):
                 d_state = edited - states

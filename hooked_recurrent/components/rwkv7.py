@@ -76,7 +76,12 @@ def chunk_dplr_rule(
     S0: Float[Tensor, "batch head d_k d_v"] | None = None,
     chunk_size: int = 16,
     writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
-) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+    keep_states: bool = False,
+) -> tuple[
+    Float[Tensor, "batch pos head d_v"],
+    Float[Tensor, "batch head d_k d_v"],
+    Float[Tensor, "batch pos head d_k d_v"] | None,
+]:
     """S_t = diag(exp w_t) S_{t-1} + a_t (b_t^T S_{t-1}) + k_t v_t^T, o_t = S_t^T q_t, in chunks.
 
     Diagonal-plus-low-rank (WY) form. Within a chunk starting from state S0, let
@@ -97,8 +102,11 @@ def chunk_dplr_rule(
     write or the state are propagated), the write terms become prefix sums of W'_j = e^{-G_j} W_j:
     sum_{j<i} W'_j^T b^_i in the solve, sum_{j<=i} W'_j^T q^_i in O, sum_j e^{G_C - G_j} W_j in N.
 
+    With `keep_states`, also every S_i = e^{G_i} * (S0 + cumsum_j (a'_j u_j^T + k'_j v_j^T)).
+
     Returns:
-        (o [batch, pos, head, d_v], final state [batch, head, d_k, d_v]).
+        (o [batch, pos, head, d_v], final state [batch, head, d_k, d_v], the states
+        [batch, pos, head, d_k, d_v] or None), as `scan`.
     """
     B, T, H, K = q.shape
     V = v.shape[-1] if writes is None else writes.shape[-1]
@@ -118,7 +126,8 @@ def chunk_dplr_rule(
     if not bool(torch.isfinite(lowest)) or float(lowest) < -MAX_CHUNK_LOG_DECAY:
         logger.debug("decays too strong for the chunked RWKV-7 path; using the step-by-step scan")
         tr = Transition(log_decay.float().exp(), erase_a.float(), erase_b.float())
-        return scan(tr, q, k, v, S0, writes=None if writes is None else writes.float())[:2]
+        dense = None if writes is None else writes.float()
+        return scan(tr, q, k, v, S0, writes=dense, keep_states=keep_states)
     q, w, ea, eb = (prep(x) for x in (q, log_decay, erase_a, erase_b))
     inv = (-G).exp()
     q_hat = q * G.exp()
@@ -158,8 +167,15 @@ def chunk_dplr_rule(
         S = torch.baddbmm(
             N[:, :, c].reshape(B * H, K, V), M[:, :, c].reshape(B * H, K, K), S.reshape(B * H, K, V)
         ).view(B, H, K, V)
-    o = O0 + P @ torch.stack(starts, 2)
-    return o.reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2), S
+    starts = torch.stack(starts, 2)  # [B, H, n, K, V]
+    o = (O0 + P @ starts).reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
+    if not keep_states:
+        return o, S, None
+    U = W @ starts + U0  # the removal reads u_i, [B, H, n, C, V]
+    inside = a_chk[..., :, None] * U[..., None, :]  # [B, H, n, C, K, V]
+    inside = inside + (k_chk[..., :, None] * v[..., None, :] if writes is None else Wp)
+    states = G.exp()[..., None] * (starts[:, :, :, None] + inside.cumsum(-3))
+    return o, S, states.reshape(B, H, n * C, K, V)[:, :, :T].transpose(1, 2)
 
 
 class TimeMix(RecurrentMixer):
@@ -248,7 +264,7 @@ class TimeMix(RecurrentMixer):
         def pick(x: Tensor) -> Tensor:
             return x[bi, t0:, hi].unsqueeze(2)  # [pairs, T - t0, 1, ...]
 
-        o, E = chunk_dplr_rule(
+        o, E, _ = chunk_dplr_rule(
             pick(q),
             pick(transition.decay).log(),
             None,
@@ -262,6 +278,29 @@ class TimeMix(RecurrentMixer):
         d_o[bi, t0:, hi] = o[:, :, 0]
         E_T[bi, hi] = E[:, 0]
         return d_o, E_T
+
+    def state_trajectory(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        write_k: Float[Tensor, "batch pos head d_k"] | None,
+        write_v: Float[Tensor, "batch pos head d_v"] | None,
+        S0: Float[Tensor, "batch head d_k d_v"] | None,
+        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
+    ) -> Float[Tensor, "batch pos head d_k d_v"]:
+        """S_t at every position, by `chunk_dplr_rule(keep_states=True)`."""
+        return chunk_dplr_rule(
+            q,
+            transition.decay.log(),
+            write_k,
+            write_v,
+            transition.erase_a,
+            transition.erase_b,
+            S0,
+            self.chunk_size,
+            writes=writes,
+            keep_states=True,
+        )[2]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         B, T, C = x.shape
@@ -300,7 +339,7 @@ class TimeMix(RecurrentMixer):
         S0 = None if past is None else past["S"]
         erase_a = -(a * kappa)
         o, S_T = self.recur(
-            lambda: chunk_dplr_rule(r, w, k, v, erase_a, kappa, S0, self.chunk_size),
+            lambda: chunk_dplr_rule(r, w, k, v, erase_a, kappa, S0, self.chunk_size)[:2],
             Transition(decay, erase_a, kappa),
             r,
             k,

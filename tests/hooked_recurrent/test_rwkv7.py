@@ -140,11 +140,26 @@ def test_chunk_matches_scan(B, T, H, K, V, chunk, with_S0):
     a = torch.rand(B, T, H, K, generator=g)
     kappa = kappa_normalize(torch.randn(B, T, H, K, generator=g), fused=False)
     S0 = torch.randn(B, H, K, V, generator=g) if with_S0 else None
-    o, S = chunk_dplr_rule(q, w, k, v, -(a * kappa), kappa, S0, chunk)
-    o_ref, S_ref, _ = scan(Transition(w.exp(), -(a * kappa), kappa), q, k, v, S0)
-    scale = max(1.0, o_ref.abs().max().item())
-    assert (o - o_ref).abs().max().item() <= 1e-5 * scale
-    assert (S - S_ref).abs().max().item() <= 1e-5 * max(1.0, S_ref.abs().max().item())
+    tr = Transition(w.exp(), -(a * kappa), kappa)
+    o_ref, S_ref, states_ref = scan(tr, q, k, v, S0, keep_states=True)
+    W = torch.randn(B, T, H, K, V, generator=g) * (torch.rand(B, T, H, 1, 1, generator=g) < 0.3)
+    o_w, S_w, states_w = scan(tr, q, None, None, S0, writes=W, keep_states=True)
+    for dense in (False, True):
+        o, S, states = chunk_dplr_rule(
+            q,
+            w,
+            k,
+            v,
+            -(a * kappa),
+            kappa,
+            S0,
+            chunk,
+            writes=W if dense else None,
+            keep_states=True,
+        )
+        refs = (o_w, S_w, states_w) if dense else (o_ref, S_ref, states_ref)
+        for ours, ref in zip((o, S, states), refs, strict=True):
+            assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 def test_chunk_strong_decay_falls_back_exactly():
@@ -155,7 +170,7 @@ def test_chunk_strong_decay_falls_back_exactly():
     w[0, 10, 1, 3] = -200.0  # an edited decay of e^-200
     w[0, 20, 0, 0] = float("-inf")  # an edited decay of exactly 0
     a, kappa = torch.rand(B, T, H, K, generator=g), F.normalize(torch.randn(B, T, H, K), dim=-1)
-    o, S = chunk_dplr_rule(q, w, k, v, -(a * kappa), kappa)
+    o, S, _ = chunk_dplr_rule(q, w, k, v, -(a * kappa), kappa)
     o_ref, S_ref, _ = scan(Transition(w.exp(), -(a * kappa), kappa), q, k, v)
     assert torch.isfinite(o).all()
     assert torch.allclose(o, o_ref, atol=1e-5) and torch.allclose(S, S_ref, atol=1e-5)
