@@ -172,9 +172,17 @@ def chunk_dplr_rule(
     if not keep_states:
         return o, S, None
     U = W @ starts + U0  # the removal reads u_i, [B, H, n, C, V]
-    inside = a_chk[..., :, None] * U[..., None, :]  # [B, H, n, C, K, V]
-    inside = inside + (k_chk[..., :, None] * v[..., None, :] if writes is None else Wp)
-    states = G.exp()[..., None] * (starts[:, :, :, None] + inside.cumsum(-3))
+    # S_i = e^{G_i} S0 + sum_{j<=i} e^{G_i - G_j} (a_j u_j^T + k_j v_j^T): one batched product
+    # over j of the masked, decayed (a_j, k_j) with (u_j, v_j)
+    ratio = (G[..., :, None, :] - G[..., None, :, :]).exp()  # [B, H, n, C_i, C_j, K]
+    ratio = ratio * torch.ones(C, C, device=G.device).tril()[..., None]
+    if writes is None:
+        Z = torch.cat((ratio * ea[..., None, :, :], ratio * k[..., None, :, :]), -2)
+        inside = torch.einsum("...ijk,...jv->...ikv", Z, torch.cat((U, v), -2))
+    else:
+        inside = torch.einsum("...ijk,...jv->...ikv", ratio * ea[..., None, :, :], U)
+        inside = inside + G.exp()[..., None] * Wp.cumsum(-3)
+    states = G.exp()[..., None] * starts[:, :, :, None] + inside
     return o, S, states.reshape(B, H, n * C, K, V)[:, :, :T].transpose(1, 2)
 
 
