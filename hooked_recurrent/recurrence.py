@@ -240,14 +240,15 @@ class RecurrentMixer(torch.nn.Module):
                 return memo[head]
 
             with self.hook_write.providing(native_state=native_state):
-                edited = self.hook_write(native)
+                # a copy, so that an edit made in place (TransformerLens style) is still seen
+                edited = self.hook_write(native.clone())
             if not torch.equal(edited, native):
                 writes = edited
                 delta = edited - native
 
         if want_state:
             states = self.state_trajectory(transition, q, write_k, write_v, S0, writes=writes)
-            edited = self.hook_state(states)
+            edited = self.hook_state(states.clone())
             if not torch.equal(edited, states):
                 d_state = edited - states
                 delta = d_state if delta is None else delta + d_state

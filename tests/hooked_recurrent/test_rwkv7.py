@@ -335,6 +335,29 @@ def test_edit_propagates_like_brute_force(c128, hook, kind, layer):
     assert (edited[:, t + 1 :] - clean[:, t + 1 :]).abs().amax(-1).min().item() > 1e-4
 
 
+@pytest.mark.parametrize("hook", ["hook_write", "hook_state", "hook_k", "hook_decay"])
+@torch.no_grad()
+def test_in_place_edits_are_seen(c128, hook):
+    """TransformerLens-style hooks edit in place and return the same tensor; that must count."""
+    path, sd, model = c128
+    tokens = _tokens(sd["emb.weight"].shape[0], 30, seed=14)
+
+    def in_place(x, hook):
+        x[:, 10, 1] *= 0.5
+        return x
+
+    def copied(x, hook):
+        x = x.clone()
+        x[:, 10, 1] *= 0.5
+        return x
+
+    name = f"blocks.1.attn.{hook}"
+    a = model.run_with_hooks(tokens, fwd_hooks=[(name, in_place)])
+    b = model.run_with_hooks(tokens, fwd_hooks=[(name, copied)])
+    assert torch.equal(a, b)
+    assert (a - model(tokens)).abs().max().item() > 1e-3
+
+
 @torch.no_grad()
 def test_cache_rebuilds_state_write_and_read(c128):
     """hook_state from the cached k, v, a, kappa, decay; hook_write = k v^T; hook_read = S^T r."""
