@@ -1,12 +1,13 @@
 """RWKV-7 forward timing, side by side with the `rwkv` package (BlinkDL's CPU reference).
 
 One small random model (C=256, 4 heads of 64, 4 layers, vocab 1024), one sequence of 256 tokens,
-2 threads, fp32, no grad. Each round times, interleaved: the rwkv package's full-sequence forward
-(`model.forward(tokens, None, full_output=True)`, TorchScript, one token at a time), our forward
-(chunked recurrence), our `run_with_cache()` (every hook except the matrix ones), and our forward
-with one rank-1 edit of `hook_write` at one position of one head of one layer (propagated exactly
-to the later tokens). The table gives the median over the rounds and the ratio to our forward (to
-the package for our forward itself).
+2 threads (env BENCH_THREADS), fp32, no grad. Each round times, interleaved: the rwkv package's
+full-sequence forward (`model.forward(tokens, None, full_output=True)`, TorchScript, one token at
+a time), our forward (chunked recurrence), our `run_with_cache()` (every hook except the matrix
+ones), and our forward with one rank-1 edit of `hook_write` at one position of one head of one
+layer, made in place as a TransformerLens hook would, propagated exactly to the later tokens. The
+table gives the median over the rounds and the ratio to our forward (to the package for our
+forward itself).
 
     python benchmarks/forward_rwkv7.py --rounds 7
 """
@@ -54,8 +55,7 @@ def rows(rounds: int = 5) -> list[dict]:
     layer, head, pos = CONFIG["L"] // 2, 1, SEQ // 2
     u, w = torch.randn(64), torch.randn(64)
 
-    def edit(write, hook):
-        write = write.clone()  # the engine finds the edit by comparing with the native write
+    def edit(write, hook):  # TransformerLens style: edit in place
         write[:, pos, head] += torch.outer(u, w)
         return write
 
@@ -121,7 +121,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     r = rows(args.rounds)
     print(
-        f"RWKV-7, C={CONFIG['C']}, {CONFIG['L']} layers, seq {SEQ}, batch {BATCH}, 2 threads, "
+        f"RWKV-7, C={CONFIG['C']}, {CONFIG['L']} layers, seq {SEQ}, batch {BATCH}, "
+        f"{torch.get_num_threads()} threads, "
         f"median of {args.rounds} interleaved rounds"
     )
     print("| case | median ms | ratio | against | target |\n|---|---|---|---|---|")

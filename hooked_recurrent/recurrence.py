@@ -240,17 +240,19 @@ class RecurrentMixer(torch.nn.Module):
                 return memo[head]
 
             with self.hook_write.providing(native_state=native_state):
-                # a copy, so that an edit made in place (TransformerLens style) is still seen
-                edited = self.hook_write(native.clone())
-            if not torch.equal(edited, native):
-                writes = edited
-                delta = edited - native
+                edited = self.hook_write(native)
+            # the write is rebuilt rather than compared with `native`, which a TransformerLens-style
+            # hook may have edited in place; one buffer becomes the difference
+            d_write = write_k[..., :, None] * write_v[..., None, :]
+            torch.sub(edited, d_write, out=d_write)
+            if bool(d_write.any()):
+                writes, delta = edited, d_write
 
         if want_state:
             states = self.state_trajectory(transition, q, write_k, write_v, S0, writes=writes)
-            edited = self.hook_state(states.clone())
-            if not torch.equal(edited, states):
-                d_state = edited - states
+            edited = self.hook_state(states.clone())  # a copy: in-place edits must be seen too
+            d_state = torch.sub(edited, states, out=states)
+            if bool(d_state.any()):
                 delta = d_state if delta is None else delta + d_state
 
         o, S_T = fast_path()

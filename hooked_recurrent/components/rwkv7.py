@@ -144,9 +144,9 @@ def chunk_dplr_rule(
         Wd = prep(writes)  # [B, H, n, C, K, V]
         Wp = Wd * inv[..., None]  # W'_j = e^{-G_j} W_j, rows scaled
         incl = Wp.cumsum(-3)
-        write_o = torch.einsum("...ck,...ckv->...cv", q_hat, incl)  # sum_{j<=i} W'_j^T q^_i
-        write_u = torch.einsum("...ck,...ckv->...cv", b_hat, incl - Wp)  # sum_{j<i}
-        write_end = torch.einsum("...ck,...ckv->...kv", to_end, Wd)
+        write_o = (q_hat[..., None, :] @ incl)[..., 0, :]  # sum_{j<=i} W'_j^T q^_i
+        write_u = (b_hat[..., None, :] @ (incl - Wp))[..., 0, :]  # sum_{j<i} W'_j^T b^_i
+        write_end = (to_end[..., None] * Wd).sum(-3)
     L = torch.tril(b_hat @ a_chk.transpose(-1, -2), -1)
     eye = torch.eye(C, dtype=L.dtype, device=L.device)
     X = torch.linalg.solve_triangular(
