@@ -67,6 +67,12 @@ def _unit_rows(t: Tensor) -> Tensor:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` for a parameter table ``t`` [n, ...] (index_select: about 2x faster than
+    advanced indexing, forward and backward, on CPU)."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
+
+
 class BaseSAE(nn.Module):
     """Shared encode/sparsify/decode logic, persistence and intervention hooks."""
 
@@ -387,10 +393,10 @@ class WriteSAE(BaseSAE):
     ) -> Float[Tensor, "*b m"]:
         x = x.to(self.b_enc.dtype)
         if self.cfg.encoder == "bilinear":
-            ex = self.W_enc_key[idx] @ x  # [*b, m, d_v] = e_j^T X
-            return (ex * self.W_enc_value[idx]).sum(-1) + self.b_enc[idx]
-        rows = self.W_enc.T[idx]  # [*b, m, d_in]
-        return (rows @ x.flatten(-2)[..., :, None]).squeeze(-1) + self.b_enc[idx]
+            ex = rows(self.W_enc_key, idx) @ x  # [*b, m, d_v] = e_j^T X
+            return (ex * rows(self.W_enc_value, idx)).sum(-1) + rows(self.b_enc, idx)
+        w_rows = self.W_enc.T[idx]  # [*b, m, d_in]
+        return (w_rows @ x.flatten(-2)[..., :, None]).squeeze(-1) + rows(self.b_enc, idx)
 
     def pre_acts_factors_at(
         self, key: Float[Tensor, "*b d_k"], value: Float[Tensor, "*b d_v"], idx: Int[Tensor, "*b m"]
@@ -399,12 +405,12 @@ class WriteSAE(BaseSAE):
             return super().pre_acts_factors_at(key, value, idx)
         dt = self.b_enc.dtype
         # multiply-and-sum, not a batched mat-vec: bmm with a width-1 operand is slow on CPU
-        ek = (self.W_enc_key[idx] * key.to(dt)[..., None, :]).sum(-1)
-        fv = (self.W_enc_value[idx] * value.to(dt)[..., None, :]).sum(-1)
-        return ek * fv + self.b_enc[idx]
+        ek = (rows(self.W_enc_key, idx) * key.to(dt)[..., None, :]).sum(-1)
+        fv = (rows(self.W_enc_value, idx) * value.to(dt)[..., None, :]).sum(-1)
+        return ek * fv + rows(self.b_enc, idx)
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
-        return self.W_dec_key[idx][..., :, None] * self.W_dec_value[idx][..., None, :]
+        return rows(self.W_dec_key, idx)[..., :, None] * rows(self.W_dec_value, idx)[..., None, :]
 
     def bias_inner(self) -> Float[Tensor, " n_atoms"] | None:
         """``u_i^T B_dec w_i`` for every atom (None without a decoder bias); O(n d_k d_v) once."""
@@ -416,8 +422,8 @@ class WriteSAE(BaseSAE):
         self, values: Float[Tensor, "... m"], indices: Int[Tensor, "... m"], bias: bool = True
     ) -> Float[Tensor, "... d_k d_v"]:
         """``X_hat = U_S^T diag(c_S) W_S (+ B_dec)`` over the listed atoms S."""
-        u = self.W_dec_key[indices]  # [..., m, d_k]
-        w = self.W_dec_value[indices]  # [..., m, d_v]
+        u = rows(self.W_dec_key, indices)  # [..., m, d_k]
+        w = rows(self.W_dec_value, indices)  # [..., m, d_v]
         out = (values[..., None] * u).transpose(-1, -2) @ w
         if bias and self.b_dec is not None:
             out = out + self.b_dec
@@ -446,10 +452,11 @@ class WriteSAE(BaseSAE):
             vals = out.codes.gather(-1, idx)
         else:
             vals, idx = out.values, out.indices
-        u = self.W_dec_key[idx]
-        w = self.W_dec_value[idx]
+        u = rows(self.W_dec_key, idx)
+        w = rows(self.W_dec_value, idx)
         ubw = self.bias_inner()
-        return rank1_sq_error(key, value, vals, u, w, self.b_dec, None if ubw is None else ubw[idx])
+        ubw = None if ubw is None else rows(ubw, idx)
+        return rank1_sq_error(key, value, vals, u, w, self.b_dec, ubw)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -471,23 +478,74 @@ def rank1_sq_error(
     The expansion is written out in :meth:`WriteSAE.factor_sq_error`; no ``d_k x d_v`` matrix is
     formed per sample (``bias`` is shared by the batch, so ``B v`` costs one matmul).
     ``ubw`` [*b, m] = ``u_j^T bias w_j`` if precomputed per atom (else computed per sample).
+    The backward pass is written by hand (:class:`_Rank1SqError`): two batched matmuls instead of
+    the four autograd would use for the Gram matrices, and fewer temporaries.
     """
     dt = coef.dtype
     key, value = key.to(dt), value.to(dt)
-    target = key.pow(2).sum(-1) * value.pow(2).sum(-1)
-    ku = (u * key[..., None, :]).sum(-1)  # [*b, m]
-    vw = (w * value[..., None, :]).sum(-1)
-    cross = (coef * ku * vw).sum(-1)
-    gram = (u @ u.transpose(-1, -2)) * (w @ w.transpose(-1, -2))  # [*b, m, m]
-    quad = (gram * coef[..., :, None] * coef[..., None, :]).sum((-2, -1))
-    err = target - 2 * cross + quad
+    lead = coef.shape[:-1]
+    m = coef.shape[-1]
+    flat = (
+        key.reshape(-1, key.shape[-1]),
+        value.reshape(-1, value.shape[-1]),
+        coef.reshape(-1, m),
+        u.reshape(-1, m, u.shape[-1]),
+        w.reshape(-1, m, w.shape[-1]),
+    )
+    err = _Rank1SqError.apply(*flat).reshape(lead)
     if bias is not None:
+        if ubw is None:
+            ubw = ((u @ bias) * w).sum(-1)  # [*b, m]: u_j^T B w_j
         bv = value @ bias.T  # [*b, d_k] = B v
-        k_b_v = (key * bv).sum(-1)
-        uBw = ((u @ bias) * w).sum(-1) if ubw is None else ubw  # [*b, m]: u_j^T B w_j
-        err = err - 2 * k_b_v + 2 * (coef * uBw).sum(-1) + bias.pow(2).sum()
+        err = err - 2 * (key * bv).sum(-1) + 2 * (coef * ubw).sum(-1) + bias.pow(2).sum()
     # cancellation can push a tiny true error slightly negative
     return err.clamp_min(0.0)
+
+
+class _Rank1SqError(torch.autograd.Function):
+    """``e = |k|^2 |v|^2 - 2 sum_j c_j a_j b_j + c^T (G_u * G_w) c`` with hand-written gradients.
+
+    ``a_j = k.u_j``, ``b_j = v.w_j``, ``G_u = U U^T``, ``G_w = W W^T`` (per sample). Gradients::
+
+        de/dc_j = -2 a_j b_j + 2 [(G_u * G_w) c]_j
+        de/du_j = -2 c_j b_j k + 2 c_j sum_i c_i (G_w)_ji u_i
+        de/dw_j = -2 c_j a_j v + 2 c_j sum_i c_i (G_u)_ji w_i
+        de/dk   = 2 |v|^2 k - 2 sum_j c_j b_j u_j        (and symmetrically for v)
+    """
+
+    @staticmethod
+    def forward(ctx, key, value, coef, u, w):  # noqa: D102
+        a = (u * key[:, None, :]).sum(-1)
+        b = (w * value[:, None, :]).sum(-1)
+        gu = u @ u.transpose(-1, -2)
+        gw = w @ w.transpose(-1, -2)
+        gc = ((gu * gw) @ coef[:, :, None]).squeeze(-1)  # (G_u * G_w) c
+        kk, vv = key.pow(2).sum(-1), value.pow(2).sum(-1)
+        err = kk * vv - 2 * (coef * a * b).sum(-1) + (coef * gc).sum(-1)
+        ctx.save_for_backward(key, value, coef, u, w, a, b, gu, gw, gc, kk, vv)
+        return err
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        key, value, coef, u, w, a, b, gu, gw, gc, kk, vv = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g1 = g[:, None]
+        gc2 = 2 * g1 * coef  # [B, m]: 2 g c_j
+        d_key = d_value = d_coef = d_u = d_w = None
+        if need[2]:
+            d_coef = 2 * g1 * (gc - a * b)
+        # baddbmm folds the "- b_j k" term into the batched matmul (one pass fewer over [B, m, d])
+        if need[3]:
+            d_u = torch.baddbmm(-b[..., None] * key[:, None, :], gw * coef[:, None, :], u)
+            d_u.mul_(gc2[..., None])
+        if need[4]:
+            d_w = torch.baddbmm(-a[..., None] * value[:, None, :], gu * coef[:, None, :], w)
+            d_w.mul_(gc2[..., None])
+        if need[0]:
+            d_key = 2 * g1 * (vv[:, None] * key - ((coef * b)[:, :, None] * u).sum(1))
+        if need[1]:
+            d_value = 2 * g1 * (kk[:, None] * value - ((coef * a)[:, :, None] * w).sum(1))
+        return d_key, d_value, d_coef, d_u, d_w
 
 
 class FlatSAE(BaseSAE):
@@ -531,17 +589,17 @@ class FlatSAE(BaseSAE):
     def pre_acts_at(
         self, x: Float[Tensor, "*b d_k d_v"], idx: Int[Tensor, "*b m"]
     ) -> Float[Tensor, "*b m"]:
-        rows = self.W_enc.T[idx]  # [*b, m, d_in]
+        w_rows = self.W_enc.T[idx]  # [*b, m, d_in]
         x = x.to(self.b_enc.dtype).flatten(-2)[..., :, None]
-        return (rows @ x).squeeze(-1) + self.b_enc[idx]
+        return (w_rows @ x).squeeze(-1) + rows(self.b_enc, idx)
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
-        return self.W_dec[idx].unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
+        return rows(self.W_dec, idx).unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
 
     def decode_sparse(
         self, values: Float[Tensor, "... m"], indices: Int[Tensor, "... m"], bias: bool = True
     ) -> Float[Tensor, "... d_k d_v"]:
-        out = (values[..., None, :] @ self.W_dec[indices]).squeeze(-2)
+        out = (values[..., None, :] @ rows(self.W_dec, indices)).squeeze(-2)
         out = out.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
         if bias and self.b_dec is not None:
             out = out + self.b_dec

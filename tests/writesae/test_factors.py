@@ -102,3 +102,12 @@ def test_training_loss_and_gradients_from_factors(encoder):
     torch.testing.assert_close(results[0].aux, results[1].aux, rtol=1e-5, atol=1e-8)
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_rank1_error_hand_written_backward_matches_finite_differences():
+    from writesae.sae import _Rank1SqError
+
+    g = torch.Generator().manual_seed(4)
+    shapes = [(3, 5), (3, 6), (3, 4), (3, 4, 5), (3, 4, 6)]
+    args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    assert torch.autograd.gradcheck(_Rank1SqError.apply, args)
