@@ -182,7 +182,8 @@ class ModelSource:
     Args:
         model: a hooked recurrent model (see the model contract in DESIGN.md).
         texts: iterable of strings (tokenised with ``model.to_tokens``) or token sequences.
-        layer, head: the cell.
+        layer: the cell's layer (a recurrent layer).
+        head: the cell's state head.
         kind: ``"state"`` or ``"write"`` (write factors, never the matrix).
         positions: positions within each block to keep (None = all, ``"last"``, list, slice).
         context_len: block length in tokens; ``model_batch_size`` blocks per forward pass.
