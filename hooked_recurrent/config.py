@@ -41,6 +41,7 @@ class HookedRecurrentConfig:
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict (JSON-serialisable)."""
         d = asdict(self)
         d["dtype"] = str(self.dtype)
         return d

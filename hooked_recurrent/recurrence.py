@@ -344,6 +344,10 @@ class RecurrentMixer(torch.nn.Module):
         write_v: Float[Tensor, "batch pos head d_v"],
         S0: Float[Tensor, "batch head d_k d_v"] | None,
     ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+        """Run the recurrence: the fast path, plus the exact response to any edit made at
+        `hook_write` or `hook_state`. Returns the reads `[batch, pos, head, d_v]` and the final
+        state `[batch, head, d_k, d_v]`.
+        """
         want_write, want_state = self.hook_write.active, self.hook_state.active
         if q.shape[1] == 1:  # one decoding step: the plain recurrence is the fast path
             S0_ = S0

@@ -28,12 +28,14 @@ class RecurrentState:
 
     @property
     def batch_size(self) -> int:
+        """Batch size of the stored tensors (0 for an empty state)."""
         for layer in self.layers:
             for t in layer.values():
                 return t.shape[0]
         return 0
 
     def clone(self) -> RecurrentState:
+        """A copy with every tensor cloned."""
         return RecurrentState(
             self.offset, [{k: v.clone() for k, v in layer.items()} for layer in self.layers]
         )
@@ -52,6 +54,7 @@ class RecurrentState:
         )
 
     def to(self, device: torch.device | str) -> RecurrentState:
+        """The state with every tensor moved to `device`."""
         return RecurrentState(
             self.offset, [{k: v.to(device) for k, v in layer.items()} for layer in self.layers]
         )
@@ -74,8 +77,10 @@ class RunContext:
     shared: dict[str, Tensor] = field(default_factory=dict)
 
     def layer_in(self, layer: int) -> dict[str, Tensor] | None:
+        """The incoming state of one layer, or None at the start of a sequence."""
         return None if self.state_in is None else self.state_in.layers[layer]
 
     def save(self, layer: int, **tensors: Tensor) -> None:
+        """Record a layer's outgoing state tensors (when the caller asked for the state)."""
         if self.state_out is not None:
             self.state_out[layer].update(tensors)

@@ -124,13 +124,16 @@ class WriteSAEConfig:
         return self.d_k * self.d_v
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as a plain dict."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The config as JSON (what `cfg.json` holds)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WriteSAEConfig:
+        """A config from a dict; unknown keys raise an error naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -84,6 +84,7 @@ class SubstitutionResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        """The result as a dict (per-firing samples only with `with_samples=True`)."""
         d = asdict(self)
         if not with_samples:
             d.pop("kl")
@@ -402,6 +403,7 @@ class ClosedFormResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        """The result as a dict (the scatter points only with `with_samples=True`)."""
         d = asdict(self)
         if not with_samples:
             d.pop("predicted")
@@ -548,6 +550,7 @@ class InstallResult:
     trials: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        """The result as a dict (per-trial records only with `with_samples=True`)."""
         d = asdict(self)
         if not with_samples:
             d.pop("trials")

@@ -89,6 +89,7 @@ class BaseSAE(nn.Module):
 
     # ---------------------------------------------------------------- subclass interface
     def pre_acts(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
+        """Encoder pre-activations `p(X)` of every atom, before the sparsifier."""
         raise NotImplementedError
 
     def pre_acts_factors(
@@ -129,6 +130,7 @@ class BaseSAE(nn.Module):
 
     @property
     def n_parameters(self) -> int:
+        """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters())
 
     # ---------------------------------------------------------------- sparsifier
@@ -391,6 +393,7 @@ class WriteSAE(BaseSAE):
     def pre_acts_at(
         self, x: Float[Tensor, "*b d_k d_v"], idx: Int[Tensor, "*b m"]
     ) -> Float[Tensor, "*b m"]:
+        """Pre-activations of the listed atoms only (`p_{b, idx[b, j]}`)."""
         x = x.to(self.b_enc.dtype)
         if self.cfg.encoder == "bilinear":
             ex = rows(self.W_enc_key, idx) @ x  # [*b, m, d_v] = e_j^T X
@@ -401,6 +404,7 @@ class WriteSAE(BaseSAE):
     def pre_acts_factors_at(
         self, key: Float[Tensor, "*b d_k"], value: Float[Tensor, "*b d_v"], idx: Int[Tensor, "*b m"]
     ) -> Float[Tensor, "*b m"]:
+        """Pre-activations of the listed atoms for `X = key value^T`, from the factors."""
         if self.cfg.encoder != "bilinear":
             return super().pre_acts_factors_at(key, value, idx)
         dt = self.b_enc.dtype
@@ -410,6 +414,7 @@ class WriteSAE(BaseSAE):
         return ek * fv + rows(self.b_enc, idx)
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
+        """Atoms `u_i w_i^T` as `d_k x d_v` matrices."""
         return rows(self.W_dec_key, idx)[..., :, None] * rows(self.W_dec_value, idx)[..., None, :]
 
     def bias_inner(self) -> Float[Tensor, " n_atoms"] | None:
@@ -460,6 +465,7 @@ class WriteSAE(BaseSAE):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
+        """Rescale `u_i` and `w_i` to unit norm, so every atom has unit Frobenius norm."""
         self.W_dec_key.copy_(_unit_rows(self.W_dec_key))
         self.W_dec_value.copy_(_unit_rows(self.W_dec_value))
 
@@ -584,21 +590,25 @@ class FlatSAE(BaseSAE):
         return max(1, round(cfg.n_atoms * per_write / (2 * cfg.d_in + 1)))
 
     def pre_acts(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
+        """`p = vec(X) W_enc + b_enc`."""
         return x.to(self.b_enc.dtype).flatten(-2) @ self.W_enc + self.b_enc
 
     def pre_acts_at(
         self, x: Float[Tensor, "*b d_k d_v"], idx: Int[Tensor, "*b m"]
     ) -> Float[Tensor, "*b m"]:
+        """Pre-activations of the listed atoms only."""
         w_rows = self.W_enc.T[idx]  # [*b, m, d_in]
         x = x.to(self.b_enc.dtype).flatten(-2)[..., :, None]
         return (w_rows @ x).squeeze(-1) + rows(self.b_enc, idx)
 
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
+        """Decoder rows reshaped to `d_k x d_v` matrices."""
         return rows(self.W_dec, idx).unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
 
     def decode_sparse(
         self, values: Float[Tensor, "... m"], indices: Int[Tensor, "... m"], bias: bool = True
     ) -> Float[Tensor, "... d_k d_v"]:
+        """`X_hat = sum_j c_j A_{idx_j}` (+ `B_dec`) over the listed atoms."""
         out = (values[..., None, :] @ rows(self.W_dec, indices)).squeeze(-2)
         out = out.unflatten(-1, (self.cfg.d_k, self.cfg.d_v))
         if bias and self.b_dec is not None:
@@ -607,6 +617,7 @@ class FlatSAE(BaseSAE):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
+        """Rescale every decoder row to unit norm."""
         self.W_dec.copy_(_unit_rows(self.W_dec))
 
 

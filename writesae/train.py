@@ -64,6 +64,7 @@ class TrainMetrics:
 
     @property
     def samples_per_s(self) -> float:
+        """Training throughput over the whole run."""
         return self.n_samples / self.elapsed_s if self.elapsed_s > 0 else math.nan
 
     @property
@@ -119,6 +120,7 @@ def batch_fve(b: Batch, sq_err: Float[Tensor, " B"]) -> float:
 
 @dataclass
 class StepResult:
+    """Loss and its parts for one training step (`training_step_loss`)."""
     loss: Tensor
     mse: Tensor
     aux: Tensor

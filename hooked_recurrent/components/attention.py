@@ -66,6 +66,9 @@ class GatedAttention(nn.Module):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run` if any;
+        returns the mixer output `[batch, pos, d_model]`.
+        """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
         qg = self.W_Q(x).view(B, T, H, 2 * D)

@@ -37,6 +37,9 @@ class Block(nn.Module):
             self.mlp = None
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        """One pre-norm block: `x + mixer(norm(x))`, then `+ mlp(norm(.))`; returns `[batch, pos,
+        d_model]`.
+        """
         resid = self.hook_resid_pre(resid)
         resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), run))
         if self.mlp is not None:

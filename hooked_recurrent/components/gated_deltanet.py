@@ -163,6 +163,9 @@ class GatedDeltaNet(RecurrentMixer):
         return Transition(alpha, -(alpha * beta)[..., None] * k, k)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        """Run the mixer on `x` `[batch, pos, d_model]` from the state in `run` (if any); returns
+        `[batch, pos, d_model]` and saves the final state and convolution buffer to `run`.
+        """
         B, T, _ = x.shape
         H, Hk, dk, dv = self.n_heads, self.n_key_heads, self.d_k, self.d_v
         past = run.layer_in(self.layer)

@@ -173,6 +173,9 @@ class Mamba2Mixer(RecurrentMixer):
     def forward(
         self, u: Float[Tensor, "batch pos d_model"], run: RunContext
     ) -> Float[Tensor, "batch pos d_model"]:
+        """Run the mixer on `u` `[batch, pos, d_model]` from the state in `run` (if any); returns
+        `[batch, pos, d_model]` and saves the final state and convolution buffer to `run`.
+        """
         Bsz, T, _ = u.shape
         H, P, N, G = self.n_heads, self.head_dim, self.d_state, self.n_groups
         past = run.layer_in(self.layer)

@@ -26,6 +26,7 @@ class GatedMLP(nn.Module):
         self.hook_post = RecurrentHookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run=None) -> Tensor:
+        """The gated MLP on `x` `[batch, pos, d_model]`."""
         pre = self.hook_pre(self.W_gate(x))
         lin = self.hook_pre_linear(self.W_in(x))
         post = self.hook_post(F.silu(pre) * lin)

@@ -25,6 +25,7 @@ class RMSNorm(nn.Module):
         self.hook_normalized = RecurrentHookPoint()
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """Normalise `x` over its last axis (see the class docstring)."""
         xf = x.float()
         n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.zero_centred:
@@ -45,5 +46,6 @@ class LayerNorm(nn.Module):
         self.hook_normalized = RecurrentHookPoint()
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        """Normalise `x` over its last axis (see the class docstring)."""
         y = F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
         return self.hook_normalized(y)

@@ -311,6 +311,9 @@ class TimeMix(RecurrentMixer):
         )[2]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        """Run the time mix on `x` `[batch, pos, d_model]` from the state in `run` (if any); returns
+        `[batch, pos, d_model]` and saves the final state and token-shift buffer to `run`.
+        """
         B, T, C = x.shape
         H, N = self.n_heads, self.d_head
         past = run.layer_in(self.layer)
@@ -382,6 +385,7 @@ class ChannelMix(nn.Module):
         self.hook_post = RecurrentHookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        """The channel mix on `x` `[batch, pos, d_model]`, with its token shift from `run`."""
         past = run.layer_in(self.layer)
         xk = x + (token_shift(x, None if past is None else past["mlp_shift"]) - x) * self.x_k
         pre = self.hook_pre(self.W_in(xk))

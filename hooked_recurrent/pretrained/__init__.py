@@ -71,6 +71,7 @@ _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
+    """Register a `Family` under its `architecture`, so that loading finds it; returns it."""
     _FAMILIES[family.architecture] = family
     return family
 
@@ -95,6 +96,7 @@ def supported() -> str:
 
 
 def get_family(architecture: str) -> Family:
+    """The registered `Family` of an architecture name; a ValueError lists the supported ones."""
     _load_families()
     if architecture not in _FAMILIES:
         raise ValueError(f"unknown architecture {architecture!r}; supported: {supported()}")

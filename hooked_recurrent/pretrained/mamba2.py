@@ -84,6 +84,7 @@ class Mamba2Config(HookedRecurrentConfig):
 
     @property
     def d_inner(self) -> int:
+        """Width of the inner (expanded) stream: `n_heads * d_v`."""
         return self.n_heads * self.d_v
 
 

@@ -56,6 +56,9 @@ class Qwen35Config(HookedRecurrentConfig):
 
 
 def config_from_hf(config: dict[str, Any]) -> Qwen35Config:
+    """Our config from a Hugging Face Qwen3.5 config dict (the text config of a multimodal
+    checkpoint).
+    """
     text = config.get("text_config") or config
     if config.get("model_type") == "qwen3_5" and "text_config" not in config:
         raise ValueError("a qwen3_5 (multimodal) config without text_config")
@@ -93,6 +96,7 @@ def config_from_hf(config: dict[str, Any]) -> Qwen35Config:
 
 
 def build_block(cfg: Qwen35Config, layer: int) -> Block:
+    """The block of layer `layer`: Gated DeltaNet or gated attention, then the gated MLP."""
     if cfg.layer_types[layer] == "recurrent":
         attn = GatedDeltaNet(
             layer,
@@ -162,6 +166,7 @@ def _text_prefix(sd: dict[str, Tensor]) -> str:
 
 
 def convert_state_dict(sd: dict[str, Tensor], cfg: Qwen35Config) -> dict[str, Tensor]:
+    """A Hugging Face Qwen3.5 state dict in our names."""
     p = _text_prefix(sd)
     dropped = [k for k in sd if k.startswith(("model.visual.", "visual.", "mtp."))]
     if dropped:

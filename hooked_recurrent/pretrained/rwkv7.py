@@ -67,6 +67,7 @@ class RWKV7Config(HookedRecurrentConfig):
 
 
 def config_from_hf(config: dict[str, Any]) -> RWKV7Config:
+    """Our config from an fla-hub RWKV-7 config dict."""
     if config.get("attn"):
         raise NotImplementedError("RWKV-7 with hybrid attention layers (fla config 'attn')")
     if config.get("hidden_act", "sqrelu") != "sqrelu":
@@ -102,6 +103,7 @@ def config_from_hf(config: dict[str, Any]) -> RWKV7Config:
 
 
 def build_block(cfg: RWKV7Config, layer: int) -> Block:
+    """The block of layer `layer`: time mix then channel mix."""
     attn = TimeMix(
         layer,
         cfg.d_model,
@@ -338,9 +340,11 @@ class WorldTokenizer:
         self._trie = TRIE_TOKENIZER(str(vocab_file))
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text` (greedy longest match in the World vocabulary)."""
         return self._trie.encode(text)
 
     def decode(self, ids: list[int] | int) -> str:
+        """Text of a token id or a list of ids (invalid UTF-8 replaced)."""
         ids = [ids] if isinstance(ids, int) else ids
         raw = b"".join(self._trie.idx2token.get(i, b"") for i in ids)
         return raw.decode("utf-8", errors="replace")
