@@ -66,8 +66,8 @@ class GatedAttention(nn.Module):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
-        """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run` if any;
-        returns the mixer output `[batch, pos, d_model]`.
+        """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run`;
+        returns the mixer output `[batch, pos, d_model]` (the KV cache is saved to `run`).
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
