@@ -144,6 +144,11 @@ def propagate(
 FastPath = Callable[[], tuple[Tensor, Tensor]]
 
 
+def any_nonzero(x: Tensor) -> bool:
+    """Whether any entry is non-zero (or NaN); two reductions, no tensor of x's size allocated."""
+    return bool(x.amax() != 0) or bool(x.amin() != 0)
+
+
 class RecurrentMixer(torch.nn.Module):
     """Base of every recurrent mixer: owns `hook_write` and `hook_state` and runs the recurrence.
 
@@ -245,14 +250,14 @@ class RecurrentMixer(torch.nn.Module):
             # hook may have edited in place; one buffer becomes the difference
             d_write = write_k[..., :, None] * write_v[..., None, :]
             torch.sub(edited, d_write, out=d_write)
-            if bool(d_write.any()):
+            if any_nonzero(d_write):
                 writes, delta = edited, d_write
 
         if want_state:
             states = self.state_trajectory(transition, q, write_k, write_v, S0, writes=writes)
             edited = self.hook_state(states.clone())  # a copy: in-place edits must be seen too
             d_state = torch.sub(edited, states, out=states)
-            if bool(d_state.any()):
+            if any_nonzero(d_state):
                 delta = d_state if delta is None else delta + d_state
 
         o, S_T = fast_path()
