@@ -262,7 +262,8 @@ class TimeMix(RecurrentMixer):
         """
         B, T, H, K, V = delta.shape
         d_o, E_T = delta.new_zeros(B, T, H, V), delta.new_zeros(B, H, K, V)
-        touched = delta.flatten(3).any(-1)  # [B, T, H]
+        flat = delta.flatten(3)
+        touched = (flat.amax(-1) != 0) | (flat.amin(-1) != 0)  # [B, T, H], without a bool copy
         first = touched.any(-1).any(0).nonzero()
         if len(first) == 0:
             return d_o, E_T
