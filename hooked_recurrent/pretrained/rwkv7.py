@@ -406,10 +406,21 @@ def random_model(
 
     C = hidden_size
     cfg = RWKV7Config(
-        architecture="rwkv7", n_layers=num_hidden_layers, d_model=C, d_vocab=vocab_size,
-        layer_types=["recurrent"] * num_hidden_layers, n_heads=C // head_dim, d_k=head_dim,
-        d_v=head_dim, d_mlp=4 * C, d_decay_lora=lora_dim, d_a_lora=lora_dim,
-        d_v_lora=lora_dim, d_gate_lora=lora_dim, fuse_norm=False, embed_norm=True,
+        architecture="rwkv7",
+        n_layers=num_hidden_layers,
+        d_model=C,
+        d_vocab=vocab_size,
+        layer_types=["recurrent"] * num_hidden_layers,
+        n_heads=C // head_dim,
+        d_k=head_dim,
+        d_v=head_dim,
+        d_mlp=4 * C,
+        d_decay_lora=lora_dim,
+        d_a_lora=lora_dim,
+        d_v_lora=lora_dim,
+        d_gate_lora=lora_dim,
+        fuse_norm=False,
+        embed_norm=True,
         tie_word_embeddings=False,
     )
     cfg.hf_config = fla_config(cfg)
