@@ -280,12 +280,14 @@ class HookedRecurrentModel(HookedRootModule):
         out = tokens
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             logits, state = self(tokens, return_state=True)
-            for _ in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+            for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
                 nxt = _sample(logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
                 if eos_token_id is not None and stop_at_eos:
                     nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                     finished |= nxt == eos_token_id
                 out = torch.cat((out, nxt[:, None]), dim=1)
+                if step == max_new_tokens - 1:
+                    break
                 if stop_at_eos and eos_token_id is not None and bool(finished.all()):
                     break
                 logits, state = self(nxt[:, None], state=state, return_state=True)

@@ -219,9 +219,12 @@ def _hooked_write(
     to the ones the hook was given.)
     """
     shape = (*write_k.shape, write_v.shape[-1])
-    native = torch.mul(
-        write_k[..., :, None], write_v[..., None, :], out=_empty_large(shape, write_k)
-    )
+    if torch.is_grad_enabled() and (write_k.requires_grad or write_v.requires_grad):
+        native = write_k[..., :, None] * write_v[..., None, :]  # out= does not support autograd
+    else:
+        native = torch.mul(
+            write_k[..., :, None], write_v[..., None, :], out=_empty_large(shape, write_k)
+        )
     version = native._version
     edited = hook(native)
     if edited is native and native._version == version:

@@ -44,6 +44,13 @@ class RecurrentState:
             self.offset, [{k: v[idx] for k, v in layer.items()} for layer in self.layers]
         )
 
+    def repeat(self, n: int) -> RecurrentState:
+        """Each batch row repeated n times in a row (row b -> rows b*n .. b*n+n-1)."""
+        return RecurrentState(
+            self.offset,
+            [{k: v.repeat_interleave(n, dim=0) for k, v in layer.items()} for layer in self.layers],
+        )
+
     def to(self, device: torch.device | str) -> RecurrentState:
         return RecurrentState(
             self.offset, [{k: v.to(device) for k, v in layer.items()} for layer in self.layers]

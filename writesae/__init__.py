@@ -1,1 +1,37 @@
 """WriteSAE: sparse autoencoders whose decoder atoms are rank-1 outer products u w^T."""
+
+from writesae.activations import (
+    ModelSource,
+    ShardSource,
+    TensorSource,
+    WriteFactors,
+    extract_cell,
+    save_shards,
+)
+from writesae.config import TrainConfig, WriteSAEConfig, field_help
+from writesae.interventions import ablate_hook, install_hook, substitute_hook
+from writesae.sae import BaseSAE, FlatSAE, SAEOutput, WriteSAE, load_sae
+from writesae.train import TrainMetrics, lr_at, train
+
+__all__ = [
+    "WriteSAEConfig",
+    "TrainConfig",
+    "field_help",
+    "BaseSAE",
+    "WriteSAE",
+    "FlatSAE",
+    "SAEOutput",
+    "load_sae",
+    "train",
+    "TrainMetrics",
+    "lr_at",
+    "WriteFactors",
+    "TensorSource",
+    "ModelSource",
+    "ShardSource",
+    "save_shards",
+    "extract_cell",
+    "substitute_hook",
+    "ablate_hook",
+    "install_hook",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -90,11 +91,20 @@ class GatedAttention(nn.Module):
         k_rep = k_all.repeat_interleave(rep, dim=1)
         v_rep = v_all.repeat_interleave(rep, dim=1)
 
-        scores = torch.matmul(q.transpose(1, 2), k_rep.transpose(-1, -2)) / math.sqrt(D)
         n_past = k_all.shape[2] - T
-        causal = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
-        scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
-        pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
-        z = self.hook_z(torch.matmul(pattern, v_rep).transpose(1, 2))  # [B, T, H, D]
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            scores = torch.matmul(q.transpose(1, 2), k_rep.transpose(-1, -2)) / math.sqrt(D)
+            causal = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
+            scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
+            z = torch.matmul(pattern, v_rep)
+        else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
+            mask = None
+            if n_past and T > 1:
+                mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
+            )
+        z = self.hook_z(z.transpose(1, 2))  # [B, T, H, D]
         out = z.reshape(B, T, H * D) * torch.sigmoid(gate.reshape(B, T, H * D))
         return self.W_O(out)

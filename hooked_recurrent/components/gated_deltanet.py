@@ -150,6 +150,18 @@ class GatedDeltaNet(RecurrentMixer):
         for name in ("q", "k", "v", "beta", "decay", "read", "gate", "out"):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
+    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
+        """W_O^(h): the columns of the output projection that read state head `head`."""
+        return self.W_out.weight[:, head * self.d_v : (head + 1) * self.d_v]
+
+    def transition_from_cache(self, cache, head: int) -> Transition:
+        """One head's transitions A_t, rebuilt from cached `hook_decay`, `hook_beta`, `hook_k`."""
+        p = self.hook_k.name.rsplit(".", 1)[0]
+        alpha = cache[f"{p}.hook_decay"][:, :, head].double()
+        beta = cache[f"{p}.hook_beta"][:, :, head].double()
+        k = cache[f"{p}.hook_k"][:, :, head].double()
+        return Transition(alpha, -(alpha * beta)[..., None] * k, k)
+
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         B, T, _ = x.shape
         H, Hk, dk, dv = self.n_heads, self.n_key_heads, self.d_k, self.d_v
@@ -168,10 +180,11 @@ class GatedDeltaNet(RecurrentMixer):
         beta = self.hook_beta(torch.sigmoid(self.W_b(x)).float())
         g = -self.A_log.float().exp() * F.softplus(self.W_a(x).float() + self.dt_bias.float())
         alpha = g.exp()
-        edited_alpha = self.hook_decay(alpha)
-        if edited_alpha is not alpha:
-            g = edited_alpha.log()
-        alpha = edited_alpha
+        if self.hook_decay.active:
+            native_alpha = alpha.clone()  # a hook may edit in place
+            alpha = self.hook_decay(alpha)
+            # keep g exactly where the decay was not edited
+            g = torch.where(alpha == native_alpha, g, alpha.log())
 
         S0 = None if past is None else past["S"]
         transition = Transition(alpha, -(alpha * beta)[..., None] * k, k)

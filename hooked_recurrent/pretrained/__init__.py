@@ -217,3 +217,14 @@ def convert_hf_model(hf_model: nn.Module) -> tuple[HookedRecurrentConfig, dict[s
     cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     sd = fam.convert_state_dict(dict(hf_model.state_dict()), cfg)
     return cfg, sd
+
+
+def sample_text(which: str = "heldout") -> str:
+    """Public-domain Shakespeare shipped with the small models: `"train"` (from the training
+    split) or `"heldout"` (from the held-out plays: Tempest, Sonnets, Macbeth)."""
+    if which not in ("train", "heldout"):
+        raise ValueError(f"which must be 'train' or 'heldout', not {which!r}")
+    path = SHIPPED_DIR / f"{which}_sample.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; the shipped models are not installed")
+    return path.read_text(encoding="utf-8")

@@ -1,0 +1,163 @@
+"""Evaluations: Wilson intervals, the closed form on a linear read-out, substitution KLs."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformer_lens import HookedRootModule
+
+from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions
+from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan
+from writesae import WriteSAE, WriteSAEConfig
+from writesae.evaluate import evaluate_closed_form, evaluate_substitution
+from writesae.stats import wilson
+
+
+def test_wilson_reproduces_the_paper():
+    lo, hi = wilson(4481, 4851)
+    assert (round(100 * lo, 2), round(100 * hi, 2)) == (91.59, 93.09)
+    lo, hi = wilson(2202, 2500)
+    assert (round(100 * lo, 2), round(100 * hi, 2)) == (86.75, 89.29)
+
+
+class _Mixer(RecurrentMixer):
+    """One recurrent head group with scalar decays (and optionally a delta-rule erase)."""
+
+    def __init__(self, d_model, n_heads, d_k, d_v, erase):
+        super().__init__()
+        self.n_heads, self.d_k, self.d_v, self.erase = n_heads, d_k, d_v, erase
+        self.W_q = nn.Linear(d_model, n_heads * d_k, bias=False)
+        self.W_k = nn.Linear(d_model, n_heads * d_k, bias=False)
+        self.W_v = nn.Linear(d_model, n_heads * d_v, bias=False)
+        self.W_a = nn.Linear(d_model, n_heads)
+        self.W_b = nn.Linear(d_model, n_heads)
+        self.W_O = nn.Linear(n_heads * d_v, d_model, bias=False)
+        for n in ("q", "k", "v", "beta", "decay", "read"):
+            setattr(self, f"hook_{n}", RecurrentHookPoint())
+
+    def head_output_weight(self, head):
+        return self.W_O.weight[:, head * self.d_v : (head + 1) * self.d_v]
+
+    def transition_from_cache(self, cache, head):
+        a = cache["blocks.0.attn.hook_decay"][:, :, head].double()
+        b = cache["blocks.0.attn.hook_beta"][:, :, head].double()
+        k = cache["blocks.0.attn.hook_k"][:, :, head].double()
+        return Transition(
+            a, -(a * b)[..., None] * k if self.erase else None, k if self.erase else None
+        )
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.hook_q(self.W_q(x).view(B, T, H, self.d_k))
+        k = self.W_k(x).view(B, T, H, self.d_k)
+        k = self.hook_k(k / k.norm(dim=-1, keepdim=True))
+        v = self.hook_v(self.W_v(x).view(B, T, H, self.d_v))
+        beta = self.hook_beta(torch.sigmoid(self.W_b(x)))
+        alpha = self.hook_decay(torch.sigmoid(self.W_a(x) + 2.0))
+        tr = Transition(
+            alpha, -(alpha * beta)[..., None] * k if self.erase else None, k if self.erase else None
+        )
+        wk = beta[..., None] * k
+        o, _ = self.recur(lambda: scan(tr, q, wk, v)[:2], tr, q, wk, v, None)
+        return self.W_O(self.hook_read(o).reshape(B, T, -1))
+
+
+class _Block(nn.Module):
+    def __init__(self, mixer):
+        super().__init__()
+        self.attn = mixer
+
+
+class LinearReadoutStub(HookedRootModule):
+    """logits = W_U W_O o: a recurrent layer read out linearly (no norm, no later layer)."""
+
+    def __init__(self, vocab=40, d_model=24, n_heads=2, d_k=6, d_v=5, erase=False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        self.blocks = nn.ModuleList([_Block(_Mixer(d_model, n_heads, d_k, d_v, erase))])
+        self.unembed = nn.Linear(d_model, vocab, bias=False)
+        self.setup()
+
+    def forward(self, tokens):
+        with at_positions(torch.arange(tokens.shape[1])):
+            return self.unembed(self.blocks[0].attn(self.embed(tokens)))
+
+
+@pytest.mark.parametrize("erase,propagator", [(False, "gate"), (True, "exact")])
+def test_closed_form_is_exact_on_a_linear_readout(erase, propagator):
+    torch.manual_seed(0)
+    model = LinearReadoutStub(erase=erase)
+    sae = WriteSAE(
+        WriteSAEConfig(d_k=6, d_v=5, n_atoms=16, k=4, hook_name="blocks.0.attn.hook_state", head=1),
+        seed=1,
+    )
+    tokens = torch.randint(0, 40, (12, 10))
+    res = evaluate_closed_form(
+        model,
+        sae,
+        tokens,
+        n_atoms=4,
+        position=3,
+        read_offset=4,
+        propagator=propagator,
+        progress=False,
+    )
+    assert res.n_points == 4 * 4 * 12
+    assert res.r2 >= 0.9999
+    assert res.sign_agreement == 1.0
+
+
+def test_gate_form_is_not_exact_with_an_erase():
+    """The scalar-gate form ignores the delta rule's projections: it must not look exact there."""
+    torch.manual_seed(0)
+    model = LinearReadoutStub(erase=True)
+    sae = WriteSAE(
+        WriteSAEConfig(d_k=6, d_v=5, n_atoms=16, k=4, hook_name="blocks.0.attn.hook_state", head=1),
+        seed=1,
+    )
+    tokens = torch.randint(0, 40, (12, 10))
+    res = evaluate_closed_form(
+        model, sae, tokens, n_atoms=4, position=3, read_offset=4, propagator="gate", progress=False
+    )
+    assert res.r2 < 0.9999
+
+
+@torch.no_grad()
+def test_substitution_kls_equal_full_recomputation():
+    from qwen_helpers import qwen_hf
+
+    from hooked_recurrent import HookedRecurrentModel
+
+    model = HookedRecurrentModel.from_hf_model(qwen_hf("gqa", seed=5))
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=16, d_v=24, n_atoms=32, k=3, hook_name="blocks.1.attn.hook_state", head=1
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    res = evaluate_substitution(
+        model, sae, tokens, max_firings=6, positions_per_prompt=3, progress=False
+    )
+    assert res.n == len(res.firings) >= 6
+    clean = torch.log_softmax(model(tokens).double(), -1)
+    for i, (b, t) in enumerate(res.firings[:6]):
+
+        def delete(w, hook, t=t):
+            w = w.clone()
+            w[:, t, 1] = 0
+            return w
+
+        edited = torch.log_softmax(
+            model.run_with_hooks(
+                tokens[b : b + 1], fwd_hooks=[("blocks.1.attn.hook_write", delete)]
+            ).double(),
+            -1,
+        )
+        kl = float((clean[b, t].exp() * (clean[b, t] - edited[0, t])).sum())
+        assert math.isclose(res.kl["delete"][i], kl, rel_tol=1e-3, abs_tol=1e-7)
+    assert 0.0 <= res.win_rate_vs_delete <= 1.0
+    lo, hi = res.ci_vs_delete
+    assert (lo, hi) == wilson(res.wins_vs_delete, res.n)

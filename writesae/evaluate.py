@@ -1,0 +1,677 @@
+"""WriteSAE evaluations: single-write substitution, closed-form logit shift, behavioural install.
+
+Section numbers refer to the method specification (writesae_method.md section 4). Every choice the
+paper leaves open is a parameter whose default is the paper-faithful reading:
+
+* substitution scale: `"matched_norm"` (App. J: the atom at the native write's Frobenius norm) or
+  `"coefficient"` (the abstract: the atom's code);
+* KL direction: `"native||edited"` (reference code, `kl_div(native, cond)`) or `"edited||native"`;
+* KL position: the edited token's own next-token distribution (the first read of the edited state);
+* closed-form propagator: `"gate"` (the paper's scalar decay product G) or `"exact"` (the
+  transition product applied to u, which includes the delta rule's erase projections);
+* install: additive, at consecutive positions starting at the first generated token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from writesae.stats import bootstrap_mean_ci, r_squared, wilson
+
+__all__ = [
+    "SubstitutionResult",
+    "evaluate_substitution",
+    "closed_form_logit_shift",
+    "ClosedFormResult",
+    "evaluate_closed_form",
+    "InstallResult",
+    "evaluate_install",
+    "target_direction",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _layer(sae: Any) -> int:
+    return int(sae.cfg.hook_prefix.split(".")[1])
+
+
+def _kl(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """KL(p || q) from log-probabilities, over the last axis."""
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+# ------------------------------------------------------------------------------ substitution
+@dataclass
+class SubstitutionResult:
+    """Outcome of the single-write replacement test (section 4.3).
+
+    Attributes:
+        n: number of firings evaluated.
+        wins_vs_delete, wins_vs_random: firings where KL(atom) < KL(delete) / KL(random).
+        win_rate_vs_delete, ci_vs_delete: rate and Wilson 95% interval; likewise vs random.
+        strict_chain: fraction with KL(atom) < KL(delete) < KL(random).
+        median_kl: median KL per condition ("atom", "delete", "random").
+        kl: per-firing KLs per condition (for plots).
+        population: per-atom rates when `population=True` (section 4.4): number of atoms, mean of
+            per-atom win rates vs deletion with a bootstrap 95% interval, and per-atom rates.
+        settings: the parameters used.
+    """
+
+    n: int
+    wins_vs_delete: int
+    win_rate_vs_delete: float
+    ci_vs_delete: tuple[float, float]
+    wins_vs_random: int
+    win_rate_vs_random: float
+    ci_vs_random: tuple[float, float]
+    strict_chain: float
+    median_kl: dict[str, float]
+    kl: dict[str, list[float]] = field(repr=False)
+    firings: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    population: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_samples:
+            d.pop("kl")
+            d.pop("firings")
+        return d
+
+
+def _codes(model: Any, sae: Any, tokens: Tensor, layer: int, head: int) -> Tensor:
+    """SAE codes [batch, pos, n_atoms] of the clean run."""
+    prefix = f"blocks.{layer}.attn"
+    mixer = model.blocks[layer].attn
+    if sae.cfg.input_kind == "state":
+        _, cache = model.run_with_cache(tokens, names_filter=[f"{prefix}.hook_state"])
+        x = cache[f"{prefix}.hook_state"][:, :, head]
+        return sae.encode(x.to(sae.b_enc.dtype))
+    names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
+    if mixer.write_strength_hook:
+        names.append(f"{prefix}.{mixer.write_strength_hook}")
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    key = cache[f"{prefix}.hook_k"][:, :, head]
+    if mixer.write_strength_hook:
+        s = cache[f"{prefix}.{mixer.write_strength_hook}"][:, :, head]
+        key = key * s[..., None]
+    return sae.encode_factors(key.to(sae.b_enc.dtype), cache[f"{prefix}.hook_v"][:, :, head])
+
+
+@torch.no_grad()
+def evaluate_substitution(
+    model: Any,
+    sae: Any,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    max_firings: int | None = 1000,
+    positions_per_prompt: int | None = None,
+    min_position: int = 1,
+    scale: str = "matched_norm",
+    kl_direction: str = "native||edited",
+    population: bool = False,
+    max_per_atom: int = 30,
+    min_firings_per_atom: int = 5,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> SubstitutionResult:
+    """Single-write replacement test: at each firing, is the top atom a better write than none?
+
+    At a firing (prompt b, position t: the SAE has a nonzero code at t for its head), the native
+    write of the SAE's head at t is replaced, one condition at a time, by:
+
+    * atom: the top atom u_j w_j^T at the native write's Frobenius norm (`scale="matched_norm"`)
+      or times its code (`scale="coefficient"`);
+    * delete: nothing (the write removed);
+    * random: a random rank-1 matrix g h^T at the native write's Frobenius norm;
+
+    and each is scored by the KL divergence between the native and the edited next-token
+    distribution at t. The conditions reuse the clean prefix: the model state before t is computed
+    once (prompts advance in batches from one firing position to the next) and each condition is
+    one recurrent step from it, all conditions in one batch.
+
+    Args:
+        tokens: held-out prompts `[batch, pos]` (equal length).
+        max_firings: stop after this many firings (None: all).
+        positions_per_prompt: evaluate this many positions per prompt, spread evenly from
+            `min_position` (None: every position). Fewer positions cost fewer steps.
+        population: also report per-atom win rates (section 4.4): each firing counts for every
+            atom active there; atoms with at least `min_firings_per_atom` firings (at most
+            `max_per_atom` each) enter the mean.
+    """
+    if scale not in ("matched_norm", "coefficient"):
+        raise ValueError(f"scale must be 'matched_norm' or 'coefficient', not {scale!r}")
+    if kl_direction not in ("native||edited", "edited||native"):
+        raise ValueError(f"kl_direction must be 'native||edited' or 'edited||native'")
+    layer, head = _layer(sae), sae.cfg.head
+    write_hook = f"blocks.{layer}.attn.hook_write"
+    if write_hook not in model.hook_dict:
+        raise ValueError(f"{write_hook} is not a hook of this model (SAE hook {sae.cfg.hook_name})")
+    T = tokens.shape[1]
+    pos_list = list(range(min_position, T))
+    if positions_per_prompt is not None and positions_per_prompt < len(pos_list):
+        idx = np.linspace(0, len(pos_list) - 1, positions_per_prompt).round().astype(int)
+        pos_list = sorted({pos_list[i] for i in idx})
+    gen = torch.Generator().manual_seed(seed)
+    kls: dict[str, list[float]] = {"atom": [], "delete": [], "random": []}
+    atoms_active: list[list[int]] = []
+    where: list[tuple[int, int]] = []
+    limit = max_firings if max_firings is not None else math.inf
+    bar = tqdm(
+        total=None if limit == math.inf else limit, desc="substitution", disable=not progress
+    )
+
+    for start in range(0, tokens.shape[0], batch_size):
+        if len(kls["atom"]) >= limit:
+            break
+        x = tokens[start : start + batch_size]
+        B = x.shape[0]
+        codes = _codes(model, sae, x, layer, head)  # [B, T, n]
+        top = codes.abs().argmax(-1)
+        top_c = codes.gather(-1, top[..., None])[..., 0]
+        fired = codes.ne(0).any(-1)
+        state, prev = None, 0
+        for t in pos_list:
+            if len(kls["atom"]) >= limit:
+                break
+            if not bool(fired[:, t].any()):
+                continue
+            if t > prev:
+                _, state = model(x[:, prev:t], state=state, return_state=True)
+                prev = t
+            atom = sae.atom_matrices(top[:, t]).detach()  # [B, d_k, d_v]
+            g = torch.randn(B, sae.cfg.d_k, generator=gen, dtype=torch.float64)
+            h = torch.randn(B, sae.cfg.d_v, generator=gen, dtype=torch.float64)
+            rnd = (g / g.norm(dim=-1, keepdim=True))[:, :, None] * (
+                h / h.norm(dim=-1, keepdim=True)
+            )[:, None, :]
+            c = top_c[:, t]
+
+            def conditions(w: Tensor, hook: Any) -> Tensor:
+                # rows: [native x B, atom x B, delete x B, random x B]
+                native = w[:B, 0, head]
+                norm = native.flatten(-2).norm(dim=-1)[:, None, None]
+                a = atom.to(w.dtype)
+                a_scaled = (
+                    norm
+                    * a
+                    / a.flatten(-2).norm(dim=-1).clamp_min(1e-30)[:, None, None]
+                    * torch.where(c < 0, -1.0, 1.0).to(w.dtype)[:, None, None]
+                    if scale == "matched_norm"
+                    else c.to(w.dtype)[:, None, None] * a
+                )
+                out = w.clone()
+                out[B : 2 * B, 0, head] = a_scaled
+                out[2 * B : 3 * B, 0, head] = 0.0
+                out[3 * B :, 0, head] = norm * rnd.to(w.dtype)
+                return out
+
+            st4 = None if state is None else _tile(state, 4)
+            logits = model.run_with_hooks(
+                x[:, t : t + 1].repeat(4, 1), state=st4, fwd_hooks=[(write_hook, conditions)]
+            )
+            lp = torch.log_softmax(logits[:, 0].double(), -1).view(4, B, -1)
+            for name, i in (("atom", 1), ("delete", 2), ("random", 3)):
+                k = _kl(lp[0], lp[i]) if kl_direction == "native||edited" else _kl(lp[i], lp[0])
+                for b in range(B):
+                    if fired[b, t]:
+                        kls[name].append(float(k[b]))
+            for b in range(B):
+                if fired[b, t]:
+                    atoms_active.append(codes[b, t].nonzero()[:, 0].tolist())
+                    where.append((start + b, t))
+                    bar.update(1)
+    bar.close()
+
+    ka, kd, kr = (np.array(kls[k]) for k in ("atom", "delete", "random"))
+    n = len(ka)
+    if n == 0:
+        raise ValueError("the SAE never fired on these tokens; nothing to evaluate")
+    wd, wr = int((ka < kd).sum()), int((ka < kr).sum())
+    result = SubstitutionResult(
+        n=n,
+        wins_vs_delete=wd,
+        win_rate_vs_delete=wd / n,
+        ci_vs_delete=wilson(wd, n),
+        wins_vs_random=wr,
+        win_rate_vs_random=wr / n,
+        ci_vs_random=wilson(wr, n),
+        strict_chain=float(((ka < kd) & (kd < kr)).mean()),
+        median_kl={
+            k: float(np.median(v)) for k, v in (("atom", ka), ("delete", kd), ("random", kr))
+        },
+        kl=kls,
+        firings=where,
+        settings=dict(
+            layer=layer,
+            head=head,
+            scale=scale,
+            kl_direction=kl_direction,
+            positions_per_prompt=positions_per_prompt,
+            min_position=min_position,
+            max_firings=max_firings,
+            seed=seed,
+            n_prompts=int(tokens.shape[0]),
+            prompt_length=int(T),
+        ),
+    )
+    if population:
+        per_atom: dict[int, list[bool]] = defaultdict(list)
+        for f, active in enumerate(atoms_active):
+            for a in active:
+                if len(per_atom[a]) < max_per_atom:
+                    per_atom[a].append(bool(ka[f] < kd[f]))
+        rates = {
+            a: float(np.mean(v)) for a, v in per_atom.items() if len(v) >= min_firings_per_atom
+        }
+        vals = np.array(list(rates.values()))
+        result.population = dict(
+            n_atoms=len(rates),
+            n_firings=int(sum(len(per_atom[a]) for a in rates)),
+            mean_win_rate_vs_delete=float(vals.mean()) if len(vals) else float("nan"),
+            ci=bootstrap_mean_ci(vals, seed=seed) if len(vals) else (float("nan"),) * 2,
+            median=float(np.median(vals)) if len(vals) else float("nan"),
+            per_atom=rates,
+        )
+    return result
+
+
+def _tile(state: Any, n: int) -> Any:
+    """The state with the whole batch stacked n times (rows [batch] * n)."""
+    from hooked_recurrent.state import RecurrentState
+
+    return RecurrentState(
+        state.offset,
+        [
+            {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in layer.items()}
+            for layer in state.layers
+        ],
+    )
+
+
+# ------------------------------------------------------------------------------ closed form
+def _decay_product(decay: Tensor, t0: int, t: int) -> Tensor:
+    """prod_{s=t0+1}^{t} decay_s for one head: a scalar, or a vector over the key channels."""
+    if t <= t0:
+        return torch.ones_like(decay[0])
+    return decay[t0 + 1 : t + 1].double().prod(0)
+
+
+@torch.no_grad()
+def closed_form_logit_shift(
+    model: Any,
+    sae: Any,
+    layer: int,
+    head: int,
+    atom: int,
+    position: int,
+    token: int | Sequence[int] | Tensor,
+    *,
+    tokens: Int[Tensor, "batch pos"],
+    read_position: int | None = None,
+    eps: float = 1.0,
+    propagator: str = "gate",
+    cache: Any = None,
+) -> Tensor:
+    """Predicted logit shift of `token` at `read_position` from adding eps u_i w_i^T to S_position.
+
+        dlogit = eps * <G u_i, q_t> * <W_O^(h) w_i, W_U[token]>
+
+    with G the product of the head's decays from position+1 to t (`propagator="gate"`, the
+    paper's scalar form; per key channel for RWKV-7), or the exact transition product P u_i
+    including the erase terms (`"exact"`). No fitted parameter. Direct path only: the norms and
+    gates after the read, later layers and the final norm are ignored, so it is exact only for a
+    linear read-out.
+
+    Returns:
+        `[batch]` (or `[batch, n_tokens]`) predicted shifts, one per prompt.
+    """
+    from hooked_recurrent.recurrence import Transition
+
+    t = position if read_position is None else read_position
+    if t < position:
+        raise ValueError(f"read_position {t} is before the edited position {position}")
+    prefix = f"blocks.{layer}.attn"
+    if cache is None:
+        names = [f"{prefix}.hook_q", f"{prefix}.hook_decay"]
+        if propagator == "exact":
+            names += [f"{prefix}.hook_k", f"{prefix}.hook_beta"]
+        _, cache = model.run_with_cache(
+            tokens, names_filter=lambda n: n in names or n.startswith(prefix + ".hook_")
+        )
+    u = sae.key_factors[atom].double()
+    w = sae.value_factors[atom].double()
+    q = cache[f"{prefix}.hook_q"][:, t, head].double()  # [B, d_k]
+    decay = cache[f"{prefix}.hook_decay"][:, :, head].double()  # [B, T] or [B, T, d_k]
+    if propagator == "gate":
+        G = torch.stack([_decay_product(decay[b], position, t) for b in range(decay.shape[0])])
+        pu = (G[:, None] if G.dim() == 1 else G) * u
+    elif propagator == "exact":
+        transition = model.blocks[layer].attn.transition_from_cache(cache, head)
+        pu = u.expand(q.shape[0], -1).clone()
+        for s in range(position + 1, t + 1):
+            S = pu[:, None, :, None]  # [B, 1, d_k, 1]
+            sub = Transition(
+                transition.decay[:, :, None],
+                None if transition.erase_a is None else transition.erase_a[:, :, None],
+                None if transition.erase_b is None else transition.erase_b[:, :, None],
+            )
+            pu = sub.step(S.double(), s)[:, 0, :, 0]
+    else:
+        raise ValueError(f"propagator must be 'gate' or 'exact', not {propagator!r}")
+    read = (pu * q).sum(-1)  # [B]
+    W_O = model.blocks[layer].attn.head_output_weight(head).double()  # [d_model, d_v]
+    W_U = model.unembed.weight.double()  # [vocab, d_model]
+    tok = torch.as_tensor(token).long()
+    out_dir = W_U[tok] @ (W_O @ w)  # scalar or [n_tokens]
+    return eps * (read[:, None] * out_dir if out_dir.dim() else read * out_dir)
+
+
+@dataclass
+class ClosedFormResult:
+    """Predicted against measured logit shifts (section 4.8).
+
+    Attributes:
+        r2: zero-parameter R^2 over all (atom, eps, prompt) points.
+        r2_cells: R^2 per (atom, eps) cell across prompts: median, IQR, all values.
+        r2_fitted_scale: R^2 with one least-squares scale per cell (reported separately).
+        sign_agreement: fraction of points where predicted and measured shifts have one sign.
+        predicted, measured: all points (for the scatter plot).
+    """
+
+    r2: float
+    r2_cells: dict[str, Any]
+    r2_fitted_scale: float
+    sign_agreement: float
+    n_points: int
+    predicted: list[float] = field(repr=False)
+    measured: list[float] = field(repr=False)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_samples:
+            d.pop("predicted")
+            d.pop("measured")
+        return d
+
+
+@torch.no_grad()
+def evaluate_closed_form(
+    model: Any,
+    sae: Any,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    atoms: Sequence[int] | None = None,
+    n_atoms: int = 8,
+    eps_values: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+    position: int | None = None,
+    read_offset: int = 0,
+    propagator: str = "gate",
+    progress: bool = True,
+) -> ClosedFormResult:
+    """R^2 of `closed_form_logit_shift` against shifts measured by editing `hook_state`.
+
+    For each atom (default: the `n_atoms` with the largest decoder read-out norm
+    ||W_U W_O w_i||) and each eps, eps u_i w_i^T is added to the SAE head's state at `position`
+    (default: the middle of the prompts) in every prompt; the logit of the atom's eval token (the
+    token with the largest |<W_O w_i, W_U[tok]>|, the paper's top-1 eval token) is measured at
+    `position + read_offset` and compared with the prediction.
+    """
+    layer, head = _layer(sae), sae.cfg.head
+    prefix = f"blocks.{layer}.attn"
+    T = tokens.shape[1]
+    t0 = T // 2 if position is None else position
+    t = t0 + read_offset
+    if not 0 <= t0 <= t < T:
+        raise ValueError(f"positions {t0}..{t} outside prompts of length {T}")
+    W_O = model.blocks[layer].attn.head_output_weight(head).double()
+    W_U = model.unembed.weight.double()
+    readout = W_U @ (W_O @ sae.value_factors.double().T)  # [vocab, n_atoms]
+    if atoms is None:
+        atoms = readout.norm(dim=0).argsort(descending=True)[:n_atoms].tolist()
+    logits0, cache = model.run_with_cache(
+        tokens,
+        names_filter=lambda n: (
+            n.startswith(prefix + ".hook_") and not n.endswith(("hook_write", "hook_state"))
+        ),
+    )
+    preds, meas, cells = [], [], []
+    cells_fit = []
+    bar = tqdm(total=len(atoms) * len(eps_values), desc="closed form", disable=not progress)
+    for a in atoms:
+        tok = int(readout[:, a].abs().argmax())
+        for eps in eps_values:
+            pred = closed_form_logit_shift(
+                model,
+                sae,
+                layer,
+                head,
+                a,
+                t0,
+                tok,
+                tokens=tokens,
+                read_position=t,
+                eps=eps,
+                propagator=propagator,
+                cache=cache,
+            )
+            u, w = sae.key_factors[a], sae.value_factors[a]
+
+            def add(state: Tensor, hook: Any, u=u, w=w, eps=eps) -> Tensor:
+                state[:, t0, head] += eps * torch.outer(u, w).to(state.dtype)
+                return state
+
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(f"{prefix}.hook_state", add)])
+            m = (logits[:, t, tok] - logits0[:, t, tok]).double()
+            preds.append(pred.numpy())
+            meas.append(m.numpy())
+            cells.append(r_squared(m.numpy(), pred.numpy()))
+            denom = float((pred * pred).sum())
+            s = float((pred * m).sum()) / denom if denom > 0 else 0.0
+            cells_fit.append((m.numpy(), s * pred.numpy()))
+            bar.update(1)
+    bar.close()
+    p, m = np.concatenate(preds), np.concatenate(meas)
+    fit_y = np.concatenate([c[0] for c in cells_fit])
+    fit_p = np.concatenate([c[1] for c in cells_fit])
+    finite = np.array([c for c in cells if np.isfinite(c)])
+    return ClosedFormResult(
+        r2=r_squared(m, p),
+        r2_cells=dict(
+            median=float(np.median(finite)) if len(finite) else float("nan"),
+            iqr=[float(np.quantile(finite, 0.25)), float(np.quantile(finite, 0.75))]
+            if len(finite)
+            else [float("nan")] * 2,
+            values=[float(c) for c in cells],
+        ),
+        r2_fitted_scale=r_squared(fit_y, fit_p),
+        sign_agreement=float((np.sign(p) == np.sign(m)).mean()),
+        n_points=len(p),
+        predicted=p.tolist(),
+        measured=m.tolist(),
+        settings=dict(
+            layer=layer,
+            head=head,
+            atoms=list(map(int, atoms)),
+            eps_values=list(eps_values),
+            position=t0,
+            read_position=t,
+            propagator=propagator,
+            n_prompts=int(tokens.shape[0]),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------ install
+def target_direction(model: Any, layer: int, head: int, token: int) -> Tensor:
+    """v*_T = W_O^(h)T W_U[T] / ||.||: the value-side direction that most raises token T's logit
+    through the direct path (section 4.10)."""
+    W_O = model.blocks[layer].attn.head_output_weight(head).float()
+    v = W_O.T @ model.unembed.weight[token].float()
+    return v / v.norm().clamp_min(1e-12)
+
+
+@dataclass
+class InstallResult:
+    """Target inclusion with and without the install (section 4.11).
+
+    Attributes:
+        n: number of (prompt, target) trials.
+        included_edited, included_native: trials whose continuation contains the target.
+        rate_edited, rate_native: the same as fractions, with Wilson 95% intervals.
+        median_rank_shift: median improvement of the target's rank at the first edited step.
+    """
+
+    n: int
+    included_edited: int
+    included_native: int
+    rate_edited: float
+    rate_native: float
+    ci_edited: tuple[float, float]
+    ci_native: tuple[float, float]
+    median_rank_shift: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    trials: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_samples:
+            d.pop("trials")
+        return d
+
+
+@torch.no_grad()
+def evaluate_install(
+    model: Any,
+    sae_or_direction: Any,
+    prompts: Int[Tensor, "batch pos"],
+    targets: Sequence[int] | None = None,
+    *,
+    layer: int | None = None,
+    head: int | None = None,
+    positions: int = 3,
+    scale: float = 3.0,
+    rank_band: tuple[int, int] = (100, 1000),
+    n_targets: int = 2,
+    max_new_tokens: int = 20,
+    seed: int = 0,
+    progress: bool = True,
+) -> InstallResult:
+    """Install a target direction during greedy decoding and count target inclusion.
+
+    For each prompt and target token T (default: `n_targets` tokens whose rank under the unedited
+    model's next-token distribution at the end of the prompt lies in `rank_band`), the write of the
+    head at `positions` consecutive positions, starting with the first generated token, gets
+    `scale * ||W_t||_F * k^_t v*_T^T` added (v*_T from `target_direction`, the native key k^_t as the
+    key side; additive), and the `max_new_tokens` greedy continuation is checked for T, against
+    the unedited continuation. With an SAE, its layer and head are used; with a `[d_v]` direction
+    tensor, give `layer` and `head`, and that value direction is installed for every target.
+    """
+    if isinstance(sae_or_direction, Tensor):
+        if layer is None or head is None:
+            raise ValueError("installing a direction tensor needs layer= and head=")
+        fixed_dir = sae_or_direction.float()
+    else:
+        layer = _layer(sae_or_direction) if layer is None else layer
+        head = sae_or_direction.cfg.head if head is None else head
+        fixed_dir = None
+    prefix = f"blocks.{layer}.attn"
+    P = prompts.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    trials = []
+    native_out = model.generate(prompts, max_new_tokens, stop_at_eos=False, verbose=False)
+    first_logits = model(prompts)[:, -1].float()
+    bar = tqdm(total=prompts.shape[0], desc="install", disable=not progress)
+    for b in range(prompts.shape[0]):
+        ranks = first_logits[b].argsort(descending=True).argsort()
+        if targets is None:
+            band = ((ranks >= rank_band[0]) & (ranks < rank_band[1])).nonzero()[:, 0]
+            pick = band[torch.randperm(len(band), generator=gen)[:n_targets]].tolist()
+        else:
+            pick = list(targets)
+        for T_ in pick:
+            v = fixed_dir if fixed_dir is not None else target_direction(model, layer, head, T_)
+            lo, hi = P, P + positions
+
+            def install(w: Tensor, hook: Any, v=v, lo=lo, hi=hi) -> Tensor:
+                on = (hook.positions >= lo) & (hook.positions < hi)
+                if not bool(on.any()):
+                    return w
+                k = model_k_cache.get("k")
+                native = w[:, on, head]
+                norm = native.flatten(-2).norm(dim=-1)[..., None, None]
+                key = k[:, on] if k is not None else native.flatten(-2).new_ones(native.shape[:-1])
+                key = key / key.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                w = w.clone()
+                w[:, on, head] = (
+                    native + scale * norm * key[..., :, None] * v.to(w.dtype)[None, None, None, :]
+                )
+                return w
+
+            model_k_cache: dict[str, Tensor] = {}
+
+            def grab_k(k: Tensor, hook: Any) -> Tensor:
+                model_k_cache["k"] = k[:, :, head]
+                return k
+
+            hooks = [(f"{prefix}.hook_k", grab_k), (f"{prefix}.hook_write", install)]
+            edited = model.generate(
+                prompts[b : b + 1],
+                max_new_tokens,
+                stop_at_eos=False,
+                verbose=False,
+                fwd_hooks=hooks,
+            )
+            step_logits = model.run_with_hooks(edited[:, : P + 1], fwd_hooks=hooks)[0, P].float()
+            new_rank = int(step_logits.argsort(descending=True).argsort()[T_])
+            trials.append(
+                dict(
+                    prompt=b,
+                    target=int(T_),
+                    initial_rank=int(ranks[T_]),
+                    edited_rank_first_step=new_rank,
+                    included_edited=bool((edited[0, P:] == T_).any()),
+                    included_native=bool((native_out[b, P:] == T_).any()),
+                )
+            )
+        bar.update(1)
+    bar.close()
+    n = len(trials)
+    ie = sum(t["included_edited"] for t in trials)
+    i_n = sum(t["included_native"] for t in trials)
+    shifts = [t["initial_rank"] - t["edited_rank_first_step"] for t in trials]
+    return InstallResult(
+        n=n,
+        included_edited=ie,
+        included_native=i_n,
+        rate_edited=ie / n if n else float("nan"),
+        rate_native=i_n / n if n else float("nan"),
+        ci_edited=wilson(ie, n),
+        ci_native=wilson(i_n, n),
+        median_rank_shift=float(np.median(shifts)) if shifts else float("nan"),
+        settings=dict(
+            layer=layer,
+            head=head,
+            positions=positions,
+            scale=scale,
+            rank_band=list(rank_band),
+            n_targets=n_targets,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+        ),
+        trials=trials,
+    )
