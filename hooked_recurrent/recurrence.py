@@ -208,7 +208,7 @@ def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 def _hooked_write(
-    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 22
+    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 20
 ) -> tuple[Tensor, _Edit | None]:
     """Run `hook` on the writes k v^T; return (writes to use, the edit or None).
 
@@ -235,11 +235,16 @@ def _hooked_write(
     intact = None if edited is native else native.reshape(B * T, H, dk, dv)
     step = max(1, block_elems // (H * dk * dv))
     changed = torch.zeros(B * T, H, dtype=torch.bool, device=edited.device)
-    for s in range(0, B * T, step):
-        e = slice(s, s + step)
-        ref = intact[e] if intact is not None else kk[e, :, :, None] * vv[e, :, None, :]
-        if not torch.equal(flat[e], ref):  # most blocks are untouched: a fast all-equal test
-            changed[e] = flat[e].ne(ref).flatten(2).any(-1)
+    buf = None if intact is not None else flat.new_empty(min(step, B * T), H, dk, dv)
+    with torch.no_grad():
+        for s in range(0, B * T, step):
+            e = slice(s, s + step)
+            if intact is not None:
+                ref = intact[e]
+            else:
+                ref = torch.mul(kk[e, :, :, None], vv[e, :, None, :], out=buf[: len(flat[e])])
+            if not torch.equal(flat[e], ref):  # most blocks are untouched: a fast all-equal test
+                changed[e] = flat[e].ne(ref).flatten(2).any(-1)
     changed = changed.view(B, T, H)
     if not bool(changed.any()):
         return edited, None
