@@ -170,7 +170,8 @@ def ablate_hook(
     Args:
         positions: absolute positions (None = all).
         control: ``"delete"`` (write -> 0) or ``"random"`` (``||D||_F g h^T / (||g|| ||h||)``
-            with fresh Gaussian ``g, h`` per position, seeded by ``seed`` once per call).
+            with Gaussian ``g, h`` drawn per sample and absolute position from ``seed``, so a
+            full pass and token-by-token generation draw the same matrices).
         only_firing: restrict to positions where the SAE fires (any nonzero code), i.e. the
             positions the substitution condition edits.
     """
@@ -188,9 +189,13 @@ def ablate_hook(
         if control == "delete":
             rep = torch.zeros_like(native)
         else:
-            gen = torch.Generator().manual_seed(seed)
-            g = torch.randn(b, p, sae.cfg.d_k, generator=gen, dtype=torch.float64)
-            hv = torch.randn(b, p, sae.cfg.d_v, generator=gen, dtype=torch.float64)
+            # one generator per absolute position: the same draw in a full pass and in generation
+            g = torch.empty(b, p, sae.cfg.d_k, dtype=torch.float64)
+            hv = torch.empty(b, p, sae.cfg.d_v, dtype=torch.float64)
+            for j, pos in enumerate(_abs_positions(hook, p, torch.device("cpu")).tolist()):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + pos)
+                g[:, j] = torch.randn(b, sae.cfg.d_k, generator=gen, dtype=torch.float64)
+                hv[:, j] = torch.randn(b, sae.cfg.d_v, generator=gen, dtype=torch.float64)
             r = (g / g.norm(dim=-1, keepdim=True))[..., :, None] * (
                 hv / hv.norm(dim=-1, keepdim=True)
             )[..., None, :]
