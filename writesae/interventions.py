@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 __all__ = ["substitute_hook", "ablate_hook", "install_hook", "HookFn", "check_hook"]
 
 HookFn = Callable[..., Tensor]
+Write = Float[Tensor, "batch pos head d_k d_v"]
 SCALINGS = ("matched_norm", "coefficient")
 
 
 def check_hook(
-    sae: BaseSAE, write: Tensor, hook: Any, suffixes: tuple[str, ...] = ("hook_write",)
+    sae: BaseSAE, write: Write, hook: Any, suffixes: tuple[str, ...] = ("hook_write",)
 ) -> None:
     """Raise a ValueError naming what does not match between ``sae`` and the hook it is on."""
     cfg = sae.cfg
@@ -127,7 +128,7 @@ def substitute_hook(
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
 
-    def hook_fn(write: Tensor, hook: Any) -> Tensor:
+    def hook_fn(write: Write, hook: Any) -> Write:
         check_hook(sae, write, hook)
         b, p, h = write.shape[:3]
         head = sae.cfg.head
@@ -178,7 +179,7 @@ def ablate_hook(
     if control not in ("delete", "random"):
         raise ValueError(f"control must be 'delete' or 'random', got {control!r}")
 
-    def hook_fn(write: Tensor, hook: Any) -> Tensor:
+    def hook_fn(write: Write, hook: Any) -> Write:
         check_hook(sae, write, hook)
         b, p = write.shape[:2]
         head = sae.cfg.head
@@ -243,7 +244,7 @@ def install_hook(
     if positions is None:
         raise ValueError("install needs explicit absolute positions")
 
-    def hook_fn(write: Tensor, hook: Any) -> Tensor:
+    def hook_fn(write: Write, hook: Any) -> Write:
         check_hook(sae, write, hook, suffixes=("hook_write", "hook_state"))
         p = write.shape[1]
         mask = _position_mask(hook, p, positions, write.device)
