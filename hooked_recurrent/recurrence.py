@@ -265,6 +265,24 @@ def _hooked(
     return edited, (changed, edited, native)
 
 
+def _dense(edits: list[_Edit], shape: tuple[int, ...]) -> Tensor:
+    """The edits as one dense difference tensor `[batch, pos, head, d_k, d_v]`."""
+    delta = None
+    for changed, edited, native in edits:
+        if callable(native):
+            B, T, H = changed.shape
+            bi, hi = torch.meshgrid(torch.arange(B), torch.arange(H), indexing="ij")
+            nat = native(bi.reshape(-1), hi.reshape(-1)).view(B, H, T, *shape[3:]).transpose(1, 2)
+            d = edited - nat
+        elif native is not None:
+            d = edited - native
+        else:
+            d = edited
+        d = d.float() * changed[..., None, None]
+        delta = d if delta is None else delta + d
+    return delta
+
+
 FastPath = Callable[[], tuple[Tensor, Tensor]]
 
 
@@ -289,6 +307,33 @@ class RecurrentMixer(torch.nn.Module):
 
     #: name of the hook holding the write strength (beta, dt), or None when it is 1 (RWKV-7)
     write_strength_hook: str | None = None
+
+    def propagate_edits(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        delta: Float[Tensor, "batch pos head d_k d_v"],
+    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+        """The layer's exact response to additive state edits: `propagate`, step by step.
+
+        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
+        """
+        return propagate(transition, q, delta)
+
+    def state_trajectory(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        write_k: Float[Tensor, "batch pos head d_k"] | None,
+        write_v: Float[Tensor, "batch pos head d_v"] | None,
+        S0: Float[Tensor, "batch head d_k d_v"] | None,
+        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
+    ) -> Float[Tensor, "batch pos head d_k d_v"]:
+        """S_t at every position, for `hook_state` and `native_state`: the reference `scan`.
+
+        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
+        """
+        return scan(transition, q, write_k, write_v, S0, writes=writes, keep_states=True)[2]
 
     def recur(
         self,
@@ -317,7 +362,7 @@ class RecurrentMixer(torch.nn.Module):
             def native_state(head: int | None = None) -> Tensor:
                 if head not in memo:
                     if head is None:
-                        memo[None] = scan(transition, q, write_k, write_v, S0, keep_states=True)[2]
+                        memo[None] = self.state_trajectory(transition, q, write_k, write_v, S0)
                     else:
                         sel = slice(head, head + 1)
                         sub = Transition(
@@ -326,14 +371,13 @@ class RecurrentMixer(torch.nn.Module):
                             None if transition.erase_b is None else transition.erase_b[:, :, sel],
                         )
                         s0 = None if S0 is None else S0[:, sel]
-                        memo[head] = scan(
+                        memo[head] = self.state_trajectory(
                             sub,
                             q[:, :, sel],
                             write_k[:, :, sel],
                             write_v[:, :, sel],
                             s0,
-                            keep_states=True,
-                        )[2][:, :, 0]
+                        )[:, :, 0]
                 return memo[head]
 
             with self.hook_write.providing(native_state=native_state):
@@ -345,7 +389,7 @@ class RecurrentMixer(torch.nn.Module):
         if want_state:
 
             def native_states() -> Tensor:
-                return scan(transition, q, write_k, write_v, S0, writes=writes, keep_states=True)[2]
+                return self.state_trajectory(transition, q, write_k, write_v, S0, writes=writes)
 
             _, edit = _hooked(self.hook_state, native_states(), native_states)
             if edit is not None:
@@ -354,7 +398,10 @@ class RecurrentMixer(torch.nn.Module):
         o, S_T = fast_path()
         if edits:
             shape = (*q.shape[:3], q.shape[-1], write_v.shape[-1])
-            d_o, E_T = _propagate_edits(transition, q.float(), edits, shape)
+            if type(self).propagate_edits is RecurrentMixer.propagate_edits:
+                d_o, E_T = _propagate_edits(transition, q.float(), edits, shape)
+            else:  # the family's own (e.g. chunked) propagation takes the dense difference
+                d_o, E_T = self.propagate_edits(transition, q.float(), _dense(edits, shape))
             o = o + d_o.to(o.dtype)
             S_T = S_T + E_T
         return o, S_T

@@ -240,11 +240,19 @@ def train_one(family: str, model: HookedRecurrentModel, train_ids, held_ids, arg
     t0 = time.time()
     step = 0
     est_total = args.max_steps
+    ckpt = args.work / f"{family}.ckpt"
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, curve, evals = state["step"], state["curve"], state["evals"]
+        rng.bit_generator.state = state["rng"]
+        logger.info("%s: resumed at step %d", family, step)
     while True:
         elapsed = time.time() - t0
         if elapsed > budget or step >= args.max_steps:
             break
-        if step == 20:  # estimate the steps that fit in the budget, for the cosine schedule
+        if step == 20 and args.minutes < 1e6:  # estimate the steps that fit in the budget, for the cosine schedule
             est_total = min(args.max_steps, int(budget / (elapsed / 20)))
         frac = min(1.0, step / max(1, est_total))
         lr = (
@@ -278,6 +286,9 @@ def train_one(family: str, model: HookedRecurrentModel, train_ids, held_ids, arg
         if step % 200 == 0 and step:
             evals.append((step, evaluate(model, held_ids[:20000], args.seq, device)))
         step += 1
+        if step % 50 == 0:
+            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step,
+                            curve=curve, evals=evals, rng=rng.bit_generator.state), ckpt)
     model.eval()
     return curve, evals, step, time.time() - t0
 
@@ -322,6 +333,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -161,6 +161,15 @@ class Mamba2Mixer(RecurrentMixer):
         for name in ("q", "k", "v", "dt", "decay", "read", "gate", "out"):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
+    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
+        """W_O^(h): the columns of the output projection that read state head `head`."""
+        return self.W_out.weight[:, head * self.head_dim : (head + 1) * self.head_dim]
+
+    def transition_from_cache(self, cache, head: int) -> Transition:
+        """One head's transitions A_t (pure decay), rebuilt from the cached `hook_decay`."""
+        p = self.hook_decay.name.rsplit(".", 1)[0]
+        return Transition(cache[f"{p}.hook_decay"][:, :, head].double())
+
     def forward(
         self, u: Float[Tensor, "batch pos d_model"], run: RunContext
     ) -> Float[Tensor, "batch pos d_model"]:

@@ -50,6 +50,8 @@ class Family:
         detect: recognises a config.json without a known `model_type` (e.g. `mamba_ssm`).
         load_file: loads a single-file checkpoint (e.g. a BlinkDL `.pth`) -> (config dict,
             state dict, tokenizer or None), or None if the family has no such format.
+        default_tokenizer: config dict -> a tokenizer for a checkpoint folder whose own tokenizer
+            files are missing or unreadable (RWKV-7 fla-hub folders ship remote-code tokenizers).
     """
 
     architecture: str
@@ -62,6 +64,7 @@ class Family:
     build_embed_norm: Callable[[HookedRecurrentConfig], nn.Module | None] = lambda cfg: None
     detect: Callable[[dict[str, Any]], bool] | None = None
     load_file: Callable[[Path], tuple[dict[str, Any], dict[str, Tensor], Any]] | None = None
+    default_tokenizer: Callable[[dict[str, Any]], Any] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -201,6 +204,8 @@ def load_pretrained(
         fam = family_for_config(config, str(path))
         raw = _read_state_dict(path)
         tokenizer = _read_tokenizer(path)
+        if tokenizer is None and fam.default_tokenizer is not None:
+            tokenizer = fam.default_tokenizer(config)
     cfg = fam.config_from_hf(config)
     cfg.dtype = dtype
     cfg.model_name = name_or_path
