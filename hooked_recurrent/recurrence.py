@@ -208,14 +208,15 @@ def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 def _hooked_write(
-    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 22
+    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 20
 ) -> tuple[Tensor, _Edit | None]:
     """Run `hook` on the writes k v^T; return (writes to use, the edit or None).
 
-    The writes are built once, for the hook. What the hook changed, whether it returned a new
-    tensor or edited in place, is found by comparing with k v^T rebuilt from the factors a block
-    of positions at a time, so no second full-size tensor is allocated. (Float multiplication is
-    deterministic, so the rebuilt values are bit-identical to the ones the hook was given.)
+    The writes are built once, for the hook. What the hook changed is found block by block (of
+    batch x positions): against the writes it was given when it returned a new tensor, or, when it
+    edited them in place, against k v^T rebuilt from the factors, so no second full-size tensor
+    is allocated. (Float multiplication is deterministic, so the rebuilt values are bit-identical
+    to the ones the hook was given.)
     """
     shape = (*write_k.shape, write_v.shape[-1])
     if torch.is_grad_enabled() and (write_k.requires_grad or write_v.requires_grad):
@@ -228,13 +229,23 @@ def _hooked_write(
     edited = hook(native)
     if edited is native and native._version == version:
         return native, None
-    B, T = edited.shape[:2]
-    step = max(1, block_elems // max(1, edited[:, :1].numel()))
-    changed = torch.empty(edited.shape[:3], dtype=torch.bool, device=edited.device)
-    for s in range(0, T, step):
-        e = slice(s, s + step)
-        ref = write_k[:, e, :, :, None] * write_v[:, e, :, None, :]
-        changed[:, e] = edited[:, e].ne(ref).flatten(3).any(-1)
+    B, T, H, dk, dv = edited.shape
+    flat = edited.reshape(B * T, H, dk, dv)
+    kk, vv = write_k.reshape(B * T, H, dk), write_v.reshape(B * T, H, dv)
+    intact = None if edited is native else native.reshape(B * T, H, dk, dv)
+    step = max(1, block_elems // (H * dk * dv))
+    changed = torch.zeros(B * T, H, dtype=torch.bool, device=edited.device)
+    buf = None if intact is not None else flat.new_empty(min(step, B * T), H, dk, dv)
+    with torch.no_grad():
+        for s in range(0, B * T, step):
+            e = slice(s, s + step)
+            if intact is not None:
+                ref = intact[e]
+            else:
+                ref = torch.mul(kk[e, :, :, None], vv[e, :, None, :], out=buf[: len(flat[e])])
+            if not torch.equal(flat[e], ref):  # most blocks are untouched: a fast all-equal test
+                changed[e] = flat[e].ne(ref).flatten(2).any(-1)
+    changed = changed.view(B, T, H)
     if not bool(changed.any()):
         return edited, None
 
@@ -284,6 +295,11 @@ def _dense(edits: list[_Edit], shape: tuple[int, ...]) -> Tensor:
 
 
 FastPath = Callable[[], tuple[Tensor, Tensor]]
+
+
+def any_nonzero(x: Tensor) -> bool:
+    """Whether any entry is non-zero (or NaN); two reductions, no tensor of x's size allocated."""
+    return bool(x.amax() != 0) or bool(x.amin() != 0)
 
 
 class RecurrentMixer(torch.nn.Module):

@@ -262,7 +262,8 @@ class TimeMix(RecurrentMixer):
         """
         B, T, H, K, V = delta.shape
         d_o, E_T = delta.new_zeros(B, T, H, V), delta.new_zeros(B, H, K, V)
-        touched = delta.flatten(3).any(-1)  # [B, T, H]
+        flat = delta.flatten(3)
+        touched = (flat.amax(-1) != 0) | (flat.amin(-1) != 0)  # [B, T, H], without a bool copy
         first = touched.any(-1).any(0).nonzero()
         if len(first) == 0:
             return d_o, E_T
@@ -309,6 +310,18 @@ class TimeMix(RecurrentMixer):
             writes=writes,
             keep_states=True,
         )[2]
+
+    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
+        """W_O^(h): the columns of the output projection that read state head `head`."""
+        return self.W_o.weight[:, head * self.d_head : (head + 1) * self.d_head]
+
+    def transition_from_cache(self, cache, head: int) -> Transition:
+        """One head's transitions A_t, rebuilt from cached `hook_decay`, `hook_a`, `hook_kappa`."""
+        p = self.hook_decay.name.rsplit(".", 1)[0]
+        decay = cache[f"{p}.hook_decay"][:, :, head].double()
+        a = cache[f"{p}.hook_a"][:, :, head].double()
+        kappa = cache[f"{p}.hook_kappa"][:, :, head].double()
+        return Transition(decay, -(a * kappa), kappa)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         B, T, C = x.shape

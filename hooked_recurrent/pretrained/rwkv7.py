@@ -386,3 +386,98 @@ FAMILY = register_family(
         ),
     )
 )
+
+
+# --------------------------------------------------------------------------- new models
+def random_model(
+    vocab_size: int,
+    hidden_size: int,
+    num_hidden_layers: int,
+    head_dim: int = 64,
+    lora_dim: int = 32,
+    seed: int = 0,
+):
+    """A freshly initialised RWKV-7 `HookedRecurrentModel` (for training small models).
+
+    LoRA down-projections get small random weights and up-projections zeros (so each LoRA starts
+    at its bias), token-shift mixes and the bonus start at zero, norms at identity.
+    """
+    from hooked_recurrent.model import HookedRecurrentModel
+
+    C = hidden_size
+    cfg = RWKV7Config(
+        architecture="rwkv7",
+        n_layers=num_hidden_layers,
+        d_model=C,
+        d_vocab=vocab_size,
+        layer_types=["recurrent"] * num_hidden_layers,
+        n_heads=C // head_dim,
+        d_k=head_dim,
+        d_v=head_dim,
+        d_mlp=4 * C,
+        d_decay_lora=lora_dim,
+        d_a_lora=lora_dim,
+        d_v_lora=lora_dim,
+        d_gate_lora=lora_dim,
+        fuse_norm=False,
+        embed_norm=True,
+        tie_word_embeddings=False,
+    )
+    cfg.hf_config = fla_config(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = HookedRecurrentModel(cfg)
+    with torch.no_grad():
+        model.embed.weight.uniform_(-0.1, 0.1, generator=gen)
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("w1", "a1", "v1", "g1"):
+                p.normal_(0.0, 0.1, generator=gen)
+            elif leaf in ("w2", "a2", "v2"):
+                p.zero_()
+            elif leaf == "g2":
+                p.normal_(0.0, 0.1, generator=gen)
+            elif leaf == "w0":
+                p.fill_(-1.0)  # decay exp(-0.6065 sigmoid(-1)) ~ 0.85: memory from the start
+    return model
+
+
+def fla_config(cfg: RWKV7Config) -> dict[str, Any]:
+    """The fla-hub `config.json` of a model with this config."""
+    return {
+        "architectures": ["RWKV7ForCausalLM"],
+        "model_type": "rwkv7",
+        "vocab_size": cfg.d_vocab,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "head_dim": cfg.d_k,
+        "num_heads": cfg.n_heads,
+        "decay_low_rank_dim": cfg.d_decay_lora,
+        "a_low_rank_dim": cfg.d_a_lora,
+        "v_low_rank_dim": cfg.d_v_lora,
+        "gate_low_rank_dim": cfg.d_gate_lora,
+        "intermediate_size": cfg.d_mlp,
+        "hidden_act": "sqrelu",
+        "norm_first": cfg.embed_norm,
+        "norm_bias": True,
+        "norm_eps": cfg.norm_eps,
+        "fuse_norm": cfg.fuse_norm,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "value_dim": [cfg.d_model] * cfg.n_layers,
+        "attn": None,
+        "torch_dtype": "float32",
+    }
+
+
+def save_fla(model: Any, out: Path | str) -> None:
+    """Write `model` as an fla-hub folder (config.json + model.safetensors) that
+    `from_pretrained` reads back."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    (out / "config.json").write_text(json.dumps(fla_config(model.cfg), indent=2))
+    save_file(to_fla_state_dict(sd, model.cfg), str(out / "model.safetensors"))

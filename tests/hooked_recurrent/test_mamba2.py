@@ -357,3 +357,31 @@ def test_generation_with_write_hook_equals_forward_with_it(pair):
         logits = model.run_with_hooks(out, fwd_hooks=hooks)
     assert torch.equal(logits[:, 7:-1].argmax(-1), out[:, 8:])
     assert not torch.equal(out, plain)  # the installed atom changed the continuation
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_write_edit_detection_block_by_block(in_place):
+    """The engine finds exactly the edited (batch, pos, head) triples, across many blocks."""
+    from hooked_recurrent.hook_points import RecurrentHookPoint
+    from hooked_recurrent.recurrence import _hooked_write
+
+    g = torch.Generator().manual_seed(14)
+    k, v = torch.randn(3, 20, 4, 5, generator=g), torch.randn(3, 20, 4, 6, generator=g)
+    hit = [(0, 0, 1), (1, 7, 3), (2, 19, 0), (2, 19, 2)]
+
+    def hook(x, hook):
+        y = x if in_place else x.clone()
+        for b, t, h in hit:
+            y[b, t, h, 1, 2] += 1e-3
+        return y
+
+    hp = RecurrentHookPoint()
+    hp.add_hook(hook)
+    edited, (changed, _, native_pairs) = _hooked_write(hp, k, v, block_elems=2 * 4 * 5 * 6)
+    expected = torch.zeros(3, 20, 4, dtype=torch.bool)
+    for b, t, h in hit:
+        expected[b, t, h] = True
+    assert torch.equal(changed, expected)
+    bi, hi = torch.tensor([1]), torch.tensor([3])
+    d = edited[bi, :, hi] - native_pairs(bi, hi)
+    assert d.ne(0).sum() == 1 and torch.isclose(d[0, 7, 1, 2], torch.tensor(1e-3), atol=1e-6)

@@ -17,7 +17,11 @@ def test_every_family_ships_a_model():
 
 
 def test_shipped_size_budget():
-    total = sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.suffix in (".safetensors", ".bin", ".pth"))
+    total = sum(
+        p.stat().st_size
+        for p in SHIPPED_DIR.rglob("*")
+        if p.suffix in (".safetensors", ".bin", ".pth")
+    )
     assert total <= 30 * 2**20
 
 

@@ -124,16 +124,38 @@ def test_gate_form_is_not_exact_with_an_erase():
     assert res.r2 < 0.9999
 
 
-@torch.no_grad()
-def test_substitution_kls_equal_full_recomputation():
-    from qwen_helpers import qwen_hf
-
+def _tiny(family):
     from hooked_recurrent import HookedRecurrentModel
 
-    model = HookedRecurrentModel.from_hf_model(qwen_hf("gqa", seed=5))
+    if family == "qwen3_5":
+        from qwen_helpers import qwen_hf
+
+        return HookedRecurrentModel.from_hf_model(qwen_hf("gqa", seed=5))
+    if family == "mamba2":
+        from mamba_helpers import mamba_hf
+
+        return HookedRecurrentModel.from_hf_model(mamba_hf(seed=5))
+    from hooked_recurrent.pretrained import rwkv7
+
+    return rwkv7.random_model(
+        vocab_size=97, hidden_size=64, num_hidden_layers=2, head_dim=16, seed=5
+    )
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
+@torch.no_grad()
+def test_substitution_kls_equal_full_recomputation(family):
+    """Every family: the prefix-reusing conditions equal a full forward with the edit by hand."""
+    model = _tiny(family)
+    layer, head = model.cfg.recurrent_layers[-1], 1
     sae = WriteSAE(
         WriteSAEConfig(
-            d_k=16, d_v=24, n_atoms=32, k=3, hook_name="blocks.1.attn.hook_state", head=1
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=32,
+            k=3,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
         ),
         seed=0,
     )
@@ -147,17 +169,61 @@ def test_substitution_kls_equal_full_recomputation():
 
         def delete(w, hook, t=t):
             w = w.clone()
-            w[:, t, 1] = 0
+            w[:, t, head] = 0
             return w
 
         edited = torch.log_softmax(
             model.run_with_hooks(
-                tokens[b : b + 1], fwd_hooks=[("blocks.1.attn.hook_write", delete)]
+                tokens[b : b + 1], fwd_hooks=[(f"blocks.{layer}.attn.hook_write", delete)]
             ).double(),
             -1,
         )
         kl = float((clean[b, t].exp() * (clean[b, t] - edited[0, t])).sum())
         assert math.isclose(res.kl["delete"][i], kl, rel_tol=1e-3, abs_tol=1e-7)
     assert 0.0 <= res.win_rate_vs_delete <= 1.0
-    lo, hi = res.ci_vs_delete
-    assert (lo, hi) == wilson(res.wins_vs_delete, res.n)
+    assert res.ci_vs_delete == wilson(res.wins_vs_delete, res.n)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "rwkv7"])
+@torch.no_grad()
+def test_closed_form_exact_propagator_matches_the_measured_read(family):
+    """The exact propagator P u must reproduce the change of the read itself (before any norm)."""
+    model = _tiny(family)
+    layer, head, t0, t = model.cfg.recurrent_layers[-1], 1, 3, 9
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=8,
+            k=2,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    prefix = f"blocks.{layer}.attn"
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith(prefix))
+    u, w = sae.key_factors[0], sae.value_factors[0]
+
+    def add(state, hook):
+        state[:, t0, head] += torch.outer(u, w)
+        return state
+
+    with model.hooks(fwd_hooks=[(f"{prefix}.hook_state", add)]):
+        _, edited = model.run_with_cache(tokens, names_filter=[f"{prefix}.hook_read"])
+    d_read = (edited[f"{prefix}.hook_read"] - cache[f"{prefix}.hook_read"])[:, t, head].double()
+    tr = model.blocks[layer].attn.transition_from_cache(cache, head)
+    from hooked_recurrent.recurrence import Transition
+
+    pu = u.double().expand(4, -1)[:, None, :, None]
+    sub = Transition(
+        tr.decay[:, :, None],
+        None if tr.erase_a is None else tr.erase_a[:, :, None],
+        None if tr.erase_b is None else tr.erase_b[:, :, None],
+    )
+    for s in range(t0 + 1, t + 1):
+        pu = sub.step(pu, s)
+    q = cache[f"{prefix}.hook_q"][:, t, head].double()
+    predicted = (pu[:, 0, :, 0] * q).sum(-1)[:, None] * w.double()
+    assert (d_read - predicted).abs().max() <= 1e-5
