@@ -67,9 +67,8 @@ def word_tokenizer(vocab: int):
 
 def bridge_for(hf_model, vocab: int):
     """TransformerLens 4.3's TransformerBridge on a deep copy of `hf_model`, booted offline."""
-    from transformer_lens.model_bridge import TransformerBridge
-
     import transformer_lens.model_bridge.sources.transformers  # noqa: F401  (registers the source)
+    from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(
         "local-tiny",

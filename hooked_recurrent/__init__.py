@@ -1,4 +1,4 @@
-"""hooked_recurrent: recurrent and hybrid language models with hooks on the state write, state and read.
+"""hooked_recurrent: recurrent and hybrid LMs with hooks on the state write, state and read.
 
 Qwen3.5 (Gated DeltaNet + gated attention), Mamba-2 and RWKV-7, re-implemented in the
 TransformerLens style so that edits at `hook_write` / `hook_state` propagate through the recurrence

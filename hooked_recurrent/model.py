@@ -42,9 +42,9 @@ class HookedRecurrentModel(HookedRootModule):
     of a model shipped with the package) or `from_hf_model` (a `transformers` model in memory).
 
     Example:
-        >>> model = HookedRecurrentModel.from_pretrained("tiny-qwen3.5-shakespeare")  # doctest: +SKIP
+        >>> model = HookedRecurrentModel.from_pretrained("tiny-qwen3.5-shakespeare")
         >>> logits, cache = model.run_with_cache("To be, or not to be",
-        ...     names_filter=lambda n: n.endswith("hook_write"))  # doctest: +SKIP
+        ...     names_filter=lambda n: n.endswith("hook_write"))
     """
 
     def __init__(self, cfg: HookedRecurrentConfig, tokenizer: Any = None) -> None:
@@ -87,7 +87,7 @@ class HookedRecurrentModel(HookedRootModule):
 
     @classmethod
     def from_hf_model(cls, hf_model: nn.Module, tokenizer: Any = None) -> HookedRecurrentModel:
-        """Convert a `transformers` model already in memory (same conversion as `from_pretrained`)."""
+        """Convert a `transformers` model in memory (the same conversion as `from_pretrained`)."""
         from hooked_recurrent.pretrained import convert_hf_model
 
         cfg, state_dict = convert_hf_model(hf_model)

@@ -45,7 +45,7 @@ class Transition:
     """A_t(S) = diag(decay_t) S + erase_a_t (erase_b_t^T S), for every position t.
 
     Attributes:
-        decay: `[batch, pos, head]` (scalar per head) or `[batch, pos, head, d_k]` (per key channel).
+        decay: `[batch, pos, head]` (one per head) or `[batch, pos, head, d_k]` (per key channel).
         erase_a: `[batch, pos, head, d_k]` or None when the family has no removal term.
         erase_b: `[batch, pos, head, d_k]` or None.
     """

@@ -95,7 +95,7 @@ def encode(tok, texts: list[str]) -> torch.Tensor:
 
 
 def bigram_nats(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab: int) -> float:
-    """Held-out nats/token of an add-k bigram model; k chosen on the last 5% of the training split."""
+    """Held-out nats/token of an add-k bigram; k chosen on the last 5% of the training split."""
     cut = int(len(train_ids) * 0.95)
     fit, val = train_ids[:cut], train_ids[cut:]
 
@@ -252,7 +252,9 @@ def train_one(family: str, model: HookedRecurrentModel, train_ids, held_ids, arg
         elapsed = time.time() - t0
         if elapsed > budget or step >= args.max_steps:
             break
-        if step == 20 and args.minutes < 1e6:  # estimate the steps that fit in the budget, for the cosine schedule
+        if (
+            step == 20 and args.minutes < 1e6
+        ):  # estimate the steps that fit in the budget, for the cosine schedule
             est_total = min(args.max_steps, int(budget / (elapsed / 20)))
         frac = min(1.0, step / max(1, est_total))
         lr = (
@@ -287,8 +289,17 @@ def train_one(family: str, model: HookedRecurrentModel, train_ids, held_ids, arg
             evals.append((step, evaluate(model, held_ids[:20000], args.seq, device)))
         step += 1
         if step % 50 == 0:
-            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step,
-                            curve=curve, evals=evals, rng=rng.bit_generator.state), ckpt)
+            torch.save(
+                dict(
+                    model=model.state_dict(),
+                    opt=opt.state_dict(),
+                    step=step,
+                    curve=curve,
+                    evals=evals,
+                    rng=rng.bit_generator.state,
+                ),
+                ckpt,
+            )
     model.eval()
     return curve, evals, step, time.time() - t0
 
@@ -300,12 +311,12 @@ def plot_curve(curve, evals, bigram, title, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    s, l = zip(*curve)
+    s, l = zip(*curve, strict=True)
     k = 20
     smooth = np.convolve(l, np.ones(k) / k, mode="valid") if len(l) > k else l
     ax.plot(s[len(s) - len(smooth) :], smooth, label="train (smoothed)")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="held-out")
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out")
     ax.axhline(bigram, color="gray", ls="--", label=f"bigram held-out {bigram:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("nats / token")

@@ -156,7 +156,7 @@ def evaluate_substitution(
     if scale not in ("matched_norm", "coefficient"):
         raise ValueError(f"scale must be 'matched_norm' or 'coefficient', not {scale!r}")
     if kl_direction not in ("native||edited", "edited||native"):
-        raise ValueError(f"kl_direction must be 'native||edited' or 'edited||native'")
+        raise ValueError("kl_direction must be 'native||edited' or 'edited||native'")
     layer, head = _layer(sae), sae.cfg.head
     write_hook = f"blocks.{layer}.attn.hook_write"
     if write_hook not in model.hook_dict:
@@ -201,24 +201,7 @@ def evaluate_substitution(
             )[:, None, :]
             c = top_c[:, t]
 
-            def conditions(w: Tensor, hook: Any) -> Tensor:
-                # rows: [native x B, atom x B, delete x B, random x B]
-                native = w[:B, 0, head]
-                norm = native.flatten(-2).norm(dim=-1)[:, None, None]
-                a = atom.to(w.dtype)
-                a_scaled = (
-                    norm
-                    * a
-                    / a.flatten(-2).norm(dim=-1).clamp_min(1e-30)[:, None, None]
-                    * torch.where(c < 0, -1.0, 1.0).to(w.dtype)[:, None, None]
-                    if scale == "matched_norm"
-                    else c.to(w.dtype)[:, None, None] * a
-                )
-                out = w.clone()
-                out[B : 2 * B, 0, head] = a_scaled
-                out[2 * B : 3 * B, 0, head] = 0.0
-                out[3 * B :, 0, head] = norm * rnd.to(w.dtype)
-                return out
+            conditions = _conditions_hook(B, head, atom, c, rnd, scale)
 
             st4 = None if state is None else _tile(state, 4)
             logits = model.run_with_hooks(
@@ -288,6 +271,27 @@ def evaluate_substitution(
             per_atom=rates,
         )
     return result
+
+
+def _conditions_hook(B: int, head: int, atom: Tensor, c: Tensor, rnd: Tensor, scale: str):
+    """The write hook of one substitution step: rows [native, atom, delete, random] x B."""
+
+    def conditions(w: Tensor, hook: Any) -> Tensor:
+        native = w[:B, 0, head]
+        norm = native.flatten(-2).norm(dim=-1)[:, None, None]
+        a = atom.to(w.dtype)
+        if scale == "matched_norm":
+            sign = torch.where(c < 0, -1.0, 1.0).to(w.dtype)[:, None, None]
+            a_scaled = sign * norm * a / a.flatten(-2).norm(dim=-1).clamp_min(1e-30)[:, None, None]
+        else:
+            a_scaled = c.to(w.dtype)[:, None, None] * a
+        out = w.clone()
+        out[B : 2 * B, 0, head] = a_scaled
+        out[2 * B : 3 * B, 0, head] = 0.0
+        out[3 * B :, 0, head] = norm * rnd.to(w.dtype)
+        return out
+
+    return conditions
 
 
 def _tile(state: Any, n: int) -> Any:
@@ -579,9 +583,9 @@ def evaluate_install(
     For each prompt and target token T (default: `n_targets` tokens whose rank under the unedited
     model's next-token distribution at the end of the prompt lies in `rank_band`), the write of the
     head at `positions` consecutive positions, starting with the first generated token, gets
-    `scale * ||W_t||_F * k^_t v*_T^T` added (v*_T from `target_direction`, the native key k^_t as the
-    key side; additive), and the `max_new_tokens` greedy continuation is checked for T, against
-    the unedited continuation. With an SAE, its layer and head are used; with a `[d_v]` direction
+    `scale * ||W_t||_F * k^_t v*_T^T` added (v*_T from `target_direction`, the native key k^_t as
+    the key side; additive), and the `max_new_tokens` greedy continuation is checked for T,
+    against the unedited continuation. With an SAE, its layer and head are used; with a `[d_v]` direction
     tensor, give `layer` and `head`, and that value direction is installed for every target.
     """
     if isinstance(sae_or_direction, Tensor):
@@ -610,11 +614,13 @@ def evaluate_install(
             v = fixed_dir if fixed_dir is not None else target_direction(model, layer, head, T_)
             lo, hi = P, P + positions
 
-            def install(w: Tensor, hook: Any, v=v, lo=lo, hi=hi) -> Tensor:
+            model_k_cache: dict[str, Tensor] = {}
+
+            def install(w: Tensor, hook: Any, v=v, lo=lo, hi=hi, kc=model_k_cache) -> Tensor:
                 on = (hook.positions >= lo) & (hook.positions < hi)
                 if not bool(on.any()):
                     return w
-                k = model_k_cache.get("k")
+                k = kc.get("k")
                 native = w[:, on, head]
                 norm = native.flatten(-2).norm(dim=-1)[..., None, None]
                 key = k[:, on] if k is not None else native.flatten(-2).new_ones(native.shape[:-1])
@@ -625,10 +631,8 @@ def evaluate_install(
                 )
                 return w
 
-            model_k_cache: dict[str, Tensor] = {}
-
-            def grab_k(k: Tensor, hook: Any) -> Tensor:
-                model_k_cache["k"] = k[:, :, head]
+            def grab_k(k: Tensor, hook: Any, kc=model_k_cache) -> Tensor:
+                kc["k"] = k[:, :, head]
                 return k
 
             hooks = [(f"{prefix}.hook_k", grab_k), (f"{prefix}.hook_write", install)]

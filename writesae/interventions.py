@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 __all__ = ["substitute_hook", "ablate_hook", "install_hook", "HookFn", "check_hook"]
 
 HookFn = Callable[..., Tensor]
+Write = Float[Tensor, "batch pos head d_k d_v"]
 SCALINGS = ("matched_norm", "coefficient")
 
 
 def check_hook(
-    sae: BaseSAE, write: Tensor, hook: Any, suffixes: tuple[str, ...] = ("hook_write",)
+    sae: BaseSAE, write: Write, hook: Any, suffixes: tuple[str, ...] = ("hook_write",)
 ) -> None:
     """Raise a ValueError naming what does not match between ``sae`` and the hook it is on."""
     cfg = sae.cfg
@@ -127,7 +128,7 @@ def substitute_hook(
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
 
-    def hook_fn(write: Tensor, hook: Any) -> Tensor:
+    def hook_fn(write: Write, hook: Any) -> Write:
         check_hook(sae, write, hook)
         b, p, h = write.shape[:3]
         head = sae.cfg.head
@@ -170,14 +171,15 @@ def ablate_hook(
     Args:
         positions: absolute positions (None = all).
         control: ``"delete"`` (write -> 0) or ``"random"`` (``||D||_F g h^T / (||g|| ||h||)``
-            with fresh Gaussian ``g, h`` per position, seeded by ``seed`` once per call).
+            with Gaussian ``g, h`` drawn per sample and absolute position from ``seed``, so a
+            full pass and token-by-token generation draw the same matrices).
         only_firing: restrict to positions where the SAE fires (any nonzero code), i.e. the
             positions the substitution condition edits.
     """
     if control not in ("delete", "random"):
         raise ValueError(f"control must be 'delete' or 'random', got {control!r}")
 
-    def hook_fn(write: Tensor, hook: Any) -> Tensor:
+    def hook_fn(write: Write, hook: Any) -> Write:
         check_hook(sae, write, hook)
         b, p = write.shape[:2]
         head = sae.cfg.head
@@ -188,9 +190,13 @@ def ablate_hook(
         if control == "delete":
             rep = torch.zeros_like(native)
         else:
-            gen = torch.Generator().manual_seed(seed)
-            g = torch.randn(b, p, sae.cfg.d_k, generator=gen, dtype=torch.float64)
-            hv = torch.randn(b, p, sae.cfg.d_v, generator=gen, dtype=torch.float64)
+            # one generator per absolute position: the same draw in a full pass and in generation
+            g = torch.empty(b, p, sae.cfg.d_k, dtype=torch.float64)
+            hv = torch.empty(b, p, sae.cfg.d_v, dtype=torch.float64)
+            for j, pos in enumerate(_abs_positions(hook, p, torch.device("cpu")).tolist()):
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + pos)
+                g[:, j] = torch.randn(b, sae.cfg.d_k, generator=gen, dtype=torch.float64)
+                hv[:, j] = torch.randn(b, sae.cfg.d_v, generator=gen, dtype=torch.float64)
             r = (g / g.norm(dim=-1, keepdim=True))[..., :, None] * (
                 hv / hv.norm(dim=-1, keepdim=True)
             )[..., None, :]
@@ -238,7 +244,7 @@ def install_hook(
     if positions is None:
         raise ValueError("install needs explicit absolute positions")
 
-    def hook_fn(write: Tensor, hook: Any) -> Tensor:
+    def hook_fn(write: Write, hook: Any) -> Write:
         check_hook(sae, write, hook, suffixes=("hook_write", "hook_state"))
         p = write.shape[1]
         mask = _position_mask(hook, p, positions, write.device)

@@ -35,7 +35,12 @@ def plot_substitution(sub: Any, path: Path) -> Path:
     names = ["atom beats deletion", "atom beats random"]
     rates = [sub.win_rate_vs_delete, sub.win_rate_vs_random]
     cis = [sub.ci_vs_delete, sub.ci_vs_random]
-    err = np.array([[r - c[0] for r, c in zip(rates, cis)], [c[1] - r for r, c in zip(rates, cis)]])
+    err = np.array(
+        [
+            [r - c[0] for r, c in zip(rates, cis, strict=True)],
+            [c[1] - r for r, c in zip(rates, cis, strict=True)],
+        ]
+    )
     ax.bar(names, [100 * r for r in rates], yerr=100 * err, capsize=6, color=["#3b7dd8", "#7fb2f0"])
     ax.axhline(50, color="gray", ls="--", lw=1, label="chance")
     for i, r in enumerate(rates):
@@ -73,7 +78,12 @@ def plot_install(inst: Any, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
     rates = [inst.rate_native, inst.rate_edited]
     cis = [inst.ci_native, inst.ci_edited]
-    err = np.array([[r - c[0] for r, c in zip(rates, cis)], [c[1] - r for r, c in zip(rates, cis)]])
+    err = np.array(
+        [
+            [r - c[0] for r, c in zip(rates, cis, strict=True)],
+            [c[1] - r for r, c in zip(rates, cis, strict=True)],
+        ]
+    )
     ax.bar(
         ["unedited", "install"],
         [100 * r for r in rates],
@@ -94,7 +104,7 @@ def plot_training(metrics: Any, path: Path) -> Path:
     """FVE, L0 and dead fraction over training."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(9, 2.8))
-    for ax, name in zip(axes, ("fve", "l0", "dead_fraction")):
+    for ax, name in zip(axes, ("fve", "l0", "dead_fraction"), strict=True):
         ax.plot(metrics.step, getattr(metrics, name))
         ax.set_title(name)
         ax.set_xlabel("step")

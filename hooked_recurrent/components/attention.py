@@ -1,4 +1,4 @@
-"""Qwen3.5 gated full attention: q/k RMSNorm, partial RoPE, GQA, causal softmax, sigmoid output gate.
+"""Qwen3.5 gated attention: q/k RMSNorm, partial RoPE, GQA, causal softmax, sigmoid output gate.
 
 q_h, gate_h = split(W_Q x)             (per head: d_head query rows, then d_head gate rows)
 q = rope(qnorm(q)),  k = rope(knorm(W_K x)),  v = W_V x

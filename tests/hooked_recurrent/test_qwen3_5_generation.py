@@ -41,7 +41,7 @@ def test_split_forward_equals_whole(pair):
 
 
 def _argmax_rollout_check(model, prompt, n_new, hooks):
-    """Generate with hooks, then check each new token is the argmax of run_with_hooks on the result."""
+    """Generate with hooks; each new token must be the argmax of run_with_hooks on the result."""
     out = model.generate(prompt, n_new, stop_at_eos=False, fwd_hooks=hooks)
     logits = model.run_with_hooks(out, fwd_hooks=hooks)
     P = prompt.shape[1]

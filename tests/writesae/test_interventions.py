@@ -197,3 +197,18 @@ def test_mismatched_hook_errors():
         model.run_with_hooks(TOKENS, fwd_hooks=[(HOOK, make_sae(d_v=4).install(0, [1]))])
     with pytest.raises(ValueError, match="head index out of range.*head 2.*2 heads"):
         model.run_with_hooks(TOKENS, fwd_hooks=[(HOOK, make_sae(head=2).ablate)])
+
+
+def test_random_control_is_the_same_in_a_full_pass_and_token_by_token():
+    model, sae = StubModel(), make_sae()
+    hook = sae.ablate_hook(control="random", positions=[2, 5], seed=7)
+    full = model.run_with_hooks(TOKENS, fwd_hooks=[(HOOK, hook)])
+    states, steps = None, []
+    for t in range(TOKENS.shape[1]):
+        with model.hooks(fwd_hooks=[(HOOK, hook)]):
+            logits, states = model(
+                TOKENS[:, t : t + 1], start_pos=t, states=states, return_states=True
+            )
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-10)
+    assert not torch.allclose(full, model(TOKENS))
