@@ -60,6 +60,8 @@ class HookedRecurrentModel(HookedRootModule):
         self.blocks = nn.ModuleList(family.build_block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = family.build_final_norm(cfg)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        if getattr(cfg, "tie_word_embeddings", False):
+            self.unembed.weight = self.embed.weight  # one parameter, as in the checkpoint
         self.to(cfg.dtype)
         self.setup()
 

@@ -134,7 +134,7 @@ def build_qwen(seed: int):
         linear_key_head_dim=32,
         linear_value_head_dim=32,
         linear_conv_kernel_dim=4,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         pad_token_id=1,
@@ -157,7 +157,6 @@ def export_qwen(model: HookedRecurrentModel, hf, out: Path) -> None:
         {k: v.detach().cpu().float() for k, v in model.state_dict().items()}, model.cfg
     )
     missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight"]  # tied
     if missing or unexpected:
         raise RuntimeError(f"export mismatch: missing={missing} unexpected={unexpected}")
     hf.save_pretrained(str(out))
@@ -178,7 +177,7 @@ def build_mamba(seed: int):
         n_groups=1,
         conv_kernel=4,
         chunk_size=64,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         pad_token_id=1,
         eos_token_id=0,
         bos_token_id=0,
@@ -193,7 +192,6 @@ def export_mamba(model: HookedRecurrentModel, hf, out: Path) -> None:
         {k: v.detach().cpu().float() for k, v in model.state_dict().items()}, model.cfg
     )
     missing, unexpected = hf.load_state_dict(sd, strict=False)
-    missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
         raise RuntimeError(f"export mismatch: missing={missing} unexpected={unexpected}")
     hf.save_pretrained(str(out))
@@ -345,6 +343,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    ap.add_argument("--export-only", action="store_true",
+                    help="write the model of the last checkpoint without training")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -382,7 +382,15 @@ def main() -> None:
             hf = None
             model = build_rwkv(args.seed)
             model.tokenizer = tok
-        curve, evals, steps, secs = train_one(family, model, train_ids, held_ids, args, device)
+        if args.export_only:  # re-export the last checkpoint without training
+            state = torch.load(args.work / f"{family}.ckpt", weights_only=False)
+            model.load_state_dict(state["model"])
+            curve, evals, steps, secs = state["curve"], state["evals"], state["step"], float("nan")
+            prev = out / "metrics.json"
+            if prev.exists():
+                secs = json.loads(prev.read_text()).get("train_seconds", secs)
+        else:
+            curve, evals, steps, secs = train_one(family, model, train_ids, held_ids, args, device)
         model.cpu().float()
         held = evaluate(model, held_ids, args.seq, "cpu")
         logger.info(

@@ -60,3 +60,20 @@ def test_unsupported_model_type_names_the_families(tmp_path):
 def test_missing_path_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="not a shipped model"):
         HookedRecurrentModel.from_pretrained("./no/such/folder")
+
+
+def test_tied_embeddings_stay_one_parameter(tmp_path):
+    """A tied checkpoint must stay tied: training our model then saving must not lose the head."""
+    hf = qwen_hf("tied", seed=2)
+    model = HookedRecurrentModel.from_hf_model(hf)
+    assert model.unembed.weight is model.embed.weight
+    with torch.no_grad():
+        model.embed.weight.add_(0.1)
+    from hooked_recurrent.pretrained.qwen3_5 import to_hf_state_dict
+
+    hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
+    hf.save_pretrained(tmp_path)
+    tokens = torch.randint(0, 97, (1, 9))
+    reloaded = HookedRecurrentModel.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert (reloaded(tokens) - model(tokens)).abs().max() <= 1e-5
