@@ -435,6 +435,35 @@ def main() -> None:
             )
         )
     write_samples(args.data, args.out)
+    record_sample_losses(args, tok, train_ids)
+
+
+def sample_windows(tok, text: str, seq: int) -> torch.Tensor:
+    """The held-out sample shipped with the models, cut into full windows of `seq` tokens."""
+    ids = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.long)
+    n = (len(ids) - 1) // seq
+    return ids[: n * seq + 1], n
+
+
+def record_sample_losses(args, tok, train_ids: torch.Tensor) -> None:
+    """Add to each metrics.json the model's and the bigram's loss on the shipped held-out sample
+    (the bigram still estimated on the whole training split), for tests that only have the sample.
+    """
+    text = (args.out / "heldout_sample.txt").read_text(encoding="utf-8")
+    ids, n = sample_windows(tok, text, args.seq)
+    windows = ids[: n * args.seq].view(n, args.seq)
+    bigram = bigram_nats(train_ids, ids[: n * args.seq], len(tok))
+    for name in NAMES.values():
+        path = args.out / name / "metrics.json"
+        if not path.exists():
+            continue
+        metrics = json.loads(path.read_text())
+        model = HookedRecurrentModel.from_pretrained(str(args.out / name))
+        with torch.no_grad():
+            loss = float(model(windows, return_type="loss"))
+        metrics.update(heldout_sample_windows=n, heldout_sample_nats_per_token=round(loss, 4),
+                       bigram_heldout_sample_nats_per_token=round(bigram, 4))
+        path.write_text(json.dumps(metrics, indent=2))
 
 
 def write_samples(data: Path, out: Path) -> None:

@@ -39,13 +39,15 @@ def test_loads_in_transformers_with_the_same_logits(name):
 @pytest.mark.parametrize("name", PRESENT)
 @torch.no_grad()
 def test_held_out_loss_beats_the_bigram(name):
-    """Loss on the shipped held-out sample (from the held-out plays) against the bigram baseline
-    estimated on the training split when the model was trained (recorded in metrics.json)."""
+    """Loss on the shipped held-out sample (from the held-out plays), recomputed here, against a
+    bigram estimated on the whole training split (recorded by scripts/train_toy_models.py, since
+    the training split is not shipped); the full held-out plays were checked by the script."""
     metrics = json.loads((SHIPPED_DIR / name / "metrics.json").read_text())
+    assert metrics["margin_over_bigram"] >= 0.5  # the whole held-out plays, from the script
     model = HookedRecurrentModel.from_pretrained(name)
     ids = model.to_tokens(sample_text("heldout"))[0]
     n = (len(ids) - 1) // 128
-    x = ids[: n * 128].view(n, 128)[:24]
-    loss = float(model(x, return_type="loss"))
-    assert loss <= metrics["bigram_held_out_nats_per_token"] - 0.5
-    assert abs(loss - metrics["held_out_nats_per_token"]) < 0.5
+    assert n == metrics["heldout_sample_windows"]
+    loss = float(model(ids[: n * 128].view(n, 128), return_type="loss"))
+    assert abs(loss - metrics["heldout_sample_nats_per_token"]) < 1e-3
+    assert loss <= metrics["bigram_heldout_sample_nats_per_token"] - 0.5
