@@ -43,8 +43,8 @@ def plot_substitution(sub: Any, path: Path) -> Path:
     )
     ax.bar(names, [100 * r for r in rates], yerr=100 * err, capsize=6, color=["#3b7dd8", "#7fb2f0"])
     ax.axhline(50, color="gray", ls="--", lw=1, label="chance")
-    for i, r in enumerate(rates):
-        ax.text(i, 100 * r + 3, f"{100 * r:.1f}%", ha="center")
+    for i, (r, c) in enumerate(zip(rates, cis, strict=True)):
+        ax.text(i, 100 * c[1] + 2, f"{100 * r:.1f}%", ha="center")
     ax.set_ylim(0, 105)
     ax.set_ylabel("win rate (%)")
     ax.set_title(f"single-write substitution, n = {sub.n} firings")
