@@ -132,13 +132,25 @@ def propagate(
 _Edit = tuple[Tensor, Tensor, "Tensor | Callable[[Tensor, Tensor], Tensor] | None"]
 
 
+#: (batch index [n], head index [n], start position, E [n, 1, d_k, d_v]) -> (the reads of the
+#: state E carried from `start` on with zero writes [n, T - start, 1, d_v], the final state):
+#: a family's fast path run on a response, supplied to `recur` by mixers that have one
+Response = Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]]
+
+
 def _propagate_edits(
-    transition: Transition, q: Tensor, edits: list[_Edit], shape: tuple[int, ...]
+    transition: Transition,
+    q: Tensor,
+    edits: list[_Edit],
+    shape: tuple[int, ...],
+    response: Response | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`propagate` for edits given as (changed, edited, native) without a dense delta tensor.
 
     Only the (batch, head) pairs where `changed` is set are gathered, so the cost does not
-    grow with the size of the untouched part of the batch.
+    grow with the size of the untouched part of the batch. When every edit sits at one position
+    t0 and the mixer supplies `response`, the rest of the response (zero writes from t0 + 1 on,
+    starting from the edit) runs on the family's chunked fast path instead of a Python loop.
     """
     B, T, H, dk, dv = shape
     d_o = q.new_zeros(B, T, H, dv)
@@ -162,6 +174,16 @@ def _propagate_edits(
         dsub = dsub + d.float() * changed[bi, :, hi][..., None, None]
     dsub = dsub.unsqueeze(2)  # [n, T, 1, dk, dv]
     qsub = q[bi, :, hi].unsqueeze(2)
+    if response is not None and not bool(touched[bi, t0 + 1 :, hi].any()):
+        E0 = dsub[:, t0]  # [n, 1, dk, dv]
+        d_o[bi, t0, hi] = torch.einsum("bhkv,bhk->bhv", E0, qsub[:, t0])[:, 0]
+        if t0 + 1 < T:
+            o_rest, E_last = response(bi, hi, t0 + 1, E0)
+            d_o[bi, t0 + 1 :, hi] = o_rest[:, :, 0].to(d_o.dtype)
+            E_T[bi, hi] = E_last[:, 0].to(E_T.dtype)
+        else:
+            E_T[bi, hi] = E0[:, 0]
+        return d_o, E_T
     E = torch.zeros_like(dsub[:, 0])
     outs = []
     for t in range(t0, T):
@@ -359,6 +381,7 @@ class RecurrentMixer(torch.nn.Module):
         write_k: Float[Tensor, "batch pos head d_k"],
         write_v: Float[Tensor, "batch pos head d_v"],
         S0: Float[Tensor, "batch head d_k d_v"] | None,
+        response: Response | None = None,
     ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
         """Run the recurrence: the fast path, plus the exact response to any edit made at
         `hook_write` or `hook_state`. Returns the reads `[batch, pos, head, d_v]` and the final
@@ -419,7 +442,7 @@ class RecurrentMixer(torch.nn.Module):
         if edits:
             shape = (*q.shape[:3], q.shape[-1], write_v.shape[-1])
             if type(self).propagate_edits is RecurrentMixer.propagate_edits:
-                d_o, E_T = _propagate_edits(transition, q.float(), edits, shape)
+                d_o, E_T = _propagate_edits(transition, q.float(), edits, shape, response)
             else:  # the family's own (e.g. chunked) propagation takes the dense difference
                 d_o, E_T = self.propagate_edits(transition, q.float(), _dense(edits, shape))
             o = o + d_o.to(o.dtype)

@@ -191,6 +191,17 @@ class GatedDeltaNet(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
         transition = Transition(alpha, -(alpha * beta)[..., None] * k, k)
+
+        def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
+            # an edit's response is this recurrence with zero writes, started from the edit
+            def pick(x: Tensor) -> Tensor:
+                return x[bi, start:, hi].unsqueeze(2)
+
+            zero_v = v.new_zeros(len(bi), T - start, 1, dv)
+            return chunk_gated_delta_rule(
+                pick(q), pick(k), zero_v, pick(beta), pick(g), E0, self.chunk_size
+            )
+
         o, S_T = self.recur(
             lambda: chunk_gated_delta_rule(q, k, v, beta, g, S0, self.chunk_size),
             transition,
@@ -198,6 +209,7 @@ class GatedDeltaNet(RecurrentMixer):
             beta[..., None] * k,
             v,
             S0,
+            response=response,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o.to(x.dtype))

@@ -202,6 +202,17 @@ class Mamba2Mixer(RecurrentMixer):
                 log_decay = torch.where(changed, decay.log(), log_decay)
 
         S0 = None if past is None else past["S"]
+
+        def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
+            # an edit's response is this recurrence with zero writes, started from the edit
+            def pick(x: Tensor) -> Tensor:
+                return x[bi, start:, hi].unsqueeze(2)
+
+            zero_v = v.new_zeros(len(bi), T - start, 1, P)
+            return chunk_ssd(
+                pick(q), pick(k), zero_v, pick(dt), pick(log_decay), E0, self.chunk_size
+            )
+
         o, S_T = self.recur(
             lambda: chunk_ssd(q, k, v, dt, log_decay, S0, self.chunk_size),
             Transition(decay),
@@ -209,6 +220,7 @@ class Mamba2Mixer(RecurrentMixer):
             k,
             dt[..., None] * v,
             S0,
+            response=response,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o)
