@@ -90,3 +90,28 @@ def rank1_write_edit(position: int, head: int = 0, scale: float = 0.1):
         return x
 
     return hook
+
+
+def bench_qwen(vocab: int = 512):
+    """The Qwen3.5 of the benchmarks: d_model 256, 3 Gated DeltaNet + 1 attention layer."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(0)
+    cfg = Qwen3_5TextConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    return Qwen3_5ForCausalLM(cfg).eval()

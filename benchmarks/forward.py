@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import bridge_for, interleaved_medians, rank1_write_edit, table  # noqa: E402
+from common import bench_qwen, bridge_for, interleaved_medians, rank1_write_edit, table  # noqa: E402
 
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
 
@@ -24,27 +24,7 @@ B, T, VOCAB = 4, 256, 512
 
 
 def qwen_rows(rounds: int) -> str:
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-
-    torch.manual_seed(0)
-    cfg = Qwen3_5TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=64,
-        linear_value_head_dim=64,
-        layer_types=["linear_attention"] * 3 + ["full_attention"],
-        pad_token_id=VOCAB - 2,
-        eos_token_id=VOCAB - 1,
-        bos_token_id=VOCAB - 1,
-    )
-    hf = Qwen3_5ForCausalLM(cfg).eval()
+    hf = bench_qwen(VOCAB)
     ours = HookedRecurrentModel.from_hf_model(hf)
     bridge = bridge_for(hf, VOCAB)
     tokens = torch.randint(0, VOCAB - 3, (B, T))

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import interleaved_medians  # noqa: E402
+from common import bench_qwen, interleaved_medians  # noqa: E402
 
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
 
@@ -26,27 +26,7 @@ VOCAB = 512
 
 
 def qwen():
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-
-    torch.manual_seed(0)
-    cfg = Qwen3_5TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=64,
-        linear_value_head_dim=64,
-        layer_types=["linear_attention"] * 3 + ["full_attention"],
-        pad_token_id=0,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    hf = Qwen3_5ForCausalLM(cfg).eval()
+    hf = bench_qwen(VOCAB)
     return "Qwen3.5", hf, HookedRecurrentModel.from_hf_model(hf)
 
 

@@ -150,10 +150,12 @@ def build_qwen(seed: int):
     return hf
 
 
-def export_qwen(model: HookedRecurrentModel, hf, out: Path) -> None:
-    from hooked_recurrent.pretrained.qwen3_5 import to_hf_state_dict
+def export_hf(model: HookedRecurrentModel, hf, out: Path) -> None:
+    """Write `model` as the Hugging Face checkpoint of its family (`hf` is a model to fill)."""
+    from hooked_recurrent.pretrained import mamba2, qwen3_5
 
-    sd = to_hf_state_dict(
+    family = {"qwen3_5": qwen3_5, "mamba2": mamba2}[model.cfg.architecture]
+    sd = family.to_hf_state_dict(
         {k: v.detach().cpu().float() for k, v in model.state_dict().items()}, model.cfg
     )
     missing, unexpected = hf.load_state_dict(sd, strict=False)
@@ -183,18 +185,6 @@ def build_mamba(seed: int):
         bos_token_id=0,
     )
     return Mamba2ForCausalLM(cfg)
-
-
-def export_mamba(model: HookedRecurrentModel, hf, out: Path) -> None:
-    from hooked_recurrent.pretrained.mamba2 import to_hf_state_dict
-
-    sd = to_hf_state_dict(
-        {k: v.detach().cpu().float() for k, v in model.state_dict().items()}, model.cfg
-    )
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"export mismatch: missing={missing} unexpected={unexpected}")
-    hf.save_pretrained(str(out))
 
 
 def build_rwkv(seed: int):
@@ -343,8 +333,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    ap.add_argument("--export-only", action="store_true",
-                    help="write the model of the last checkpoint without training")
+    ap.add_argument(
+        "--export-only",
+        action="store_true",
+        help="write the model of the last checkpoint without training",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -401,10 +394,8 @@ def main() -> None:
             held,
             bigram,
         )
-        if family == "qwen3_5":
-            export_qwen(model, hf, out)
-        elif family == "mamba2":
-            export_mamba(model, hf, out)
+        if hf is not None:
+            export_hf(model, hf, out)
         else:
             from hooked_recurrent.pretrained import rwkv7
 
@@ -461,8 +452,11 @@ def record_sample_losses(args, tok, train_ids: torch.Tensor) -> None:
         model = HookedRecurrentModel.from_pretrained(str(args.out / name))
         with torch.no_grad():
             loss = float(model(windows, return_type="loss"))
-        metrics.update(heldout_sample_windows=n, heldout_sample_nats_per_token=round(loss, 4),
-                       bigram_heldout_sample_nats_per_token=round(bigram, 4))
+        metrics.update(
+            heldout_sample_windows=n,
+            heldout_sample_nats_per_token=round(loss, 4),
+            bigram_heldout_sample_nats_per_token=round(bigram, 4),
+        )
         path.write_text(json.dumps(metrics, indent=2))
 
 
