@@ -37,7 +37,7 @@ def tokens(batch: int = 2, T: int = 50, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- chunked SSD vs reference scan
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(
     B=st.integers(1, 2),
     T=st.integers(1, 40),

