@@ -585,8 +585,9 @@ def evaluate_install(
     head at `positions` consecutive positions, starting with the first generated token, gets
     `scale * ||W_t||_F * k^_t v*_T^T` added (v*_T from `target_direction`, the native key k^_t as
     the key side; additive), and the `max_new_tokens` greedy continuation is checked for T,
-    against the unedited continuation. With an SAE, its layer and head are used; with a `[d_v]` direction
-    tensor, give `layer` and `head`, and that value direction is installed for every target.
+    against the unedited continuation. With an SAE, its layer and head are used; with a `[d_v]`
+    direction tensor, give `layer` and `head`, and that value direction is installed for every
+    target.
     """
     if isinstance(sae_or_direction, Tensor):
         if layer is None or head is None:
