@@ -121,6 +121,7 @@ def batch_fve(b: Batch, sq_err: Float[Tensor, " B"]) -> float:
 @dataclass
 class StepResult:
     """Loss and its parts for one training step (`training_step_loss`)."""
+
     loss: Tensor
     mse: Tensor
     aux: Tensor
