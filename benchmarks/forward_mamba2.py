@@ -13,12 +13,10 @@ with the ratio to the Hugging Face forward.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import bridge_for  # noqa: E402
 
 VOCAB = 512
 BATCH, SEQ = 4, 256
@@ -56,39 +57,6 @@ def mamba2_hf(seed: int = 0, hidden: int = 256, layers: int = 4, vocab: int = VO
     return Mamba2ForCausalLM(cfg).eval()
 
 
-def _tokenizer(folder: str, vocab: int = VOCAB):
-    """A word-level tokenizer saved to `folder` and reloaded (the bridge re-reads it by path)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    v = {f"t{i}": i for i in range(vocab - 3)}
-    v.update({"<unk>": vocab - 3, "<pad>": vocab - 2, "<eos>": vocab - 1})
-    tk = Tokenizer(models.WordLevel(vocab=v, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    t = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token="<eos>",
-        bos_token="<eos>",
-    )
-    t.save_pretrained(folder)
-    return AutoTokenizer.from_pretrained(folder)
-
-
-def _bridge(hf_model, tokenizer):
-    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  registers the source
-    from transformer_lens.model_bridge import TransformerBridge
-
-    return TransformerBridge.boot_transformers(
-        "local-tiny-mamba2",
-        hf_model=hf_model,
-        tokenizer=tokenizer,
-        device="cpu",
-        dtype=torch.float32,
-    )
-
-
 def rows(rounds: int = 7) -> list[dict]:
     """Time every condition `rounds` times, interleaved; one dict per condition.
 
@@ -105,8 +73,7 @@ def rows(rounds: int = 7) -> list[dict]:
     toks = torch.randint(0, VOCAB - 3, (BATCH, SEQ))
     hf = mamba2_hf()
     ours = HookedRecurrentModel.from_hf_model(hf)
-    with tempfile.TemporaryDirectory() as d:
-        bridge = _bridge(copy.deepcopy(hf), _tokenizer(d))
+    bridge = bridge_for(hf, VOCAB)  # boots on a deep copy, with a tokenizer saved to disk
 
     g = torch.Generator().manual_seed(2)
     u = torch.randn(64, generator=g)  # d_state
