@@ -26,6 +26,7 @@ path is tested against it.
 from __future__ import annotations
 
 import ctypes
+import math
 import ctypes.util
 import sys
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from hooked_recurrent.hook_points import RecurrentHookPoint
 
-__all__ = ["Transition", "scan", "propagate", "RecurrentMixer"]
+__all__ = ["Transition", "Edits", "scan", "propagate", "propagate_sparse", "RecurrentMixer"]
 
 
 @dataclass
@@ -63,11 +64,14 @@ class Transition:
             out = out + self.erase_a[:, t, :, :, None] * read[:, :, None, :]
         return out
 
-    def select(self, batch: Tensor, head: Tensor) -> Transition:
-        """The transition restricted to pairs (batch[i], head[i]), as a batch of single heads."""
+    def select(
+        self, batch: Tensor, head: Tensor, positions: slice = slice(None)
+    ) -> Transition:
+        """The transition restricted to pairs (batch[i], head[i]) and `positions`, as a batch of
+        single heads."""
 
         def pick(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x[batch, :, head].unsqueeze(2)
+            return None if x is None else x[batch, positions, head].unsqueeze(2)
 
         return Transition(pick(self.decay), pick(self.erase_a), pick(self.erase_b))
 
@@ -110,6 +114,52 @@ def scan(
     return o, S, (torch.stack(states, 1) if keep_states else None)
 
 
+@dataclass
+class Edits:
+    """Additive state edits at a few (batch, pos, head) triples.
+
+    The state of head `h[i]` of batch row `b[i]` gains `delta[i]` (`[d_k, d_v]`, float32) at
+    position `t[i]`; a triple may appear more than once (the changes add up).
+    """
+
+    b: Tensor
+    t: Tensor
+    h: Tensor
+    delta: Tensor
+
+    @classmethod
+    def found(
+        cls, changed: Tensor, edited: Tensor, native: Callable[[tuple[Tensor, ...]], Tensor]
+    ) -> Edits:
+        """edited - native where `changed` `[batch, pos, head]` is set; `native(index)` gives the
+        native values at `index` (three index tensors), so nothing of full size is rebuilt."""
+        index = changed.nonzero(as_tuple=True)
+        return cls(*index, edited[index].float() - native(index).float())
+
+    @classmethod
+    def cat(cls, parts: list[Edits]) -> Edits:
+        """The edits of all `parts` together."""
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("b", "t", "h", "delta")))
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def dense(self, shape: tuple[int, ...]) -> Tensor:
+        """The edits as one dense difference tensor of `shape` `[batch, pos, head, d_k, d_v]`."""
+        out = self.delta.new_zeros(shape)
+        return out.index_put_((self.b, self.t, self.h), self.delta, accumulate=True)
+
+
+#: (batch index [n], head index [n], start position, E [n, 1, d_k, d_v]) -> (the reads of the
+#: state E carried from `start` on with zero writes [n, T - start, 1, d_v], the final state):
+#: a family's fast path run on a response, supplied to `recur` by mixers that have one
+Response = Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]]
+
+#: (the transition of a batch of single heads, their reads, their dense edits [n, T, 1, d_k, d_v])
+#: -> (dO [n, T, 1, d_v], E_T [n, 1, d_k, d_v]): a family's chunked propagation of many edits
+DenseResponse = Callable[[Transition, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
 def propagate(
     transition: Transition,
     q: Float[Tensor, "batch pos head d_k"],
@@ -123,75 +173,72 @@ def propagate(
     O((T - t) d_k d_v).
     """
     touched = delta.ne(0).flatten(3).any(-1)  # [b, T, h]
-    return _propagate_edits(transition, q, [(touched, delta, None)], tuple(delta.shape))
+    edits = Edits.found(touched, delta, lambda index: delta.new_zeros(()))
+    return propagate_sparse(transition, q, edits, tuple(delta.shape))
 
 
-#: (changed [batch, pos, head] bool, edited, native): the edit is edited - native where changed.
-#: `native` is a tensor, None (edited is already the difference), or a function (batch index,
-#: head index) -> the native values of those pairs, `[n, pos, d_k, d_v]`.
-_Edit = tuple[Tensor, Tensor, "Tensor | Callable[[Tensor, Tensor], Tensor] | None"]
-
-
-#: (batch index [n], head index [n], start position, E [n, 1, d_k, d_v]) -> (the reads of the
-#: state E carried from `start` on with zero writes [n, T - start, 1, d_v], the final state):
-#: a family's fast path run on a response, supplied to `recur` by mixers that have one
-Response = Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]]
-
-
-def _propagate_edits(
+def propagate_sparse(
     transition: Transition,
-    q: Tensor,
-    edits: list[_Edit],
+    q: Float[Tensor, "batch pos head d_k"],
+    edits: Edits,
     shape: tuple[int, ...],
     response: Response | None = None,
+    dense_response: DenseResponse | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`propagate` for edits given as (changed, edited, native) without a dense delta tensor.
+    """`propagate` for sparse `edits` in a layer whose states have `shape`
+    `[batch, pos, head, d_k, d_v]`.
 
-    Only the (batch, head) pairs where `changed` is set are gathered, so the cost does not
-    grow with the size of the untouched part of the batch. When every edit sits at one position
-    t0 and the mixer supplies `response`, the rest of the response (zero writes from t0 + 1 on,
-    starting from the edit) runs on the family's chunked fast path instead of a Python loop.
+    Only the (batch, head) pairs with an edit run, only from the first edited position t0 on, and
+    no tensor of the states' full size is made. From t0 to the last edited position t1 the
+    response is stepped (E_t = A_t(E_{t-1}) + delta_t); after t1 the writes are zero, so when the
+    mixer supplies `response` the rest runs on the family's chunked fast path. A mixer with a
+    chunked propagation of dense edits (`dense_response`) uses it when the edits span more than
+    `_STEP_SPAN` positions.
     """
     B, T, H, dk, dv = shape
     d_o = q.new_zeros(B, T, H, dv)
     E_T = q.new_zeros(B, H, dk, dv)
-    touched = edits[0][0]
-    for changed, _, _ in edits[1:]:
-        touched = touched | changed
-    pairs = touched.any(1).nonzero(as_tuple=False)  # [(b, h)]
-    if len(pairs) == 0:
+    if len(edits) == 0:
         return d_o, E_T
-    bi, hi = pairs[:, 0], pairs[:, 1]
-    t0 = int(touched[bi, :, hi].any(0).nonzero()[0])
-    sub = transition.select(bi, hi)
-    dsub = 0
-    for changed, edited, native in edits:
-        d = edited[bi, :, hi]
-        if callable(native):
-            d = d - native(bi, hi)
-        elif native is not None:
-            d = d - native[bi, :, hi]
-        dsub = dsub + d.float() * changed[bi, :, hi][..., None, None]
-    dsub = dsub.unsqueeze(2)  # [n, T, 1, dk, dv]
-    qsub = q[bi, :, hi].unsqueeze(2)
-    if response is not None and not bool(touched[bi, t0 + 1 :, hi].any()):
-        E0 = dsub[:, t0]  # [n, 1, dk, dv]
-        d_o[bi, t0, hi] = torch.einsum("bhkv,bhk->bhv", E0, qsub[:, t0])[:, 0]
-        if t0 + 1 < T:
-            o_rest, E_last = response(bi, hi, t0 + 1, E0)
-            d_o[bi, t0 + 1 :, hi] = o_rest[:, :, 0].to(d_o.dtype)
-            E_T[bi, hi] = E_last[:, 0].to(E_T.dtype)
-        else:
-            E_T[bi, hi] = E0[:, 0]
+    pairs, inv = torch.unique(edits.b * H + edits.h, return_inverse=True)
+    bi, hi = pairs // H, pairs % H
+    t0, t1 = int(edits.t.min()), int(edits.t.max())
+    if dense_response is not None and t1 - t0 >= _STEP_SPAN:
+        rows = edits.t - t0
+        local = edits.delta.new_zeros(len(pairs), T - t0, 1, dk, dv)
+        local.index_put_((inv, rows), edits.delta[:, None], accumulate=True)
+        o, E = dense_response(transition.select(bi, hi, slice(t0, None)), q[bi, t0:, hi, None], local)
+        d_o[bi, t0:, hi] = o[:, :, 0].to(d_o.dtype)
+        E_T[bi, hi] = E[:, 0].to(E_T.dtype)
         return d_o, E_T
-    E = torch.zeros_like(dsub[:, 0])
+
+    stop = t1 + 1 if response is not None else T  # step through [t0, stop)
+    sub = transition.select(bi, hi, slice(t0, stop))
+    qsub = q[bi, t0:stop, hi]  # [n, stop - t0, d_k]
+    order = torch.argsort(edits.t, stable=True)
+    at, counts = torch.unique_consecutive(edits.t[order], return_counts=True)
+    adds = {
+        int(t): (inv[o], edits.delta[o].unsqueeze(1))
+        for t, o in zip(at.tolist(), torch.split(order, counts.tolist()), strict=True)
+    }
+    E = q.new_zeros(len(pairs), 1, dk, dv)
     outs = []
-    for t in range(t0, T):
-        E = sub.step(E, t) + dsub[:, t]
-        outs.append(torch.einsum("bhkv,bhk->bhv", E, qsub[:, t]))
-    d_o[bi, t0:, hi] = torch.stack(outs, 1)[:, :, 0]
-    E_T[bi, hi] = E[:, 0]
+    for t in range(t0, stop):
+        if t > t0:
+            E = sub.step(E, t - t0)
+        if t in adds:
+            E = E.index_add(0, *adds[t])
+        outs.append(torch.einsum("nhkv,nk->nv", E, qsub[:, t - t0]))
+    d_o[bi, t0:stop, hi] = torch.stack(outs, 1)
+    if stop < T:
+        o_rest, E = response(bi, hi, stop, E)
+        d_o[bi, stop:, hi] = o_rest[:, :, 0].to(d_o.dtype)
+    E_T[bi, hi] = E[:, 0].to(E_T.dtype)
     return d_o, E_T
+
+
+#: edits spanning more positions than this go to a family's dense chunked propagation, if any
+_STEP_SPAN = 16
 
 
 _HUGE_PAGE = 2 << 20
@@ -229,23 +276,67 @@ def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return t
 
 
+class _WriteBuffer:
+    """One reusable block of memory for the dense writes handed to `hook_write` hooks (CPU only).
+
+    Building `[batch, pos, head, d_k, d_v]` writes into fresh memory costs more in page faults than
+    the multiplication itself, so the memory is kept between calls. It is reused only when nothing
+    outside holds on to it: a hook that keeps the writes (a cache, or a returned view) makes the
+    storage's reference count stay up, and the next call then takes new memory and leaves the old
+    block to its holder. Blocks above `max_bytes` are never kept.
+    """
+
+    max_bytes = 1 << 30
+
+    def __init__(self) -> None:
+        self.block: Tensor | None = None
+        self.idle_count = 0
+
+    @staticmethod
+    def _use_count(t: Tensor) -> int:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+    def get(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """Uninitialised memory for a tensor of `shape` and `like`'s dtype and device."""
+        n = math.prod(shape)
+        if (
+            like.device.type != "cpu"
+            or n * like.element_size() > self.max_bytes
+            or not hasattr(torch._C, "_storage_Use_Count")
+        ):
+            return _empty_large(shape, like)
+        b = self.block
+        if (
+            b is None
+            or b.dtype != like.dtype
+            or b.numel() < n
+            or self._use_count(b) != self.idle_count
+        ):
+            self.block = b = _empty_large((n,), like)
+            self.idle_count = self._use_count(b)
+        return b[:n].view(shape)
+
+
+_write_buffer = _WriteBuffer()
+
+
 def _hooked_write(
     hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 20
-) -> tuple[Tensor, _Edit | None]:
-    """Run `hook` on the writes k v^T; return (writes to use, the edit or None).
+) -> tuple[Tensor, Edits | None]:
+    """Run `hook` on the writes k v^T; return (writes to use, the edits or None).
 
     The writes are built once, for the hook. What the hook changed is found block by block (of
     batch x positions): against the writes it was given when it returned a new tensor, or, when it
-    edited them in place, against k v^T rebuilt from the factors, so no second full-size tensor
-    is allocated. (Float multiplication is deterministic, so the rebuilt values are bit-identical
-    to the ones the hook was given.)
+    edited them in place (or returned a view of them), against k v^T rebuilt from the factors, so
+    no second full-size tensor is allocated. (Float multiplication is deterministic, so the rebuilt
+    values are bit-identical to the ones the hook was given.)
     """
     shape = (*write_k.shape, write_v.shape[-1])
     if torch.is_grad_enabled() and (write_k.requires_grad or write_v.requires_grad):
         native = write_k[..., :, None] * write_v[..., None, :]  # out= does not support autograd
     else:
         native = torch.mul(
-            write_k[..., :, None], write_v[..., None, :], out=_empty_large(shape, write_k)
+            write_k[..., :, None], write_v[..., None, :], out=_write_buffer.get(shape, write_k)
         )
     version = native._version
     edited = hook(native)
@@ -254,7 +345,8 @@ def _hooked_write(
     B, T, H, dk, dv = edited.shape
     flat = edited.reshape(B * T, H, dk, dv)
     kk, vv = write_k.reshape(B * T, H, dk), write_v.reshape(B * T, H, dv)
-    intact = None if edited is native else native.reshape(B * T, H, dk, dv)
+    shared = edited.untyped_storage().data_ptr() == native.untyped_storage().data_ptr()
+    intact = None if shared or native._version != version else native.reshape(B * T, H, dk, dv)
     step = max(1, block_elems // (H * dk * dv))
     changed = torch.zeros(B * T, H, dtype=torch.bool, device=edited.device)
     buf = None if intact is not None else flat.new_empty(min(step, B * T), H, dk, dv)
@@ -271,49 +363,34 @@ def _hooked_write(
     if not bool(changed.any()):
         return edited, None
 
-    def native_pairs(bi: Tensor, hi: Tensor) -> Tensor:
-        return write_k[bi, :, hi, :, None] * write_v[bi, :, hi, None, :]
+    def native_at(index: tuple[Tensor, ...]) -> Tensor:
+        return write_k[index][..., :, None] * write_v[index][..., None, :]
 
-    return edited, (changed, edited, native_pairs)
+    return edited, Edits.found(changed, edited, native_at)
 
 
 def _hooked(
     hook: RecurrentHookPoint, native: Tensor, rebuild: Callable[[], Tensor]
-) -> tuple[Tensor, _Edit | None]:
-    """Run `hook` on `native`; return (tensor to use, the edit or None if nothing changed).
+) -> tuple[Tensor, Edits | None]:
+    """Run `hook` on `native`; return (tensor to use, the edits or None if nothing changed).
 
     A hook may return a new tensor or edit its input in place (TransformerLens hooks often do).
-    In place is detected from the tensor's version counter; the native values are then rebuilt
-    with `rebuild` to find what changed. A hook that only reads (a cache) costs nothing more.
+    In place (or a returned view of the input) is detected from the version counter and the
+    storage; the native values are then rebuilt with `rebuild` to find what changed. A hook that
+    only reads (a cache) costs nothing more.
     """
     version = native._version
     edited = hook(native)
-    if edited is native:
-        if native._version == version:
-            return native, None
+    if edited is native and native._version == version:
+        return native, None
+    if native._version != version or (
+        edited.untyped_storage().data_ptr() == native.untyped_storage().data_ptr()
+    ):
         native = rebuild()
     changed = edited.ne(native).flatten(3).any(-1)  # [b, T, h]
     if not bool(changed.any()):
         return edited, None
-    return edited, (changed, edited, native)
-
-
-def _dense(edits: list[_Edit], shape: tuple[int, ...]) -> Tensor:
-    """The edits as one dense difference tensor `[batch, pos, head, d_k, d_v]`."""
-    delta = None
-    for changed, edited, native in edits:
-        if callable(native):
-            B, T, H = changed.shape
-            bi, hi = torch.meshgrid(torch.arange(B), torch.arange(H), indexing="ij")
-            nat = native(bi.reshape(-1), hi.reshape(-1)).view(B, H, T, *shape[3:]).transpose(1, 2)
-            d = edited - nat
-        elif native is not None:
-            d = edited - native
-        else:
-            d = edited
-        d = d.float() * changed[..., None, None]
-        delta = d if delta is None else delta + d
-    return delta
+    return edited, Edits.found(changed, edited, native.__getitem__)
 
 
 FastPath = Callable[[], tuple[Tensor, Tensor]]
@@ -398,7 +475,7 @@ class RecurrentMixer(torch.nn.Module):
             return fast_path()
 
         writes = None
-        edits: list[_Edit] = []
+        edits: list[Edits] = []
         if want_write:
             memo: dict = {}
 
@@ -428,6 +505,7 @@ class RecurrentMixer(torch.nn.Module):
             if edit is not None:
                 writes = edited
                 edits.append(edit)
+            del edited  # the write buffer is free again once nothing holds it
 
         if want_state:
 
@@ -437,14 +515,17 @@ class RecurrentMixer(torch.nn.Module):
             _, edit = _hooked(self.hook_state, native_states(), native_states)
             if edit is not None:
                 edits.append(edit)
+        del writes
 
         o, S_T = fast_path()
         if edits:
             shape = (*q.shape[:3], q.shape[-1], write_v.shape[-1])
-            if type(self).propagate_edits is RecurrentMixer.propagate_edits:
-                d_o, E_T = _propagate_edits(transition, q.float(), edits, shape, response)
-            else:  # the family's own (e.g. chunked) propagation takes the dense difference
-                d_o, E_T = self.propagate_edits(transition, q.float(), _dense(edits, shape))
+            dense = None
+            if type(self).propagate_edits is not RecurrentMixer.propagate_edits:
+                dense = self.propagate_edits  # the family's own (e.g. chunked) propagation
+            d_o, E_T = propagate_sparse(
+                transition, q.float(), Edits.cat(edits), shape, response, dense
+            )
             o = o + d_o.to(o.dtype)
             S_T = S_T + E_T
         return o, S_T

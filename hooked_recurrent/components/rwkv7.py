@@ -362,6 +362,17 @@ class TimeMix(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
         erase_a = -(a * kappa)
+
+        def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
+            # an edit's response is this recurrence with zero writes, started from the edit
+            def pick(x: Tensor) -> Tensor:
+                return x[bi, start:, hi].unsqueeze(2)
+
+            zero_k = k.new_zeros(len(bi), T - start, 1, N)
+            return chunk_dplr_rule(
+                pick(r), pick(w), zero_k, zero_k, pick(erase_a), pick(kappa), E0, self.chunk_size
+            )[:2]
+
         o, S_T = self.recur(
             lambda: chunk_dplr_rule(r, w, k, v, erase_a, kappa, S0, self.chunk_size)[:2],
             Transition(decay, erase_a, kappa),
@@ -369,6 +380,7 @@ class TimeMix(RecurrentMixer):
             k,
             v,
             S0,
+            response=response,
         )
         run.save(self.layer, S=S_T, shift=x[:, -1])
         o = self.hook_read(o)

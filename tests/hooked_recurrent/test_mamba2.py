@@ -377,11 +377,11 @@ def test_write_edit_detection_block_by_block(in_place):
 
     hp = RecurrentHookPoint()
     hp.add_hook(hook)
-    edited, (changed, _, native_pairs) = _hooked_write(hp, k, v, block_elems=2 * 4 * 5 * 6)
-    expected = torch.zeros(3, 20, 4, dtype=torch.bool)
-    for b, t, h in hit:
-        expected[b, t, h] = True
-    assert torch.equal(changed, expected)
-    bi, hi = torch.tensor([1]), torch.tensor([3])
-    d = edited[bi, :, hi] - native_pairs(bi, hi)
-    assert d.ne(0).sum() == 1 and torch.isclose(d[0, 7, 1, 2], torch.tensor(1e-3), atol=1e-6)
+    edited, edits = _hooked_write(hp, k, v, block_elems=2 * 4 * 5 * 6)
+    found = sorted(zip(edits.b.tolist(), edits.t.tolist(), edits.h.tolist(), strict=True))
+    assert found == sorted(hit)
+    native = k[..., :, None] * v[..., None, :]
+    for i, (b, t, h) in enumerate(zip(edits.b, edits.t, edits.h, strict=True)):
+        assert torch.equal(edits.delta[i], edited[b, t, h] - native[b, t, h])
+        assert edits.delta[i].ne(0).sum() == 1
+        assert torch.isclose(edits.delta[i, 1, 2], torch.tensor(1e-3), atol=1e-6)
