@@ -108,3 +108,120 @@ def test_in_place_edits_act_like_returned_copies(model, name):
     b = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.0.attn.{name}", copied)])
     assert torch.equal(a, b)
     assert (a - model(tokens)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["hook_write", "hook_state"])
+@pytest.mark.parametrize("returned", ["view", "reshape", "flat_view_back", "slice"])
+@torch.no_grad()
+def test_in_place_edit_returning_a_view_acts_like_a_copy(model, name, returned):
+    """A hook may edit in place and return a view of the same storage, not the tensor itself."""
+    tokens = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(21))
+    d = torch.outer(torch.linspace(-1, 1, model.cfg.d_k), torch.linspace(0.5, -0.5, model.cfg.d_v))
+
+    def edit(x):
+        x[0, 5, 1] += d
+        x[1, 9, 3] *= 0.25
+        x[1, 12, 0] -= d
+
+    def as_view(x):
+        return {
+            "view": lambda: x.view(x.shape),
+            "reshape": lambda: x.reshape(x.shape),
+            "flat_view_back": lambda: x.flatten(0, 2).view(x.shape),
+            "slice": lambda: x[:],
+        }[returned]()
+
+    def viewed(x, hook):
+        edit(x)
+        out = as_view(x)
+        assert out is not x and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        return out
+
+    def copied(x, hook):
+        x = x.clone()
+        edit(x)
+        return x
+
+    hook = f"blocks.0.attn.{name}"
+    a = model.run_with_hooks(tokens, fwd_hooks=[(hook, viewed)])
+    b = model.run_with_hooks(tokens, fwd_hooks=[(hook, copied)])
+    clean = model(tokens)
+    assert torch.equal(a, b)
+    assert (a - clean).abs().max() > 1e-3
+    assert torch.equal(a[:, :5], clean[:, :5])
+    # a view returned without an edit changes nothing
+    same = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda x, hook: as_view(x))])
+    assert torch.equal(same, clean)
+
+
+def _native_writes(model, tokens):
+    """Every layer's hook_write (beta k v^T) rebuilt from the cached factors, in fresh memory."""
+    _, fac = model.run_with_cache(
+        tokens, names_filter=lambda n: n.endswith(("hook_beta", "hook_k", "hook_v"))
+    )
+    out = {}
+    for name in fac:
+        if name.endswith("hook_beta"):
+            p = name.rsplit(".", 1)[0]
+            write_k = fac[name][..., None] * fac[f"{p}.hook_k"]
+            out[f"{p}.hook_write"] = write_k[..., :, None] * fac[f"{p}.hook_v"][..., None, :]
+    return out
+
+
+def _write_hooks(model, fn):
+    return [(n, fn) for n in model.hook_dict if n.endswith("attn.hook_write")]
+
+
+@torch.no_grad()
+def test_cached_writes_survive_later_runs(model):
+    """The reused write buffer is never written while a cache still holds the writes."""
+    gen = torch.Generator().manual_seed(22)
+    t1, t2, t3 = (torch.randint(0, 97, (2, 20), generator=gen) for _ in range(3))
+    t4 = torch.randint(0, 97, (1, 11), generator=gen)  # smaller: would fit in a held block
+    _, cache = model.run_with_cache(t1, names_filter=lambda n: n.endswith("hook_write"))
+    kept = {n: cache[n] for n in cache.keys()}
+    assert len(kept) >= 2
+    copies = {n: x.clone() for n, x in kept.items()}
+    native = _native_writes(model, t1)
+    assert kept.keys() == native.keys()
+    for n in kept:
+        assert torch.equal(kept[n], native[n]), n
+
+    def read_only(x, hook):
+        x.sum()
+
+    def in_place(x, hook):
+        x[:, 3, 1] *= 2.0
+        return x
+
+    def copied(x, hook):
+        x = x.clone()
+        x[:, 3, 1] *= 2.0
+        return x
+
+    for tokens, fn in ((t2, read_only), (t3, in_place), (t2, copied), (t4, read_only)):
+        model.run_with_hooks(tokens, fwd_hooks=_write_hooks(model, fn))
+        model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_write"))
+    for n in kept:
+        assert torch.equal(kept[n], copies[n]), n
+
+
+@torch.no_grad()
+def test_hook_keeping_the_write_itself_keeps_its_values(model):
+    """A read-only hook that stores `x` itself (no copy) keeps the values it was given."""
+    gen = torch.Generator().manual_seed(23)
+    runs = [torch.randint(0, 97, (2, 20), generator=gen) for _ in range(3)]
+    runs.append(torch.randint(0, 97, (1, 9), generator=gen))
+    held = []
+
+    def keep(x, hook):
+        held.append((hook.name, x))
+
+    for tokens in runs:
+        model.run_with_hooks(tokens, fwd_hooks=_write_hooks(model, keep))
+    n_layers = len(_write_hooks(model, keep))
+    assert len(held) == n_layers * len(runs)
+    for i, tokens in enumerate(runs):
+        native = _native_writes(model, tokens)
+        for name, x in held[i * n_layers : (i + 1) * n_layers]:
+            assert torch.equal(x, native[name]), (i, name)

@@ -302,6 +302,65 @@ def test_in_place_edits_are_seen(pair):
             assert diff <= 1e-4, (case, diff)
 
 
+#: (batch, position, head) triples (head taken mod n_heads): different heads and batch rows
+MULTI_EDITS = {
+    # span 7 < 16: stepped from 19 to 26, then the chunked response (chunks of 16, 7, 6)
+    "short_span": [(0, 19, 1), (1, 21, 3), (0, 26, 0), (1, 26, 1), (0, 26, 1)],
+    # span 36: stepped from 4 to 40 (Mamba-2 has no dense propagation), then the response
+    "long_span": [(1, 4, 2), (0, 11, 0), (1, 30, 2), (0, 40, 1)],
+}
+
+
+@pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
+@pytest.mark.parametrize("case", list(MULTI_EDITS))
+@pytest.mark.parametrize("layer", [0, -1])
+def test_multi_position_edits_propagate_like_brute_force(pair, layer, case, hook_name):
+    """Additive edits at several (batch, pos, head) triples of hook_write / hook_state."""
+    hf, model = pair
+    c = model.cfg
+    L, T = c.n_layers, 45
+    li = layer % L
+    toks = tokens(2, T, seed=15)
+    g = torch.Generator().manual_seed(16)
+    triples = [(b, t, h % c.n_heads) for b, t, h in MULTI_EDITS[case]]
+    deltas = []
+    for i in range(len(triples)):
+        if i % 2:
+            d = 0.3 * torch.randn(c.d_k, c.d_v, generator=g)
+        else:
+            d = torch.outer(torch.randn(c.d_k, generator=g), torch.randn(c.d_v, generator=g))
+        deltas.append(d)
+
+    def hook(x, hook):
+        x = x.clone()
+        for (b, t, h), d in zip(triples, deltas, strict=True):
+            x[b, t, h] += d
+        return x
+
+    ref_name = hook_name.removeprefix("hook_")
+
+    def edit(lj, pos, name, x):
+        if lj != li or name != ref_name:
+            return x
+        x = x.clone()
+        for (b, t, h), d in zip(triples, deltas, strict=True):
+            if t == pos:
+                x[b, h] += d.double()
+        return x
+
+    with torch.no_grad():
+        clean = model(toks)
+        edited = model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{li}.attn.{hook_name}", hook)])
+        expected = brute_force_logits(hf, toks, edit)
+    diff = (edited.double() - expected).abs().max()
+    assert diff <= 1e-4, diff
+    for b in range(2):  # each row is bit-for-bit clean before its own first edit
+        first = min(t for bb, t, _ in triples if bb == b)
+        assert torch.equal(edited[b, :first], clean[b, :first]), b
+    t1 = max(t for _, t, _ in triples)
+    assert (edited[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().max() > 1e-5
+
+
 # ---------------------------------------------------------------- state and generation
 def test_split_forward_equals_whole(pair):
     _, model = pair

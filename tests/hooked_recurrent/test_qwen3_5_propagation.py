@@ -18,7 +18,12 @@ LAYER, T, POS, HEAD = 1, 40, 17, 1
 
 
 def brute_force_gdn(la, h, edit_name, edit):
-    """Qwen3.5 Gated DeltaNet, one token at a time, with `edit` applied to `edit_name` at POS."""
+    """Qwen3.5 Gated DeltaNet, one token at a time, with `edit` applied to `edit_name`.
+
+    `edit` is a function of the batch-wide slice at POS, or a dict {position: function of the
+    slice at that position} for edits at several positions.
+    """
+    edits = edit if isinstance(edit, dict) else {POS: edit}
     B, L, _ = h.shape
     Hk, Hv = la.num_k_heads, la.num_v_heads
     dk, dv = la.head_k_dim, la.head_v_dim
@@ -37,7 +42,8 @@ def brute_force_gdn(la, h, edit_name, edit):
     alpha = torch.exp(-la.A_log.exp() * F.softplus(la.in_proj_a(h) + la.dt_bias))
     for name, x in (("hook_k", k), ("hook_v", v), ("hook_beta", beta), ("hook_decay", alpha)):
         if edit_name == name:
-            x[:, POS] = edit(x[:, POS])
+            for t, f in edits.items():
+                x[:, t] = f(x[:, t])
     S = torch.zeros(B, Hv, dk, dv)
     outs = []
     for t in range(L):
@@ -49,11 +55,11 @@ def brute_force_gdn(la, h, edit_name, edit):
             * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :]
         )
         W = beta[:, t, :, None, None] * kt[..., :, None] * v[:, t, :, None, :]
-        if edit_name == "hook_write" and t == POS:
-            W = edit(W)
+        if edit_name == "hook_write" and t in edits:
+            W = edits[t](W)
         S = S + W
-        if edit_name == "hook_state" and t == POS:
-            S = edit(S)
+        if edit_name == "hook_state" and t in edits:
+            S = edits[t](S)
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     o = torch.stack(outs, 1)
     z = la.in_proj_z(h).reshape(B, L, Hv, dv)
@@ -148,3 +154,93 @@ def test_edit_matches_brute_force(models, case):
     assert torch.equal(ours[:, :POS], clean[:, :POS])
     # the edit does reach later tokens (else the test would not test propagation)
     assert (ours[:, POS + 1 :] - clean[:, POS + 1 :]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------- edits at several (b, t, h) triples
+#: (batch, position, head) triples: different heads and batch rows, some pairs edited twice
+MULTI_EDITS = {
+    # span 5 < _STEP_SPAN: stepped from 17 to 22, then the chunked response from 23 on
+    "short_span": [(0, 17, 1), (1, 19, 3), (0, 22, 0), (1, 22, 1), (0, 22, 1)],
+    # span 32: stepped from 3 to 35 (Qwen3.5 has no dense propagation), then the response
+    "long_span": [(1, 3, 2), (0, 8, 0), (1, 20, 2), (0, 35, 1)],
+    # the last position only: nothing after it to propagate to
+    "last": [(1, T - 1, 2), (0, T - 1, 0)],
+    # stepped to the very end (no response call)
+    "to_last": [(0, 30, 3), (1, T - 1, 1)],
+}
+
+
+def _multi_edit(triples, d_k, d_v, seed):
+    """{t: f(x [batch, head, d_k, d_v]) -> x + the deltas of the triples at t}, rank-1 and dense
+    deltas alternating."""
+    g = torch.Generator().manual_seed(seed)
+    at = {}
+    for i, (b, t, h) in enumerate(triples):
+        if i % 2:
+            d = 0.3 * torch.randn(d_k, d_v, generator=g)
+        else:
+            d = 0.8 * torch.outer(torch.randn(d_k, generator=g), torch.randn(d_v, generator=g))
+        at.setdefault(t, []).append((b, h, d))
+
+    def make(adds):
+        def f(x):
+            x = x.clone()
+            for b, h, d in adds:
+                x[b, h] += d.to(x.dtype)
+            return x
+
+        return f
+
+    return {t: make(adds) for t, adds in at.items()}
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in_place"])
+@pytest.mark.parametrize(
+    "case,chunk",
+    [(c, None) for c in MULTI_EDITS] + [("short_span", 8), ("long_span", 8)],
+    ids=[*MULTI_EDITS, "short_span-chunk8", "long_span-chunk8"],
+)
+@pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
+@torch.no_grad()
+def test_multi_position_edits_match_brute_force(models, hook_name, case, chunk, in_place):
+    """Edits at several (batch, pos, head) triples: stepped over the edited span, then the chunked
+    response (with chunk 8, across several chunks), against the token-by-token reference."""
+    hf, model = models
+    triples = MULTI_EDITS[case]
+    tokens = torch.randint(
+        0, hf.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(3)
+    )
+    edits = _multi_edit(triples, model.cfg.d_k, model.cfg.d_v, seed=4)
+
+    def hook(x, hook):
+        y = x if in_place else x.clone()
+        for t, f in edits.items():
+            y[:, t] = f(y[:, t])
+        return y
+
+    mixer = model.blocks[LAYER].attn
+    native_chunk = mixer.chunk_size
+    mixer.chunk_size = chunk or native_chunk
+    try:
+        clean = model(tokens)
+        ours = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.attn.{hook_name}", hook)])
+    finally:
+        mixer.chunk_size = native_chunk
+
+    la = hf.model.layers[LAYER].linear_attn
+    original = la.forward
+    la.forward = lambda hidden_states, **kw: brute_force_gdn(la, hidden_states, hook_name, edits)
+    try:
+        ref = hf(tokens, use_cache=False).logits
+    finally:
+        la.forward = original
+
+    assert (ours - ref).abs().max() <= 1e-4
+    # each batch row is bit-for-bit the clean run before its own first edit
+    for b in range(tokens.shape[0]):
+        first = min(t for bb, t, _ in triples if bb == b)
+        assert torch.equal(ours[b, :first], clean[b, :first]), b
+        assert (ours[b, first] - clean[b, first]).abs().max() > 1e-3, b
+    t1 = max(t for _, t, _ in triples)
+    if t1 < T - 1:  # the edits reach the tokens after the last edited one
+        assert (ours[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().max() > 1e-3

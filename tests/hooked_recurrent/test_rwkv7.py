@@ -335,6 +335,64 @@ def test_edit_propagates_like_brute_force(c128, hook, kind, layer):
     assert (edited[:, t + 1 :] - clean[:, t + 1 :]).abs().amax(-1).min().item() > 1e-4
 
 
+#: (batch, position, head) triples: both heads and both batch rows, some pairs edited twice
+MULTI_EDITS = {
+    # span 7 < 16 (_STEP_SPAN): stepped from 13 to 20, then the chunked response from 21 on
+    "span7": [(0, 13, 1), (1, 15, 0), (0, 20, 0), (1, 20, 1), (0, 20, 1)],
+    # span 15: the longest that is still stepped
+    "span15": [(0, 10, 1), (1, 25, 0)],
+    # span 16: the shortest that goes to the dense chunked propagation
+    "span16": [(0, 10, 1), (1, 26, 0)],
+    # span 33: dense chunked propagation over several chunks of 16, pairs starting at different t
+    "span33": [(1, 3, 1), (0, 12, 0), (1, 30, 1), (0, 36, 0), (0, 36, 1)],
+}
+
+
+@pytest.mark.parametrize("hook", ["hook_write", "hook_state"])
+@pytest.mark.parametrize("case", list(MULTI_EDITS))
+@torch.no_grad()
+def test_multi_position_edits_propagate_like_brute_force(c128, hook, case):
+    """Additive edits at several (batch, pos, head) triples: stepped then the chunked response
+    (span < 16) or the dense chunked propagation (span >= 16), against the float64 reference."""
+    path, sd, model = c128
+    T, layer = 40, 1
+    triples = MULTI_EDITS[case]
+    tokens = _tokens(sd["emb.weight"].shape[0], T, seed=17, batch=2)
+    g = torch.Generator().manual_seed(18)
+    deltas = []
+    for i in range(len(triples)):
+        if i % 2:
+            deltas.append(0.2 * torch.randn(N, N, generator=g))
+        else:
+            deltas.append(torch.outer(torch.randn(N, generator=g), torch.randn(N, generator=g)))
+
+    def our_edit(x, hook):
+        x = x.clone()
+        for (b, t, h), d in zip(triples, deltas, strict=True):
+            x[b, t, h] += d
+        return x
+
+    clean = model(tokens)
+    edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.{hook}", our_edit)])
+    for row in range(2):
+
+        def ref_edit(i, name, tt, x, row=row):
+            if i != layer or name != hook:
+                return x
+            x = x.clone()
+            for (b, t, h), d in zip(triples, deltas, strict=True):
+                if b == row and t == tt:
+                    x[h] += d.double()
+            return x
+
+        expected = reference_forward(sd, tokens[row].tolist(), edit=ref_edit).float()
+        assert (edited[row] - expected).abs().max().item() <= 1e-4, row
+        first = min(t for b, t, _ in triples if b == row)
+        assert torch.equal(edited[row, :first], clean[row, :first]), row
+    t1 = max(t for _, t, _ in triples)
+    assert (edited[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().amax(-1).min().item() > 1e-4
+
+
 @pytest.mark.parametrize("hook", ["hook_write", "hook_state", "hook_k", "hook_decay"])
 @torch.no_grad()
 def test_in_place_edits_are_seen(c128, hook):
