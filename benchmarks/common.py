@@ -36,14 +36,6 @@ def interleaved_medians(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def table(title: str, medians: dict[str, float], base: str) -> str:
-    lines = [f"### {title}", "", "| run | median ms | ratio to " + base + " |", "|---|---:|---:|"]
-    for name, t in medians.items():
-        ratio = t / medians[base]
-        lines.append(f"| {name} | {t * 1e3:.1f} | {ratio:.2f} |")
-    return "\n".join(lines)
-
-
 def word_tokenizer(vocab: int):
     """A throwaway word-level tokenizer saved to disk and reloaded (TransformerBridge needs one)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -16,45 +16,124 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-from common import bench_qwen, bridge_for, interleaved_medians, rank1_write_edit, table  # noqa: E402
+from common import bench_qwen, bridge_for, interleaved_medians, rank1_write_edit  # noqa: E402
 
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
 
 B, T, VOCAB = 4, 256, 512
 
 
-def qwen_rows(rounds: int) -> str:
+def inplace_write_edit(position: int, head: int = 0, scale: float = 0.1):
+    """The TransformerLens idiom: add scale * u w^T to one head's write in place, return it."""
+
+    def hook(x, hook):
+        u = torch.ones(x.shape[-2]) / x.shape[-2] ** 0.5
+        w = torch.ones(x.shape[-1]) / x.shape[-1] ** 0.5
+        x[:, position, head] += scale * torch.outer(u, w)
+        return x
+
+    return hook
+
+
+def qwen_rows(rounds: int) -> list[dict]:
     hf = bench_qwen(VOCAB)
     ours = HookedRecurrentModel.from_hf_model(hf)
     bridge = bridge_for(hf, VOCAB)
     tokens = torch.randint(0, VOCAB - 3, (B, T))
-    edit = [("blocks.1.attn.hook_write", rank1_write_edit(T // 2))]
-    meds = interleaved_medians(
-        {
-            "HF Qwen3_5ForCausalLM forward": lambda: hf(tokens, use_cache=False).logits,
-            "ours forward": lambda: ours(tokens),
-            "ours run_with_cache()": lambda: ours.run_with_cache(tokens),
-            "ours run_with_hooks, rank-1 hook_write edit (1 layer, 1 position)": lambda: (
-                ours.run_with_hooks(tokens, fwd_hooks=edit)
-            ),
-            "TransformerBridge forward": lambda: bridge(tokens, return_type="logits"),
-            "TransformerBridge run_with_cache()": lambda: bridge.run_with_cache(tokens),
-        },
-        rounds=rounds,
-    )
-    return table(
-        "Qwen3.5 (B=4, T=256, d_model=256, 4 layers)", meds, "HF Qwen3_5ForCausalLM forward"
-    )
+    name = "blocks.1.attn.hook_write"
+    in_place = [(name, inplace_write_edit(T // 2))]
+    clone = [(name, rank1_write_edit(T // 2))]
+    base = "HF `Qwen3_5ForCausalLM` forward"
+    runs = {
+        base: (lambda: hf(tokens, use_cache=False).logits, None),
+        "ours, forward": (lambda: ours(tokens), 1.1),
+        "ours, `run_with_cache()`": (lambda: ours.run_with_cache(tokens), 1.3),
+        "ours, rank-1 `hook_write` edit, 1 layer, 1 position (in place)": (
+            lambda: ours.run_with_hooks(tokens, fwd_hooks=in_place),
+            1.5,
+        ),
+        "ours, the same edit, the hook returning a copy": (
+            lambda: ours.run_with_hooks(tokens, fwd_hooks=clone),
+            None,
+        ),
+        "TransformerBridge forward": (lambda: bridge(tokens, return_type="logits"), None),
+        "TransformerBridge `run_with_cache()` (its state hooks silent)": (
+            lambda: bridge.run_with_cache(tokens),
+            None,
+        ),
+    }
+    meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
+    return [
+        dict(
+            model="Qwen3.5",
+            run=k,
+            ms=1e3 * meds[k],
+            against=None if k == base else "HF",
+            ratio=meds[k] / meds[base],
+            target=runs[k][1],
+        )
+        for k in runs
+    ]
 
 
-def _family_rows(name: str, rounds: int) -> str | None:
+def _load(name: str):
     path = Path(__file__).parent / f"forward_{name}.py"
-    if not path.exists():
-        return None
     spec = importlib.util.spec_from_file_location(f"forward_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.rows(rounds)
+    return mod
+
+
+def mamba2_rows(rounds: int) -> list[dict]:
+    targets = {
+        "ours: forward": 1.1,
+        "ours: run_with_cache()": 1.3,
+        "ours: rank-1 hook_write edit (in place)": 1.5,
+    }
+    out = []
+    for r in _load("mamba2").rows(rounds):
+        base = r["condition"].startswith("HF")
+        out.append(
+            dict(
+                model="Mamba-2",
+                run=r["condition"],
+                ms=r["median_ms"],
+                against=None if base else "HF",
+                ratio=r["ratio"],
+                target=targets.get(r["condition"]),
+            )
+        )
+    return out
+
+
+def rwkv7_rows(rounds: int) -> list[dict]:
+    out = []
+    for r in _load("rwkv7").rows(rounds):
+        against = {"rwkv package": "package", "ours: forward": "ours"}.get(r["against"])
+        out.append(
+            dict(
+                model="RWKV-7",
+                run=r["case"],
+                ms=r["median_ms"],
+                against=against,
+                ratio=r["ratio"] if r["ratio"] is not None else 1.0,
+                target=r["target"],
+            )
+        )
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| model | run | median ms | ratio | target | met |",
+        "|---|---|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}" + (f" to {r['against']}" if r["against"] else "")
+        target = f"<= {r['target']}" if r["target"] else ""
+        met = ("yes" if r["ratio"] <= r["target"] else "**no**") if r["target"] else ""
+        lines.append(f"| {r['model']} | {r['run']} | {r['ms']:.1f} | {ratio} | {target} | {met} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -63,13 +142,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["qwen3_5", "mamba2", "rwkv7"], default=None)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}\n")
-    if args.only in (None, "qwen3_5"):
-        print(qwen_rows(args.rounds), "\n", flush=True)
-    for fam in ("mamba2", "rwkv7"):
+    rows: list[dict] = []
+    for fam, fn in (("qwen3_5", qwen_rows), ("mamba2", mamba2_rows), ("rwkv7", rwkv7_rows)):
         if args.only in (None, fam):
-            rows = _family_rows(fam, args.rounds)
-            if rows is not None:
-                print(rows, "\n", flush=True)
+            rows += fn(args.rounds)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

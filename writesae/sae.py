@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,15 @@ class BaseSAE(nn.Module):
         """Pre-activations of the listed atoms for ``X = key value^T`` (default: materialise)."""
         return self.pre_acts_at(key[..., :, None] * value[..., None, :], idx)
 
+    def _factor_pre_acts(
+        self, key: Tensor, value: Tensor
+    ) -> tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]:
+        """(all pre-activations, pre-activations of listed atoms) of ``key value^T``, as thunks."""
+        return (
+            lambda: self.pre_acts_factors(key, value),
+            lambda idx: self.pre_acts_factors_at(key, value, idx),
+        )
+
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
         """Decoder atoms as ``d_k x d_v`` matrices (unit Frobenius norm after renorm)."""
         raise NotImplementedError
@@ -174,8 +184,7 @@ class BaseSAE(nn.Module):
             full = lambda: self.pre_acts(x)  # noqa: E731
             at = lambda idx: self.pre_acts_at(x, idx)  # noqa: E731
         else:
-            full = lambda: self.pre_acts_factors(key, value)  # noqa: E731
-            at = lambda idx: self.pre_acts_factors_at(key, value, idx)  # noqa: E731
+            full, at = self._factor_pre_acts(key, value)
         if self.cfg.activation == "topk" and torch.is_grad_enabled():
             with torch.no_grad():
                 pre = full()
@@ -413,6 +422,41 @@ class WriteSAE(BaseSAE):
         fv = (rows(self.W_enc_value, idx) * value.to(dt)[..., None, :]).sum(-1)
         return ek * fv + rows(self.b_enc, idx)
 
+    def _factor_pre_acts(
+        self, key: Tensor, value: Tensor
+    ) -> tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]:
+        """As the base class; for the bilinear encoder the products ``k . e_i`` and ``v . f_i`` of
+        a no-grad full pass are kept, and the listed atoms are read from them with gradients
+        written by hand (:class:`_SelectedBilinear`): two dense matmuls in the backward pass
+        instead of gathering ``[..., m, d]`` rows of both encoder tables."""
+        if self.cfg.encoder != "bilinear":
+            return super()._factor_pre_acts(key, value)
+        dt = self.b_enc.dtype
+        key, value = key.to(dt), value.to(dt)
+        kept: dict[str, Tensor] = {}
+
+        def full() -> Tensor:
+            pk, pv = key @ self.W_enc_key.T, value @ self.W_enc_value.T
+            if not torch.is_grad_enabled():
+                kept["pk"], kept["pv"] = pk, pv
+            return pk * pv + self.b_enc
+
+        def at(idx: Tensor) -> Tensor:
+            if "pk" not in kept:
+                return self.pre_acts_factors_at(key, value, idx)
+            return _SelectedBilinear.apply(
+                idx,
+                kept["pk"],
+                kept["pv"],
+                key,
+                value,
+                self.W_enc_key,
+                self.W_enc_value,
+                self.b_enc,
+            )
+
+        return full, at
+
     def atom_matrices(self, idx: Int[Tensor, "..."]) -> Float[Tensor, "... d_k d_v"]:
         """Atoms `u_i w_i^T` as `d_k x d_v` matrices."""
         return rows(self.W_dec_key, idx)[..., :, None] * rows(self.W_dec_value, idx)[..., None, :]
@@ -506,6 +550,37 @@ def rank1_sq_error(
         err = err - 2 * (key * bv).sum(-1) + 2 * (coef * ubw).sum(-1) + bias.pow(2).sum()
     # cancellation can push a tiny true error slightly negative
     return err.clamp_min(0.0)
+
+
+class _SelectedBilinear(torch.autograd.Function):
+    """``p_{b, idx_bj} = (k_b . e_j)(v_b . f_j) + b_j`` read from the kept full products.
+
+    Gradients, with ``G`` the output gradient scattered to ``[B, n_atoms]``::
+
+        dE = (G * (V F^T))^T K      dF = (G * (K E^T))^T V      db = sum_b G_b
+        dk = (G * (V F^T)) E        dv = (G * (K E^T)) F
+
+    (dense matmuls, with no ``[B, m, d]`` gather and no index_add into the tables).
+    """
+
+    @staticmethod
+    def forward(ctx, idx, pk, pv, key, value, enc_key, enc_value, bias):  # noqa: D102
+        ctx.save_for_backward(idx, pk, pv, key, value, enc_key, enc_value)
+        return pk.gather(-1, idx) * pv.gather(-1, idx) + rows(bias, idx)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        idx, pk, pv, key, value, enc_key, enc_value = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        G = torch.zeros_like(pk).scatter_add_(-1, idx, g.to(pk.dtype))
+        n = pk.shape[-1]
+        Gv, Gk = (G * pv).reshape(-1, n), (G * pk).reshape(-1, n)
+        d_key = (Gv @ enc_key).view(key.shape) if need[3] else None
+        d_value = (Gk @ enc_value).view(value.shape) if need[4] else None
+        d_ek = Gv.T @ key.reshape(-1, key.shape[-1]) if need[5] else None
+        d_ev = Gk.T @ value.reshape(-1, value.shape[-1]) if need[6] else None
+        d_b = G.reshape(-1, n).sum(0) if need[7] else None
+        return None, None, None, d_key, d_value, d_ek, d_ev, d_b
 
 
 class _Rank1SqError(torch.autograd.Function):
