@@ -439,7 +439,7 @@ class WriteSAE(BaseSAE):
             pk, pv = key @ self.W_enc_key.T, value @ self.W_enc_value.T
             if not torch.is_grad_enabled():
                 kept["pk"], kept["pv"] = pk, pv
-            return pk * pv + self.b_enc
+            return torch.addcmul(self.b_enc, pk, pv)
 
         def at(idx: Tensor) -> Tensor:
             if "pk" not in kept:
@@ -501,51 +501,52 @@ class WriteSAE(BaseSAE):
             vals = out.codes.gather(-1, idx)
         else:
             vals, idx = out.values, out.indices
-        u = rows(self.W_dec_key, idx)
-        w = rows(self.W_dec_value, idx)
         ubw = self.bias_inner()
         ubw = None if ubw is None else rows(ubw, idx)
-        return rank1_sq_error(key, value, vals, u, w, self.b_dec, ubw)
+        return rank1_sq_error(
+            key, value, vals, idx, self.W_dec_key, self.W_dec_value, self.b_dec, ubw
+        )
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale `u_i` and `w_i` to unit norm, so every atom has unit Frobenius norm."""
-        self.W_dec_key.copy_(_unit_rows(self.W_dec_key))
-        self.W_dec_value.copy_(_unit_rows(self.W_dec_value))
+        for t in (self.W_dec_key, self.W_dec_value):
+            t.div_(torch.linalg.vector_norm(t, dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 def rank1_sq_error(
     key: Float[Tensor, "*b d_k"],
     value: Float[Tensor, "*b d_v"],
     coef: Float[Tensor, "*b m"],
-    u: Float[Tensor, "*b m d_k"],
-    w: Float[Tensor, "*b m d_v"],
+    idx: Int[Tensor, "*b m"],
+    u: Float[Tensor, "n d_k"],
+    w: Float[Tensor, "n d_v"],
     bias: Float[Tensor, "d_k d_v"] | None = None,
     ubw: Float[Tensor, "*b m"] | None = None,
 ) -> Float[Tensor, "*b"]:
-    """``||k v^T - sum_j coef_j u_j w_j^T - bias||_F^2`` per sample, via Gram matrices.
+    """``||k v^T - sum_j coef_j u_{idx_j} w_{idx_j}^T - bias||_F^2`` per sample, via Gram matrices.
 
-    The expansion is written out in :meth:`WriteSAE.factor_sq_error`; no ``d_k x d_v`` matrix is
-    formed per sample (``bias`` is shared by the batch, so ``B v`` costs one matmul).
-    ``ubw`` [*b, m] = ``u_j^T bias w_j`` if precomputed per atom (else computed per sample).
-    The backward pass is written by hand (:class:`_Rank1SqError`): two batched matmuls instead of
-    the four autograd would use for the Gram matrices, and fewer temporaries.
+    ``u`` and ``w`` are the decoder tables and ``idx`` lists each sample's atoms. The expansion is
+    written out in :meth:`WriteSAE.factor_sq_error`; no ``d_k x d_v`` matrix is formed per sample
+    (``bias`` is shared by the batch, so ``B v`` costs one matmul). ``ubw`` [*b, m] =
+    ``u_j^T bias w_j`` if precomputed per atom (else computed per sample). The rest is one
+    autograd function with a hand-written backward (:class:`_Rank1SqError`).
     """
     dt = coef.dtype
     key, value = key.to(dt), value.to(dt)
     lead = coef.shape[:-1]
     m = coef.shape[-1]
-    flat = (
+    err = _Rank1SqError.apply(
         key.reshape(-1, key.shape[-1]),
         value.reshape(-1, value.shape[-1]),
         coef.reshape(-1, m),
-        u.reshape(-1, m, u.shape[-1]),
-        w.reshape(-1, m, w.shape[-1]),
-    )
-    err = _Rank1SqError.apply(*flat).reshape(lead)
+        idx.reshape(-1, m),
+        u,
+        w,
+    ).reshape(lead)
     if bias is not None:
         if ubw is None:
-            ubw = ((u @ bias) * w).sum(-1)  # [*b, m]: u_j^T B w_j
+            ubw = ((rows(u, idx) @ bias) * rows(w, idx)).sum(-1)  # [*b, m]: u_j^T B w_j
         bv = value @ bias.T  # [*b, d_k] = B v
         err = err - 2 * (key * bv).sum(-1) + 2 * (coef * ubw).sum(-1) + bias.pow(2).sum()
     # cancellation can push a tiny true error slightly negative
@@ -560,7 +561,8 @@ class _SelectedBilinear(torch.autograd.Function):
         dE = (G * (V F^T))^T K      dF = (G * (K E^T))^T V      db = sum_b G_b
         dk = (G * (V F^T)) E        dv = (G * (K E^T)) F
 
-    (dense matmuls, with no ``[B, m, d]`` gather and no index_add into the tables).
+    as sparse-times-dense products (``G`` has m non-zeros per sample), with no ``[B, m, d]``
+    gather and no index_add of rows into the tables.
     """
 
     @staticmethod
@@ -572,61 +574,94 @@ class _SelectedBilinear(torch.autograd.Function):
     def backward(ctx, g):  # noqa: D102
         idx, pk, pv, key, value, enc_key, enc_value = ctx.saved_tensors
         need = ctx.needs_input_grad
-        G = torch.zeros_like(pk).scatter_add_(-1, idx, g.to(pk.dtype))
-        n = pk.shape[-1]
-        Gv, Gk = (G * pv).reshape(-1, n), (G * pk).reshape(-1, n)
-        d_key = (Gv @ enc_key).view(key.shape) if need[3] else None
-        d_value = (Gk @ enc_value).view(value.shape) if need[4] else None
-        d_ek = Gv.T @ key.reshape(-1, key.shape[-1]) if need[5] else None
-        d_ev = Gk.T @ value.reshape(-1, value.shape[-1]) if need[6] else None
-        d_b = G.reshape(-1, n).sum(0) if need[7] else None
+        n, m = pk.shape[-1], idx.shape[-1]
+        g = g.to(pk.dtype).reshape(-1, m)
+        flat_idx = idx.reshape(-1, m)
+        gv = (g * pv.reshape(-1, n).gather(-1, flat_idx)).reshape(-1)  # g (v . f_j)
+        gk = (g * pk.reshape(-1, n).gather(-1, flat_idx)).reshape(-1)  # g (k . e_j)
+        atom = flat_idx.reshape(-1)
+        sample = torch.arange(len(flat_idx), device=idx.device).repeat_interleave(m)
+
+        def scattered(vals: Tensor) -> Tensor:  # [n_atoms, samples], m non-zeros per sample
+            return torch.sparse_coo_tensor(
+                torch.stack((atom, sample)), vals, (n, len(flat_idx)), check_invariants=False
+            )
+
+        d_key = d_value = d_ek = d_ev = d_b = None
+        if need[3]:
+            d_key = torch.sparse.mm(scattered(gv).t(), enc_key).view(key.shape)
+        if need[4]:
+            d_value = torch.sparse.mm(scattered(gk).t(), enc_value).view(value.shape)
+        if need[5]:
+            d_ek = torch.sparse.mm(scattered(gv), key.reshape(-1, key.shape[-1]))
+        if need[6]:
+            d_ev = torch.sparse.mm(scattered(gk), value.reshape(-1, value.shape[-1]))
+        if need[7]:
+            d_b = torch.zeros(n, dtype=g.dtype, device=g.device).index_add_(0, atom, g.reshape(-1))
         return None, None, None, d_key, d_value, d_ek, d_ev, d_b
 
 
 class _Rank1SqError(torch.autograd.Function):
     """``e = |k|^2 |v|^2 - 2 sum_j c_j a_j b_j + c^T (G_u * G_w) c`` with hand-written gradients.
 
-    ``a_j = k.u_j``, ``b_j = v.w_j``, ``G_u = U U^T``, ``G_w = W W^T`` (per sample). Gradients::
+    ``a_j = k.u_j``, ``b_j = v.w_j``, ``G_u = U_S U_S^T``, ``G_w = W_S W_S^T`` over each sample's
+    atoms S. Each sample's key is stacked on its atoms' rows, ``P = [k; U_S]`` (1 + m rows,
+    gathered in one pass from the table with the batch's keys appended), so one batched Gram
+    ``P P^T`` gives ``|k|^2``, ``a`` and ``G_u`` at once (likewise ``Q = [v; W_S]``). Gradients::
 
         de/dc_j = -2 a_j b_j + 2 [(G_u * G_w) c]_j
         de/du_j = -2 c_j b_j k + 2 c_j sum_i c_i (G_w)_ji u_i
-        de/dw_j = -2 c_j a_j v + 2 c_j sum_i c_i (G_u)_ji w_i
-        de/dk   = 2 |v|^2 k - 2 sum_j c_j b_j u_j        (and symmetrically for v)
+        de/dk   = 2 |v|^2 k - 2 sum_j c_j b_j u_j                (and symmetrically for w, v)
+
+    i.e. ``[dk; dU_S] = R P`` with the (1 + m)-square ``R = 2 g [[|v|^2, -(c b)^T],
+    [-(c b), (c c^T) * G_w]]``: one batched matmul per side, then one index_add into the table.
     """
 
     @staticmethod
-    def forward(ctx, key, value, coef, u, w):  # noqa: D102
-        a = (u * key[:, None, :]).sum(-1)
-        b = (w * value[:, None, :]).sum(-1)
-        gu = u @ u.transpose(-1, -2)
-        gw = w @ w.transpose(-1, -2)
+    def forward(ctx, key, value, coef, idx, u, w):  # noqa: D102
+        B, m = coef.shape
+        n = u.shape[0]
+        rows_ = torch.cat((torch.arange(n, n + B, device=idx.device)[:, None], idx), 1).reshape(-1)
+        P = torch.cat((u, key)).index_select(0, rows_).view(B, 1 + m, -1)
+        Q = torch.cat((w, value)).index_select(0, rows_).view(B, 1 + m, -1)
+        gp, gq = torch.bmm(P, P.transpose(1, 2)), torch.bmm(Q, Q.transpose(1, 2))
+        kk, a, gu = gp[:, 0, 0], gp[:, 0, 1:], gp[:, 1:, 1:]
+        vv, b, gw = gq[:, 0, 0], gq[:, 0, 1:], gq[:, 1:, 1:]
         gc = ((gu * gw) @ coef[:, :, None]).squeeze(-1)  # (G_u * G_w) c
-        kk, vv = key.pow(2).sum(-1), value.pow(2).sum(-1)
         err = kk * vv - 2 * (coef * a * b).sum(-1) + (coef * gc).sum(-1)
-        ctx.save_for_backward(key, value, coef, u, w, a, b, gu, gw, gc, kk, vv)
+        ctx.save_for_backward(coef, rows_, P, Q, gp, gq, gc)
+        ctx.n = n
         return err
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
-        key, value, coef, u, w, a, b, gu, gw, gc, kk, vv = ctx.saved_tensors
+        coef, rows_, P, Q, gp, gq, gc = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g1 = g[:, None]
-        gc2 = 2 * g1 * coef  # [B, m]: 2 g c_j
-        d_key = d_value = d_coef = d_u = d_w = None
-        if need[2]:
-            d_coef = 2 * g1 * (gc - a * b)
-        # baddbmm folds the "- b_j k" term into the batched matmul (one pass fewer over [B, m, d])
-        if need[3]:
-            d_u = torch.baddbmm(-b[..., None] * key[:, None, :], gw * coef[:, None, :], u)
-            d_u.mul_(gc2[..., None])
-        if need[4]:
-            d_w = torch.baddbmm(-a[..., None] * value[:, None, :], gu * coef[:, None, :], w)
-            d_w.mul_(gc2[..., None])
-        if need[0]:
-            d_key = 2 * g1 * (vv[:, None] * key - ((coef * b)[:, :, None] * u).sum(1))
-        if need[1]:
-            d_value = 2 * g1 * (kk[:, None] * value - ((coef * a)[:, :, None] * w).sum(1))
-        return d_key, d_value, d_coef, d_u, d_w
+        n = ctx.n
+        a, b = gp[:, 0, 1:], gq[:, 0, 1:]
+        g2 = 2 * g[:, None]  # [B, 1]
+        d_coef = g2 * (gc - a * b) if need[2] else None
+
+        def side(p: Tensor, other_gram: Tensor, other_dot: Tensor) -> Tensor:
+            r = torch.empty_like(other_gram)  # [B, 1 + m, 1 + m]
+            cb = g2 * coef * other_dot[:, 0, 1:]  # 2 g c_j b_j
+            r[:, 0, 0] = g2[:, 0] * other_dot[:, 0, 0]
+            r[:, 0, 1:] = -cb
+            r[:, 1:, 0] = -cb
+            r[:, 1:, 1:] = (g2 * coef)[:, :, None] * other_gram[:, 1:, 1:] * coef[:, None, :]
+            d = torch.bmm(r, p).view(-1, p.shape[-1])
+            return torch.zeros(n + len(p), p.shape[-1], dtype=p.dtype, device=p.device).index_add_(
+                0, rows_, d
+            )
+
+        d_key = d_value = d_u = d_w = None
+        if need[0] or need[4]:
+            d_pu = side(P, gq, gq)
+            d_u, d_key = d_pu[:n], d_pu[n:]
+        if need[1] or need[5]:
+            d_pw = side(Q, gp, gp)
+            d_w, d_value = d_pw[:n], d_pw[n:]
+        return d_key, d_value, d_coef, None, d_u, d_w
 
 
 class FlatSAE(BaseSAE):

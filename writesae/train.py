@@ -138,6 +138,14 @@ def _active(out: SAEOutput, n: int) -> tuple[Tensor, Tensor]:
     return out.codes.gather(-1, idx), idx
 
 
+def _fired(out: SAEOutput, n: int) -> Tensor:
+    """Which atoms have a non-zero code in the batch, bool [n_atoms]."""
+    if out.values is not None:  # per-sample TopK: only the listed atoms can be non-zero
+        hit = out.indices[out.values != 0]
+        return torch.zeros(n, dtype=torch.bool, device=hit.device).index_fill_(0, hit, True)
+    return (out.codes != 0).reshape(-1, n).any(0)
+
+
 def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainConfig) -> StepResult:
     """Loss of one batch (module docstring); ``dead`` is a bool mask [n_atoms] or None."""
     n, d_in = sae.cfg.n_atoms, sae.cfg.d_in
@@ -347,7 +355,7 @@ def train(
         opt.step()
         sae.normalize_decoder_()
         with torch.no_grad():
-            fired = (res.out.codes != 0).reshape(-1, n).any(0)
+            fired = _fired(res.out, n)
             since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + 1)
             dead = since_fired >= cfg.dead_steps
             if resample_every and (step + 1) % resample_every == 0 and bool(dead.any()):

@@ -108,6 +108,15 @@ def test_rank1_error_hand_written_backward_matches_finite_differences():
     from writesae.sae import _Rank1SqError
 
     g = torch.Generator().manual_seed(4)
-    shapes = [(3, 5), (3, 6), (3, 4), (3, 4, 5), (3, 4, 6)]
-    args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+    def arg(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    idx = torch.tensor([[0, 2, 5, 1], [3, 3, 6, 0], [6, 5, 4, 2]])  # an atom twice in row 1
+    args = (arg(3, 5), arg(3, 6), arg(3, 4), idx, arg(7, 5), arg(7, 6))
     assert torch.autograd.gradcheck(_Rank1SqError.apply, args)
+    # and the value is the brute-force squared error of k v^T - sum_j c_j u_j w_j^T
+    key, value, coef, _, u, w = args
+    recon = torch.einsum("bj,bjk,bjv->bkv", coef, u[idx], w[idx])
+    brute = (key[:, :, None] * value[:, None, :] - recon).pow(2).sum((1, 2))
+    torch.testing.assert_close(_Rank1SqError.apply(*args), brute)
