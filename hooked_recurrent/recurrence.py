@@ -26,8 +26,8 @@ path is tested against it.
 from __future__ import annotations
 
 import ctypes
-import math
 import ctypes.util
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,9 +64,7 @@ class Transition:
             out = out + self.erase_a[:, t, :, :, None] * read[:, :, None, :]
         return out
 
-    def select(
-        self, batch: Tensor, head: Tensor, positions: slice = slice(None)
-    ) -> Transition:
+    def select(self, batch: Tensor, head: Tensor, positions: slice = slice(None)) -> Transition:
         """The transition restricted to pairs (batch[i], head[i]) and `positions`, as a batch of
         single heads."""
 
@@ -207,7 +205,9 @@ def propagate_sparse(
         rows = edits.t - t0
         local = edits.delta.new_zeros(len(pairs), T - t0, 1, dk, dv)
         local.index_put_((inv, rows), edits.delta[:, None], accumulate=True)
-        o, E = dense_response(transition.select(bi, hi, slice(t0, None)), q[bi, t0:, hi, None], local)
+        o, E = dense_response(
+            transition.select(bi, hi, slice(t0, None)), q[bi, t0:, hi, None], local
+        )
         d_o[bi, t0:, hi] = o[:, :, 0].to(d_o.dtype)
         E_T[bi, hi] = E[:, 0].to(E_T.dtype)
         return d_o, E_T
@@ -515,7 +515,7 @@ class RecurrentMixer(torch.nn.Module):
             _, edit = _hooked(self.hook_state, native_states(), native_states)
             if edit is not None:
                 edits.append(edit)
-        del writes
+        writes = None  # drop the reference: the write buffer is reusable once nothing holds it
 
         o, S_T = fast_path()
         if edits:

@@ -96,9 +96,19 @@ class GatedAttention(nn.Module):
 
         n_past = k_all.shape[2] - T
         if self.hook_attn_scores.active or self.hook_pattern.active:
-            scores = torch.matmul(q.transpose(1, 2), k_rep.transpose(-1, -2)) / math.sqrt(D)
-            causal = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
-            scores = self.hook_attn_scores(scores.masked_fill(~causal, float("-inf")))
+            Tk = k_all.shape[2]
+            future = torch.ones(T, Tk, dtype=torch.bool, device=x.device).triu(n_past + 1)
+            mask = torch.zeros(T, Tk, dtype=q.dtype, device=x.device).masked_fill_(
+                future, -math.inf
+            )
+            # q k^T / sqrt(d) + mask in one batched GEMM: one [batch, head, query, key] tensor
+            scores = torch.baddbmm(
+                mask.expand(B * H, T, Tk),
+                q.transpose(1, 2).reshape(B * H, T, D),
+                k_rep.reshape(B * H, Tk, D).transpose(1, 2),
+                alpha=1 / math.sqrt(D),
+            ).view(B, H, T, Tk)
+            scores = self.hook_attn_scores(scores)
             pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
             z = torch.matmul(pattern, v_rep)
         else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
