@@ -54,9 +54,20 @@ def _models():
     from hooked_recurrent.pretrained.qwen3_5 import Qwen35Config
 
     cfg = Qwen35Config(
-        architecture="qwen3_5", n_layers=2, d_model=32, d_vocab=50,
-        layer_types=["recurrent", "attention"], n_heads=4, d_k=8, d_v=12, d_mlp=48,
-        n_key_heads=2, attn_n_heads=2, attn_n_kv_heads=1, attn_d_head=16, rotary_dim=8,
+        architecture="qwen3_5",
+        n_layers=2,
+        d_model=32,
+        d_vocab=50,
+        layer_types=["recurrent", "attention"],
+        n_heads=4,
+        d_k=8,
+        d_v=12,
+        d_mlp=48,
+        n_key_heads=2,
+        attn_n_heads=2,
+        attn_n_kv_heads=1,
+        attn_d_head=16,
+        rotary_dim=8,
     )
     torch.manual_seed(0)
     yield "tiny Qwen3.5 (in memory)", HookedRecurrentModel(cfg)
@@ -71,8 +82,9 @@ def _table(name, model) -> str:
         shapes[hook.name] = tuple(x.shape)
 
     with torch.no_grad():
-        model.run_with_hooks(torch.zeros(1, 5, dtype=torch.long),
-                             fwd_hooks=[(lambda n: True, record)])
+        model.run_with_hooks(
+            torch.zeros(1, 5, dtype=torch.long), fwd_hooks=[(lambda n: True, record)]
+        )
     c = model.cfg
     lines = [
         f"### {name}",
@@ -93,11 +105,15 @@ def _table(name, model) -> str:
             if (kind, m.group(2)) in seen_layer_kind:
                 continue
             seen_layer_kind.add((kind, m.group(2)))
-            shown = f"blocks.{{l}}.{m.group(2)}" + (" (attention layers)" if kind == "attention" else "")
+            shown = f"blocks.{{l}}.{m.group(2)}" + (
+                " (attention layers)" if kind == "attention" else ""
+            )
         else:
             shown = hook_name
         last = hook_name.rsplit(".", 1)[-1]
-        lines.append(f"| `{shown}` | `{list(shapes.get(hook_name, ()))}` | {MEANING.get(last, '')} |")
+        lines.append(
+            f"| `{shown}` | `{list(shapes.get(hook_name, ()))}` | {MEANING.get(last, '')} |"
+        )
     fired = len(shapes)
     lines += ["", f"All {len(model.hook_dict)} hook points fired in this run ({fired} recorded)."]
     return "\n".join(lines)

@@ -286,7 +286,7 @@ class _WriteBuffer:
     block to its holder. Blocks above `max_bytes` are never kept.
     """
 
-    max_bytes = 1 << 30
+    max_bytes = 256 << 20
 
     def __init__(self) -> None:
         self.block: Tensor | None = None
