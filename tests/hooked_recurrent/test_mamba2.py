@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,24 +78,42 @@ def test_config_conversion(pair):
     assert model.cfg.tie_word_embeddings == c.tie_word_embeddings
 
 
-def test_logits_hidden_states_and_final_state_match_hf(pair):
-    hf, model = pair
+def hf_parity(hf, model) -> dict:
+    """The differences to HF that test_logits_hidden_states_and_final_state_match_hf asserts on:
+    "logits" (max abs over 3 x 50 tokens), and per layer "resid_post" (hook_resid_post vs HF's
+    hidden state) and "state" (the final SSM state vs HF's cache, transposed to [N, P])."""
     toks = tokens(3, 50)
-    assert hf.config.chunk_size < 50 and 50 % hf.config.chunk_size
     with torch.no_grad():
         out = hf(toks, output_hidden_states=True, use_cache=True)
         logits, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("resid_post"))
         _, state = model(toks, return_state=True)
-    assert (logits - out.logits).abs().max() <= 1e-4
     L = hf.config.num_hidden_layers
     # HF's hidden states: the output of each block (no embeddings), then norm_f(last)
     assert len(out.hidden_states) == L + 1
-    for layer in range(L):
-        diff = (cache[f"blocks.{layer}.hook_resid_post"] - out.hidden_states[layer]).abs().max()
-        assert diff <= 1e-4, (layer, diff)
+    resid = [
+        (cache[f"blocks.{layer}.hook_resid_post"] - out.hidden_states[layer]).abs().max().item()
+        for layer in range(L)
+    ]
+    states = []
     for layer in range(L):
         hf_S = out.cache_params.layers[layer].recurrent_states[0]  # [b, h, headdim, d_state]
-        assert (state.layers[layer]["S"] - hf_S.transpose(-1, -2)).abs().max() <= 1e-5
+        states.append((state.layers[layer]["S"] - hf_S.transpose(-1, -2)).abs().max().item())
+    return {
+        "logits": (logits - out.logits).abs().max().item(),
+        "resid_post": resid,
+        "state": states,
+    }
+
+
+def test_logits_hidden_states_and_final_state_match_hf(pair):
+    hf, model = pair
+    assert hf.config.chunk_size < 50 and 50 % hf.config.chunk_size
+    d = hf_parity(hf, model)
+    assert d["logits"] <= 1e-4
+    for layer, diff in enumerate(d["resid_post"]):
+        assert diff <= 1e-4, (layer, diff)
+    for layer, diff in enumerate(d["state"]):
+        assert diff <= 1e-5, (layer, diff)
 
 
 def test_brute_force_reference_matches_hf(pair):
@@ -104,8 +123,9 @@ def test_brute_force_reference_matches_hf(pair):
         assert (brute_force_logits(hf, toks) - hf(toks).logits.double()).abs().max() <= 1e-4
 
 
-def test_per_position_states_match_hf_decode(pair):
-    hf, model = pair
+def decode_state_diffs(hf, model) -> list[float]:
+    """Per layer, max |hook_state - HF's state after one-token decode steps| over 2 x 16 tokens
+    (test_per_position_states_match_hf_decode)."""
     toks = tokens(2, 16, seed=3)
     L = hf.config.num_hidden_layers
     hf_states = [[] for _ in range(L)]
@@ -117,9 +137,16 @@ def test_per_position_states_match_hf_decode(pair):
             for layer in range(L):
                 hf_states[layer].append(cache.layers[layer].recurrent_states[0].clone())
         _, ours = model.run_with_cache(toks, names_filter=lambda n: n.endswith("hook_state"))
+    diffs = []
     for layer in range(L):
         ref = torch.stack(hf_states[layer], 1).transpose(-1, -2)  # [b, T, h, d_state, headdim]
-        assert (ours[f"blocks.{layer}.attn.hook_state"] - ref).abs().max() <= 1e-5
+        diffs.append((ours[f"blocks.{layer}.attn.hook_state"] - ref).abs().max().item())
+    return diffs
+
+
+def test_per_position_states_match_hf_decode(pair):
+    for layer, diff in enumerate(decode_state_diffs(*pair)):
+        assert diff <= 1e-5, (layer, diff)
 
 
 def test_hook_shapes_and_meaning(pair):
@@ -148,7 +175,10 @@ def test_hook_shapes_and_meaning(pair):
 
 
 # ---------------------------------------------------------------- loading checkpoints
-def test_mamba_ssm_layout_loads(tmp_path):
+def load_mamba_ssm_layout(folder: Path) -> tuple:
+    """Write a tied, vocab-padded Mamba-2 in mamba_ssm's layout (config.json with ssm_cfg,
+    pytorch_model.bin with backbone.embedding.*) into `folder` and load it; returns
+    (hf, model, padded vocab, max |logits - HF's| over 2 x 40 tokens)."""
     pad = 8
     vocab = 99  # padded to 104
     padded = -(-vocab // pad) * pad
@@ -181,14 +211,21 @@ def test_mamba_ssm_layout_loads(tmp_path):
         for k, v in hf.state_dict().items()
     }
     assert "backbone.embedding.weight" in sd
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    torch.save(sd, tmp_path / "pytorch_model.bin")
-    model = HookedRecurrentModel.from_pretrained(str(tmp_path))
-    assert model.cfg.d_vocab == padded and model.cfg.n_heads == c.num_heads
-    assert model.cfg.n_groups == c.n_groups
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(sd, folder / "pytorch_model.bin")
+    model = HookedRecurrentModel.from_pretrained(str(folder))
     toks = tokens(2, 40)
     with torch.no_grad():
-        assert (model(toks) - hf(toks).logits).abs().max() <= 1e-4
+        diff = (model(toks) - hf(toks).logits).abs().max().item()
+    return hf, model, padded, diff
+
+
+def test_mamba_ssm_layout_loads(tmp_path):
+    hf, model, padded, diff = load_mamba_ssm_layout(tmp_path)
+    c = hf.config
+    assert model.cfg.d_vocab == padded and model.cfg.n_heads == c.num_heads
+    assert model.cfg.n_groups == c.n_groups
+    assert diff <= 1e-4
 
 
 def test_mamba_ssm_rejects_mamba1(tmp_path):
@@ -260,11 +297,13 @@ def _edit_cases(model):
     ]
 
 
-@pytest.mark.parametrize("layer", [0, -1])
-def test_edits_propagate_like_brute_force(pair, layer):
-    hf, model = pair
+def single_edit_results(hf, model, layer: int) -> list[tuple[str, str, float, bool, float]]:
+    """test_edits_propagate_like_brute_force: for each of `_edit_cases`, an edit at (EDIT_T,
+    EDIT_H) of blocks.{layer}; returns (case, hook name, max |logits - brute force|, logits before
+    EDIT_T bit-equal to the clean run, max |logits after EDIT_T - clean|)."""
     toks = tokens(2, 45, seed=4)
     L = model.cfg.n_layers
+    results = []
     with torch.no_grad():
         clean = model(toks)
         for case, hook_name, hook, ref, ref_name in _edit_cases(model):
@@ -276,11 +315,20 @@ def test_edits_propagate_like_brute_force(pair, layer):
                 toks, fwd_hooks=[(f"blocks.{layer % L}.attn.{hook_name}", hook)]
             )
             expected = brute_force_logits(hf, toks, edit)
-            diff = (edited.double() - expected).abs().max()
-            assert diff <= 1e-4, (case, diff)
-            assert torch.equal(edited[:, :EDIT_T], clean[:, :EDIT_T]), case
-            # the edit reaches the tokens after t (in the last layer only through the recurrence)
-            assert (edited[:, EDIT_T + 1 :] - clean[:, EDIT_T + 1 :]).abs().max() > 1e-5, case
+            diff = (edited.double() - expected).abs().max().item()
+            earlier = torch.equal(edited[:, :EDIT_T], clean[:, :EDIT_T])
+            effect = (edited[:, EDIT_T + 1 :] - clean[:, EDIT_T + 1 :]).abs().max().item()
+            results.append((case, hook_name, diff, earlier, effect))
+    return results
+
+
+@pytest.mark.parametrize("layer", [0, -1])
+def test_edits_propagate_like_brute_force(pair, layer):
+    for case, _, diff, earlier, effect in single_edit_results(*pair, layer):
+        assert diff <= 1e-4, (case, diff)
+        assert earlier, case
+        # the edit reaches the tokens after t (in the last layer only through the recurrence)
+        assert effect > 1e-5, case
 
 
 def test_in_place_edits_are_seen(pair):
@@ -311,12 +359,11 @@ MULTI_EDITS = {
 }
 
 
-@pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
-@pytest.mark.parametrize("case", list(MULTI_EDITS))
-@pytest.mark.parametrize("layer", [0, -1])
-def test_multi_position_edits_propagate_like_brute_force(pair, layer, case, hook_name):
-    """Additive edits at several (batch, pos, head) triples of hook_write / hook_state."""
-    hf, model = pair
+def multi_edit_result(hf, model, layer: int, case: str, hook_name: str) -> tuple:
+    """test_multi_position_edits_propagate_like_brute_force: additive edits at the triples of
+    MULTI_EDITS[case] of blocks.{layer}.attn.{hook_name}; returns (max |logits - brute force|,
+    per batch row: logits before its first edit bit-equal to the clean run, max |logits after the
+    last edited position - clean|)."""
     c = model.cfg
     L, T = c.n_layers, 45
     li = layer % L
@@ -352,13 +399,25 @@ def test_multi_position_edits_propagate_like_brute_force(pair, layer, case, hook
         clean = model(toks)
         edited = model.run_with_hooks(toks, fwd_hooks=[(f"blocks.{li}.attn.{hook_name}", hook)])
         expected = brute_force_logits(hf, toks, edit)
-    diff = (edited.double() - expected).abs().max()
-    assert diff <= 1e-4, diff
+    diff = (edited.double() - expected).abs().max().item()
+    earlier = []
     for b in range(2):  # each row is bit-for-bit clean before its own first edit
         first = min(t for bb, t, _ in triples if bb == b)
-        assert torch.equal(edited[b, :first], clean[b, :first]), b
+        earlier.append(torch.equal(edited[b, :first], clean[b, :first]))
     t1 = max(t for _, t, _ in triples)
-    assert (edited[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().max() > 1e-5
+    return diff, earlier, (edited[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().max().item()
+
+
+@pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
+@pytest.mark.parametrize("case", list(MULTI_EDITS))
+@pytest.mark.parametrize("layer", [0, -1])
+def test_multi_position_edits_propagate_like_brute_force(pair, layer, case, hook_name):
+    """Additive edits at several (batch, pos, head) triples of hook_write / hook_state."""
+    diff, earlier, effect = multi_edit_result(*pair, layer, case, hook_name)
+    assert diff <= 1e-4, diff
+    for b, equal in enumerate(earlier):
+        assert equal, b
+    assert effect > 1e-5
 
 
 # ---------------------------------------------------------------- state and generation

@@ -124,10 +124,21 @@ def models():
     return hf, HookedRecurrentModel.from_hf_model(hf)
 
 
-@pytest.mark.parametrize("case", list(EDITS))
+def _brute_force_logits(hf, tokens, hook_name, edit):
+    """The HF model's logits with brute_force_gdn (and `edit`) swapped in for layer LAYER."""
+    la = hf.model.layers[LAYER].linear_attn
+    original = la.forward
+    la.forward = lambda hidden_states, **kw: brute_force_gdn(la, hidden_states, hook_name, edit)
+    try:
+        return hf(tokens, use_cache=False).logits
+    finally:
+        la.forward = original
+
+
 @torch.no_grad()
-def test_edit_matches_brute_force(models, case):
-    hf, model = models
+def single_edit_result(hf, model, case: str) -> tuple[float, bool, float]:
+    """test_edit_matches_brute_force: EDITS[case] at POS of blocks.LAYER; returns (max |logits -
+    brute force|, logits before POS bit-equal to the clean run, max |logits after POS - clean|)."""
     hook_name = case.split(":")[0]
     tokens = torch.randint(
         0, hf.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1)
@@ -141,19 +152,19 @@ def test_edit_matches_brute_force(models, case):
 
     clean = model(tokens)
     ours = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.attn.{hook_name}", hook)])
+    ref = _brute_force_logits(hf, tokens, hook_name, edit)
+    diff = (ours - ref).abs().max().item()
+    earlier = torch.equal(ours[:, :POS], clean[:, :POS])
+    return diff, earlier, (ours[:, POS + 1 :] - clean[:, POS + 1 :]).abs().max().item()
 
-    la = hf.model.layers[LAYER].linear_attn
-    original = la.forward
-    la.forward = lambda hidden_states, **kw: brute_force_gdn(la, hidden_states, hook_name, edit)
-    try:
-        ref = hf(tokens, use_cache=False).logits
-    finally:
-        la.forward = original
 
-    assert (ours - ref).abs().max() <= 1e-4
-    assert torch.equal(ours[:, :POS], clean[:, :POS])
+@pytest.mark.parametrize("case", list(EDITS))
+def test_edit_matches_brute_force(models, case):
+    diff, earlier, effect = single_edit_result(*models, case)
+    assert diff <= 1e-4
+    assert earlier
     # the edit does reach later tokens (else the test would not test propagation)
-    assert (ours[:, POS + 1 :] - clean[:, POS + 1 :]).abs().max() > 1e-3
+    assert effect > 1e-3
 
 
 # ------------------------------------------------------------- edits at several (b, t, h) triples
@@ -194,18 +205,17 @@ def _multi_edit(triples, d_k, d_v, seed):
     return {t: make(adds) for t, adds in at.items()}
 
 
-@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in_place"])
-@pytest.mark.parametrize(
-    "case,chunk",
-    [(c, None) for c in MULTI_EDITS] + [("short_span", 8), ("long_span", 8)],
-    ids=[*MULTI_EDITS, "short_span-chunk8", "long_span-chunk8"],
-)
-@pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
+#: the (case, chunk size) pairs of test_multi_position_edits_match_brute_force (None: native)
+MULTI_CASES = [(c, None) for c in MULTI_EDITS] + [("short_span", 8), ("long_span", 8)]
+
+
 @torch.no_grad()
-def test_multi_position_edits_match_brute_force(models, hook_name, case, chunk, in_place):
-    """Edits at several (batch, pos, head) triples: stepped over the edited span, then the chunked
-    response (with chunk 8, across several chunks), against the token-by-token reference."""
-    hf, model = models
+def multi_edit_result(hf, model, hook_name: str, case: str, chunk, in_place: bool) -> tuple:
+    """test_multi_position_edits_match_brute_force: the edits at the triples of MULTI_EDITS[case]
+    of blocks.LAYER.attn.{hook_name} (the mixer's chunk size set to `chunk`); returns (max |logits
+    - brute force|, per batch row: logits before its first edit bit-equal to the clean run and
+    max |logits - clean| at that edit, max |logits after the last edited position - clean| or
+    None when that is the last position)."""
     triples = MULTI_EDITS[case]
     tokens = torch.randint(
         0, hf.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(3)
@@ -226,21 +236,33 @@ def test_multi_position_edits_match_brute_force(models, hook_name, case, chunk, 
         ours = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{LAYER}.attn.{hook_name}", hook)])
     finally:
         mixer.chunk_size = native_chunk
-
-    la = hf.model.layers[LAYER].linear_attn
-    original = la.forward
-    la.forward = lambda hidden_states, **kw: brute_force_gdn(la, hidden_states, hook_name, edits)
-    try:
-        ref = hf(tokens, use_cache=False).logits
-    finally:
-        la.forward = original
-
-    assert (ours - ref).abs().max() <= 1e-4
-    # each batch row is bit-for-bit the clean run before its own first edit
+    ref = _brute_force_logits(hf, tokens, hook_name, edits)
+    diff = (ours - ref).abs().max().item()
+    earlier, at_first = [], []
     for b in range(tokens.shape[0]):
         first = min(t for bb, t, _ in triples if bb == b)
-        assert torch.equal(ours[b, :first], clean[b, :first]), b
-        assert (ours[b, first] - clean[b, first]).abs().max() > 1e-3, b
+        earlier.append(torch.equal(ours[b, :first], clean[b, :first]))
+        at_first.append((ours[b, first] - clean[b, first]).abs().max().item())
     t1 = max(t for _, t, _ in triples)
-    if t1 < T - 1:  # the edits reach the tokens after the last edited one
-        assert (ours[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().max() > 1e-3
+    after = (ours[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().max().item() if t1 < T - 1 else None
+    return diff, earlier, at_first, after
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in_place"])
+@pytest.mark.parametrize(
+    "case,chunk",
+    MULTI_CASES,
+    ids=[*MULTI_EDITS, "short_span-chunk8", "long_span-chunk8"],
+)
+@pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
+def test_multi_position_edits_match_brute_force(models, hook_name, case, chunk, in_place):
+    """Edits at several (batch, pos, head) triples: stepped over the edited span, then the chunked
+    response (with chunk 8, across several chunks), against the token-by-token reference."""
+    diff, earlier, at_first, after = multi_edit_result(*models, hook_name, case, chunk, in_place)
+    assert diff <= 1e-4
+    # each batch row is bit-for-bit the clean run before its own first edit
+    for b, (equal, effect) in enumerate(zip(earlier, at_first, strict=True)):
+        assert equal, b
+        assert effect > 1e-3, b
+    if after is not None:  # the edits reach the tokens after the last edited one
+        assert after > 1e-3

@@ -210,17 +210,30 @@ def test_kappa_normalisations():
 
 # ------------------------------------------------------------------------- parity with the package
 @torch.no_grad()
-def test_parity_with_rwkv_package(tiny):
-    name, path, sd, ref, ours = tiny
+def package_parity(sd: dict, ref, ours) -> dict:
+    """test_parity_with_rwkv_package: "logits", max |ours - package| over all 80 positions, and
+    per layer the final "S" (package's [H, V, K] transposed), "shift" and "mlp_shift" differences
+    to the state the package returns."""
     tokens = _tokens(sd["emb.weight"].shape[0], 80, seed=3)
     logits_ref, state_ref = ref.forward(tokens[0].tolist(), None, full_output=True)
     logits, state = ours(tokens, return_state=True)
-    assert (logits[0] - logits_ref).abs().max().item() <= 1e-4
+    d = {"logits": (logits[0] - logits_ref).abs().max().item(), "S": [], "shift": []}
+    d["mlp_shift"] = []
     for layer, st in enumerate(state.layers):
         S_ref = state_ref[3 * layer + 1].transpose(-1, -2)  # package: [H, V, K]
-        assert (st["S"][0] - S_ref).abs().max().item() <= 1e-5
-        assert (st["shift"][0] - state_ref[3 * layer]).abs().max().item() <= 1e-5
-        assert (st["mlp_shift"][0] - state_ref[3 * layer + 2]).abs().max().item() <= 1e-5
+        d["S"].append((st["S"][0] - S_ref).abs().max().item())
+        d["shift"].append((st["shift"][0] - state_ref[3 * layer]).abs().max().item())
+        d["mlp_shift"].append((st["mlp_shift"][0] - state_ref[3 * layer + 2]).abs().max().item())
+    return d
+
+
+def test_parity_with_rwkv_package(tiny):
+    name, path, sd, ref, ours = tiny
+    d = package_parity(sd, ref, ours)
+    assert d["logits"] <= 1e-4
+    for key in ("S", "shift", "mlp_shift"):
+        for layer, diff in enumerate(d[key]):
+            assert diff <= 1e-5, (key, layer, diff)
 
 
 @torch.no_grad()
@@ -249,24 +262,33 @@ def test_per_position_states_match_package_steps(tiny):
 
 
 # --------------------------------------------------------------------------- fla-hub layout
-@pytest.mark.parametrize("fuse_norm", [False, True])
 @torch.no_grad()
-def test_fla_layout_loads_with_same_logits(tiny, tmp_path, fuse_norm):
+def load_fla_layout(sd: dict, ref, ours, folder: Path, fuse_norm: bool) -> tuple:
+    """test_fla_layout_loads_with_same_logits: the BlinkDL weights converted to the fla-hub layout
+    (config.json + model.safetensors) in `folder` and loaded; returns (model, fla state dict,
+    max |logits - package| over 40 positions, logits torch.equal to the .pth load's)."""
     from safetensors.torch import save_file
 
-    name, path, sd, ref, ours = tiny
     config, fla = blinkdl_to_fla(sd)
     config["fuse_norm"] = fuse_norm
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in fla.items()}, str(tmp_path / "model.safetensors"))
-    model = HookedRecurrentModel.from_pretrained(str(tmp_path))
-    assert model.cfg.fuse_norm is fuse_norm
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in fla.items()}, str(folder / "model.safetensors"))
+    model = HookedRecurrentModel.from_pretrained(str(folder))
     tokens = _tokens(sd["emb.weight"].shape[0], 40, seed=6)
     logits_ref, _ = ref.forward(tokens[0].tolist(), None, full_output=True)
     logits = model(tokens)
-    assert (logits[0] - logits_ref).abs().max().item() <= 1e-4
+    diff = (logits[0] - logits_ref).abs().max().item()
+    return model, fla, diff, torch.equal(logits, ours(tokens))
+
+
+@pytest.mark.parametrize("fuse_norm", [False, True])
+def test_fla_layout_loads_with_same_logits(tiny, tmp_path, fuse_norm):
+    name, path, sd, ref, ours = tiny
+    model, fla, diff, same_as_pth = load_fla_layout(sd, ref, ours, tmp_path, fuse_norm)
+    assert model.cfg.fuse_norm is fuse_norm
+    assert diff <= 1e-4
     if not fuse_norm:
-        assert torch.equal(logits, ours(tokens))
+        assert same_as_pth
     back = to_fla_state_dict(model.state_dict(), model.cfg)
     assert back.keys() == fla.keys()
     assert all(torch.equal(back[k], fla[k]) for k in fla)
@@ -307,10 +329,11 @@ PROPAGATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("hook,kind,layer", PROPAGATION_CASES)
 @torch.no_grad()
-def test_edit_propagates_like_brute_force(c128, hook, kind, layer):
-    path, sd, model = c128
+def single_edit_result(sd: dict, model, hook: str, kind: str, layer: int) -> tuple:
+    """test_edit_propagates_like_brute_force: one edit at (t=13, head 1) of blocks.{layer}.attn.
+    {hook}; returns (max |logits - float64 reference|, logits before t bit-equal to the clean
+    run, min over positions after t of max |logits - clean|)."""
     T, t, head = 40, 13, 1
     tokens = _tokens(sd["emb.weight"].shape[0], T, seed=7)
     apply = _edit_for(hook, kind, head, seed=11)
@@ -329,10 +352,19 @@ def test_edit_propagates_like_brute_force(c128, hook, kind, layer):
     clean = model(tokens)
     edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.{hook}", our_edit)])
     expected = reference_forward(sd, tokens[0].tolist(), edit=ref_edit).float()
-    assert (edited[0] - expected).abs().max().item() <= 1e-4
-    assert torch.equal(edited[:, :t], clean[:, :t])
+    diff = (edited[0] - expected).abs().max().item()
+    earlier = torch.equal(edited[:, :t], clean[:, :t])
+    return diff, earlier, (edited[:, t + 1 :] - clean[:, t + 1 :]).abs().amax(-1).min().item()
+
+
+@pytest.mark.parametrize("hook,kind,layer", PROPAGATION_CASES)
+def test_edit_propagates_like_brute_force(c128, hook, kind, layer):
+    path, sd, model = c128
+    diff, earlier, effect = single_edit_result(sd, model, hook, kind, layer)
+    assert diff <= 1e-4
+    assert earlier
     # the edit did reach the later tokens (the test is not vacuous)
-    assert (edited[:, t + 1 :] - clean[:, t + 1 :]).abs().amax(-1).min().item() > 1e-4
+    assert effect > 1e-4
 
 
 #: (batch, position, head) triples: both heads and both batch rows, some pairs edited twice
@@ -348,13 +380,12 @@ MULTI_EDITS = {
 }
 
 
-@pytest.mark.parametrize("hook", ["hook_write", "hook_state"])
-@pytest.mark.parametrize("case", list(MULTI_EDITS))
 @torch.no_grad()
-def test_multi_position_edits_propagate_like_brute_force(c128, hook, case):
-    """Additive edits at several (batch, pos, head) triples: stepped then the chunked response
-    (span < 16) or the dense chunked propagation (span >= 16), against the float64 reference."""
-    path, sd, model = c128
+def multi_edit_result(sd: dict, model, hook: str, case: str) -> tuple:
+    """test_multi_position_edits_propagate_like_brute_force: additive edits at the triples of
+    MULTI_EDITS[case] of blocks.1.attn.{hook}; returns, per batch row, (max |logits - float64
+    reference|, logits before the row's first edit bit-equal to the clean run), and the min over
+    positions after the last edited one of max |logits - clean|."""
     T, layer = 40, 1
     triples = MULTI_EDITS[case]
     tokens = _tokens(sd["emb.weight"].shape[0], T, seed=17, batch=2)
@@ -374,6 +405,7 @@ def test_multi_position_edits_propagate_like_brute_force(c128, hook, case):
 
     clean = model(tokens)
     edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.{hook}", our_edit)])
+    diffs, earlier = [], []
     for row in range(2):
 
         def ref_edit(i, name, tt, x, row=row):
@@ -386,11 +418,25 @@ def test_multi_position_edits_propagate_like_brute_force(c128, hook, case):
             return x
 
         expected = reference_forward(sd, tokens[row].tolist(), edit=ref_edit).float()
-        assert (edited[row] - expected).abs().max().item() <= 1e-4, row
+        diffs.append((edited[row] - expected).abs().max().item())
         first = min(t for b, t, _ in triples if b == row)
-        assert torch.equal(edited[row, :first], clean[row, :first]), row
+        earlier.append(torch.equal(edited[row, :first], clean[row, :first]))
     t1 = max(t for _, t, _ in triples)
-    assert (edited[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().amax(-1).min().item() > 1e-4
+    effect = (edited[:, t1 + 1 :] - clean[:, t1 + 1 :]).abs().amax(-1).min().item()
+    return diffs, earlier, effect
+
+
+@pytest.mark.parametrize("hook", ["hook_write", "hook_state"])
+@pytest.mark.parametrize("case", list(MULTI_EDITS))
+def test_multi_position_edits_propagate_like_brute_force(c128, hook, case):
+    """Additive edits at several (batch, pos, head) triples: stepped then the chunked response
+    (span < 16) or the dense chunked propagation (span >= 16), against the float64 reference."""
+    path, sd, model = c128
+    diffs, earlier, effect = multi_edit_result(sd, model, hook, case)
+    for row in range(2):
+        assert diffs[row] <= 1e-4, row
+        assert earlier[row], row
+    assert effect > 1e-4
 
 
 @pytest.mark.parametrize("hook", ["hook_write", "hook_state", "hook_k", "hook_decay"])
