@@ -88,14 +88,19 @@ def chunk_gated_delta_rule(
 
     q, k, v, beta, g = prep(q), prep(k), prep(v), prep(beta), prep(g)
     gc = g.cumsum(-1)  # [B, H, n, C]
-    lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (gc[..., :, None] - gc[..., None, :]).masked_fill(~lower, float("-inf")).exp()
-    strict = decay.masked_fill(torch.eye(C, dtype=torch.bool, device=q.device), 0.0)
-    A = torch.eye(C, device=q.device) + beta[..., None] * strict * (k @ k.transpose(-1, -2))
-    rhs = torch.cat((beta[..., None] * v, (beta * gc.exp())[..., None] * k), dim=-1)
+    upper = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)
+    # Gamma_i / Gamma_j below and on the diagonal, 0 above (in place: [B, H, n, C, C] tensors are
+    # the largest here)
+    decay = (gc[..., :, None] - gc[..., None, :]).masked_fill_(upper, float("-inf")).exp_()
+    # the unit-triangular solve reads only the strictly lower triangle of A; its diagonal (here
+    # beta_i |k_i|^2) stands for the implied 1s and is never used
+    A = (k @ k.transpose(-1, -2)).mul_(decay).mul_(beta[..., None])
+    rhs = torch.empty(*v.shape[:-1], dv + dk, dtype=v.dtype, device=v.device)
+    torch.mul(beta[..., None], v, out=rhs[..., :dv])
+    torch.mul((beta * gc.exp())[..., None], k, out=rhs[..., dv:])
     X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     U0, Wk = X[..., :dv], X[..., dv:]
-    qk = (q @ k.transpose(-1, -2)) * decay
+    qk = (q @ k.transpose(-1, -2)).mul_(decay)
     k_to_end = k * (gc[..., -1:] - gc).exp()[..., None]
 
     S = q.new_zeros(B, H, dk, dv) if S0 is None else S0.float()
