@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -26,6 +27,17 @@ MATRIX_HOOKS = ("hook_write", "hook_state")
 HOOK_ALIASES = {"hook_ssm_write": "hook_write", "hook_ssm_state": "hook_state"}
 
 _told_about_matrix_hooks = False
+
+#: TransformerLens `run_with_cache` options and their defaults; with any other value the cache is
+#: taken by TransformerLens's own hooks
+_TL_CACHE_DEFAULTS = {
+    "device": None,
+    "remove_batch_dim": False,
+    "incl_bwd": False,
+    "reset_hooks_end": True,
+    "clear_contexts": False,
+    "pos_slice": None,
+}
 
 
 def _resolve_alias(name: str) -> str:
@@ -196,7 +208,22 @@ class HookedRecurrentModel(HookedRootModule):
             names_filter = self._check_names([names_filter])
         elif not callable(names_filter):
             names_filter = self._check_names(list(names_filter))
-        out, cache = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        if any(kwargs.get(k, v) != v for k, v in _TL_CACHE_DEFAULTS.items()):
+            # TransformerLens's own caching hooks for its options (device, backward hooks, ...)
+            tl_kwargs = {k: kwargs.pop(k) for k in _TL_CACHE_DEFAULTS if k in kwargs}
+            out, cache = super().run_with_cache(
+                *model_args, names_filter=names_filter, **tl_kwargs, **kwargs
+            )
+        else:
+            for k in _TL_CACHE_DEFAULTS:
+                kwargs.pop(k, None)
+            keep = names_filter if callable(names_filter) else set(names_filter).__contains__
+            points = [hp for name, hp in self.hook_dict.items() if keep(name)]
+            cache = {}
+            with contextlib.ExitStack() as stack:
+                for hp in points:
+                    stack.enter_context(hp.caching(cache))
+                out = self(*model_args, **kwargs)
         if return_cache_object:
             cache = ActivationCache(cache, self)
         return out, cache

@@ -62,6 +62,32 @@ def test_default_cache_leaves_out_matrix_hooks_and_says_so(model, caplog):
     assert (cache["blocks.0.attn.hook_write"] - w).abs().max() <= 1e-6
 
 
+def test_cache_equals_transformer_lens_caching_hooks(model):
+    """`run_with_cache` collects activations without registering hooks; TransformerLens's own
+    caching hooks (used for its extra options, e.g. `device`) must give the same cache, also
+    with an editing hook attached (the cache holds what the point passes on, after the edit)."""
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+
+    def halve(x, hook):
+        return x * 0.5
+
+    for hooks in ([], [("blocks.0.attn.hook_v", halve), ("blocks.1.attn.hook_write", halve)]):
+        with model.hooks(fwd_hooks=hooks):
+            names = lambda n: not n.endswith("hook_state")  # noqa: E731
+            logits, fast = model.run_with_cache(tokens, names_filter=names)
+            logits_tl, slow = model.run_with_cache(tokens, names_filter=names, device="cpu")
+        assert torch.equal(logits, logits_tl)
+        assert list(fast.keys()) == list(slow.keys())
+        assert "blocks.1.attn.hook_write" in fast.keys()
+        for name in fast.keys():
+            assert torch.equal(fast[name], slow[name]), name
+        if hooks:
+            assert torch.equal(fast["blocks.0.attn.hook_v"], slow["blocks.0.attn.hook_v"])
+            plain = model.run_with_cache(tokens, names_filter=["blocks.0.attn.hook_v"])[1]
+            assert torch.equal(fast["blocks.0.attn.hook_v"], plain["blocks.0.attn.hook_v"] * 0.5)
+    assert not any(hp._cache is not None for hp in model.hook_dict.values())
+
+
 def test_cached_matrix_hooks_do_not_change_outputs(model):
     tokens = torch.randint(0, 97, (2, 30))
     clean = model(tokens)
