@@ -321,7 +321,7 @@ _write_buffer = _WriteBuffer()
 
 
 def _hooked_write(
-    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 20
+    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 18
 ) -> tuple[Tensor, Edits | None]:
     """Run `hook` on the writes k v^T; return (writes to use, the edits or None).
 
