@@ -19,32 +19,6 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc malloc to keep freed memory in the process (Linux only; False elsewhere).
-
-    By default glibc serves large blocks with fresh mappings and hands freed memory back, so every
-    call that keeps many activations alive (a cache) touches new pages, and on a virtual machine
-    each first touch of a 4 KiB page costs about a microsecond. With this, freed memory stays in
-    the heap and is reused without page faults. It changes the allocator for every model in the
-    process alike; the benchmarks' `--keep-freed-memory` flag uses it to show how much of a
-    ratio is page faults.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(
-            libc.mallopt(m_trim_threshold, 4 << 30)
-        )
-    except (OSError, AttributeError):
-        return False
-
-
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1
 ) -> dict[str, float]:

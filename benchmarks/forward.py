@@ -1,13 +1,11 @@
 """Forward-pass cost, side by side in one run: Hugging Face, ours, TransformerLens's bridge.
 
-    python benchmarks/forward.py [--rounds 15] [--only FAMILY] [--keep-freed-memory]
+    python benchmarks/forward.py [--rounds 15] [--only FAMILY]
 
 Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention),
 batch 4, seq 256, float32, median of interleaved rounds after one warm-up round. The write edit
 is timed with the hook editing in place and returning its input (the TransformerLens idiom) and,
-for comparison, with a hook that returns an edited copy. `--keep-freed-memory` makes glibc keep
-freed memory for every model alike (`common.keep_freed_memory`), to show how much of a ratio is
-page faults of freshly mapped memory.
+for comparison, with a hook that returns an edited copy.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ from common import (  # noqa: E402
     bench_qwen,
     bridge_for,
     interleaved_medians,
-    keep_freed_memory,
     rank1_write_edit,
 )
 
@@ -151,16 +148,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--only", choices=["qwen3_5", "mamba2", "rwkv7"], default=None)
-    ap.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="glibc malloc keeps freed memory (no page faults on reuse), for every model alike",
-    )
     args = ap.parse_args()
-    kept = keep_freed_memory() if args.keep_freed_memory else False
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}, "
-        f"keep freed memory: {kept}, load average {os.getloadavg()[0]:.2f}\n"
+        f"load average {os.getloadavg()[0]:.2f}\n"
     )
     rows: list[dict] = []
     for fam, fn in (("qwen3_5", qwen_rows), ("mamba2", mamba2_rows), ("rwkv7", rwkv7_rows)):
