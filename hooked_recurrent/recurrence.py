@@ -396,11 +396,6 @@ def _hooked(
 FastPath = Callable[[], tuple[Tensor, Tensor]]
 
 
-def any_nonzero(x: Tensor) -> bool:
-    """Whether any entry is non-zero (or NaN); two reductions, no tensor of x's size allocated."""
-    return bool(x.amax() != 0) or bool(x.amin() != 0)
-
-
 class RecurrentMixer(torch.nn.Module):
     """Base of every recurrent mixer: owns `hook_write` and `hook_state` and runs the recurrence.
 
