@@ -142,16 +142,34 @@ class Edits:
     def __len__(self) -> int:
         return len(self.t)
 
-    def dense(self, shape: tuple[int, ...]) -> Tensor:
-        """The edits as one dense difference tensor of `shape` `[batch, pos, head, d_k, d_v]`."""
-        out = self.delta.new_zeros(shape)
-        return out.index_put_((self.b, self.t, self.h), self.delta, accumulate=True)
-
 
 #: (batch index [n], head index [n], start position, E [n, 1, d_k, d_v]) -> (the reads of the
 #: state E carried from `start` on with zero writes [n, T - start, 1, d_v], the final state):
 #: a family's fast path run on a response, supplied to `recur` by mixers that have one
 Response = Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]]
+
+
+def zero_write_response(
+    rule: Callable[..., tuple[Tensor, Tensor]], inputs: tuple[Tensor, ...], zeroed: set[int]
+) -> Response:
+    """The `Response` of a family whose chunked rule is `rule(*inputs, S0)` -> (o, S_T).
+
+    `inputs` are the rule's per-position tensors `[batch, pos, head, ...]`; those at the indices
+    in `zeroed` carry the write and are replaced by zeros: an edit's response is the same
+    recurrence with no writes, started from the edited state, for the edited (batch, head) pairs.
+    """
+
+    def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
+        args = [
+            x.new_zeros(len(bi), x.shape[1] - start, 1, *x.shape[3:])
+            if i in zeroed
+            else x[bi, start:, hi].unsqueeze(2)
+            for i, x in enumerate(inputs)
+        ]
+        return rule(*args, E0)
+
+    return response
+
 
 #: (the transition of a batch of single heads, their reads, their dense edits [n, T, 1, d_k, d_v])
 #: -> (dO [n, T, 1, d_v], E_T [n, 1, d_k, d_v]): a family's chunked propagation of many edits

@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition
+from hooked_recurrent.recurrence import RecurrentMixer, Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
 
@@ -195,16 +195,9 @@ class GatedDeltaNet(RecurrentMixer):
         S0 = None if past is None else past["S"]
         transition = Transition(alpha, -(alpha * beta)[..., None] * k, k)
 
-        def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
-            # an edit's response is this recurrence with zero writes, started from the edit
-            def pick(x: Tensor) -> Tensor:
-                return x[bi, start:, hi].unsqueeze(2)
-
-            zero_v = v.new_zeros(len(bi), T - start, 1, dv)
-            return chunk_gated_delta_rule(
-                pick(q), pick(k), zero_v, pick(beta), pick(g), E0, self.chunk_size
-            )
-
+        response = zero_write_response(
+            lambda *x: chunk_gated_delta_rule(*x, self.chunk_size), (q, k, v, beta, g), {2}
+        )
         o, S_T = self.recur(
             lambda: chunk_gated_delta_rule(q, k, v, beta, g, S0, self.chunk_size),
             transition,

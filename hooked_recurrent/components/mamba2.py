@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from hooked_recurrent.components.gated_deltanet import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition
+from hooked_recurrent.recurrence import RecurrentMixer, Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
 __all__ = ["Mamba2Mixer", "chunk_ssd", "segment_sum"]
@@ -203,16 +203,9 @@ class Mamba2Mixer(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
 
-        def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
-            # an edit's response is this recurrence with zero writes, started from the edit
-            def pick(x: Tensor) -> Tensor:
-                return x[bi, start:, hi].unsqueeze(2)
-
-            zero_v = v.new_zeros(len(bi), T - start, 1, P)
-            return chunk_ssd(
-                pick(q), pick(k), zero_v, pick(dt), pick(log_decay), E0, self.chunk_size
-            )
-
+        response = zero_write_response(
+            lambda *x: chunk_ssd(*x, self.chunk_size), (q, k, v, dt, log_decay), {2}
+        )
         o, S_T = self.recur(
             lambda: chunk_ssd(q, k, v, dt, log_decay, S0, self.chunk_size),
             Transition(decay),

@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan
+from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan, zero_write_response
 from hooked_recurrent.state import RunContext
 
 __all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]
@@ -363,16 +363,11 @@ class TimeMix(RecurrentMixer):
         S0 = None if past is None else past["S"]
         erase_a = -(a * kappa)
 
-        def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
-            # an edit's response is this recurrence with zero writes, started from the edit
-            def pick(x: Tensor) -> Tensor:
-                return x[bi, start:, hi].unsqueeze(2)
-
-            zero_k = k.new_zeros(len(bi), T - start, 1, N)
-            return chunk_dplr_rule(
-                pick(r), pick(w), zero_k, zero_k, pick(erase_a), pick(kappa), E0, self.chunk_size
-            )[:2]
-
+        response = zero_write_response(
+            lambda *x: chunk_dplr_rule(*x, self.chunk_size)[:2],
+            (r, w, k, v, erase_a, kappa),
+            {2, 3},
+        )
         o, S_T = self.recur(
             lambda: chunk_dplr_rule(r, w, k, v, erase_a, kappa, S0, self.chunk_size)[:2],
             Transition(decay, erase_a, kappa),
