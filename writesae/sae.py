@@ -427,8 +427,8 @@ class WriteSAE(BaseSAE):
     ) -> tuple[Callable[[], Tensor], Callable[[Tensor], Tensor]]:
         """As the base class; for the bilinear encoder the products ``k . e_i`` and ``v . f_i`` of
         a no-grad full pass are kept, and the listed atoms are read from them with gradients
-        written by hand (:class:`_SelectedBilinear`): two dense matmuls in the backward pass
-        instead of gathering ``[..., m, d]`` rows of both encoder tables."""
+        written by hand (:class:`_SelectedBilinear`): sparse-times-dense products in the backward
+        pass instead of gathering ``[..., m, d]`` rows of both encoder tables."""
         if self.cfg.encoder != "bilinear":
             return super()._factor_pre_acts(key, value)
         dt = self.b_enc.dtype
