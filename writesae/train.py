@@ -151,8 +151,7 @@ def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainCo
     n, d_in = sae.cfg.n_atoms, sae.cfg.d_in
     factors = isinstance(b, WriteFactors)
     if factors:
-        out = sae.run_factors(b.key, b.value)
-        sq_err = sae.factor_sq_error(b.key, b.value, out)
+        out, sq_err = sae.factor_loss(b.key, b.value)
     else:
         out = sae.run(b)
         sq_err = sae.sq_error(b, out)

@@ -154,3 +154,100 @@ def test_selected_bilinear_gradients_match_autograd_of_the_formula():
     for name, a, r in zip(("key", "value", "E", "F", "b"), fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, r, msg=name)
         assert r.abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_topk_loss_gradients_match_autograd_of_the_formula(bias):
+    """The one-function TopK training loss (codes and squared error, one hand-written backward)
+    against autograd on the plain formula: p = (k.e)(v.f) + b, c = ReLU(p) on the TopK atoms,
+    err = ||k v^T - sum_j c_j u_j w_j^T - B||^2, for every input, with a gradient arriving on the
+    codes as well as on the error."""
+    from writesae.sae import _TopKFactorLoss
+
+    g = torch.Generator().manual_seed(11)
+
+    def arg(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    B, m = 6, 8
+    key, value = arg(B, D_K), arg(B, D_V)
+    E, F, b_enc, U, W = arg(N, D_K), arg(N, D_V), arg(N), arg(N, D_K), arg(N, D_V)
+    with torch.no_grad():
+        b_enc -= 4.0  # so that some selected pre-activations are negative (ReLU gives 0)
+    b_dec = arg(D_K, D_V) if bias else None
+    with torch.no_grad():
+        pk, pv = key @ E.T, value @ F.T
+        idx = (pk * pv + b_enc).topk(m, dim=-1).indices
+    assert len(idx.unique()) < idx.numel()  # some atom is chosen by several samples
+    inputs = [t for t in (key, value, b_enc, U, W, b_dec, E, F) if t is not None]
+
+    def fused():
+        return _TopKFactorLoss.apply(key, value, idx, pk, pv, b_enc, U, W, b_dec, E, F)
+
+    def formula():
+        p = (E[idx] * key[:, None]).sum(-1) * (F[idx] * value[:, None]).sum(-1) + b_enc[idx]
+        c = torch.relu(p)
+        recon = torch.einsum("bj,bjk,bjv->bkv", c, U[idx], W[idx])
+        if b_dec is not None:
+            recon = recon + b_dec
+        return c, (key[:, :, None] * value[:, None, :] - recon).pow(2).sum((1, 2))
+
+    w_c = torch.randn(B, m, generator=g, dtype=torch.float64)
+    w_e = torch.randn(B, generator=g, dtype=torch.float64)
+
+    def run(f):
+        c, err = f()
+        ((c * w_c).sum() + (err * w_e).sum()).backward()
+        grads = [t.grad.clone() for t in inputs]
+        for t in inputs:
+            t.grad = None
+        return c.detach(), err.detach(), grads
+
+    c1, e1, g1 = run(fused)
+    c2, e2, g2 = run(formula)
+    assert int((c2 == 0).sum()) > 0 and int((c2 > 0).sum()) > 0  # both ReLU branches are tested
+    torch.testing.assert_close(c1, c2)
+    torch.testing.assert_close(e1, e2)
+    for i, (a, r) in enumerate(zip(g1, g2, strict=True)):
+        torch.testing.assert_close(a, r, msg=f"input {i}")
+        assert r.abs().max() > 1e-3
+
+
+def test_selection_sums_equal_loops():
+    """The sorted-atom sparse sums against explicit loops, with an atom repeated within a row."""
+    from writesae.sae import _Selection
+
+    g = torch.Generator().manual_seed(5)
+    idx = torch.tensor([[0, 2, 5, 1], [3, 3, 6, 0], [6, 5, 4, 2]])
+    n, (B, m), d = 8, idx.shape, 3
+    coef = torch.randn(B, m, generator=g)
+    x = torch.randn(B, d, generator=g)
+    rows_ = torch.randn(B, m + 2, d, generator=g)  # atoms' rows are the last m of each block
+    want_sample, want_slot = torch.zeros(n, d), torch.zeros(n, d)
+    want_atom = torch.zeros(n)
+    for b in range(B):
+        for j in range(m):
+            want_sample[idx[b, j]] += coef[b, j] * x[b]
+            want_slot[idx[b, j]] += rows_[b, 2 + j]
+            want_atom[idx[b, j]] += coef[b, j]
+    sel = _Selection(idx, n)
+    torch.testing.assert_close(sel.per_sample(coef, x), want_sample)
+    torch.testing.assert_close(sel.per_slot(rows_), want_slot)
+    torch.testing.assert_close(sel.per_atom(coef), want_atom)
+
+
+def test_reused_memory_is_never_overwritten_while_in_use():
+    """Two training losses built before either backward pass (so both keep their gathered rows
+    alive) give the same gradients as the two computed one after the other."""
+    sae = make()
+    batches = [factors(16, seed=s) for s in (1, 2)]
+    separate = []
+    for k, v in batches:
+        _, err = sae.factor_loss(k, v)
+        err.sum().backward()
+        separate.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+        sae.zero_grad()
+    errs = [sae.factor_loss(k, v)[1] for k, v in batches]
+    (errs[0].sum() + errs[1].sum()).backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, separate[0][n] + separate[1][n], msg=n)
