@@ -16,15 +16,14 @@ import platform
 import statistics
 import time
 
-# Idle OpenMP threads sleep instead of spinning. On a 2-core machine shared with other jobs the
-# default (spinning) policy made one 1M-element multiply 40x slower with 2 threads than with 1
-# (12 ms vs 0.3 ms); set OMP_WAIT_POLICY=ACTIVE to measure with the default. Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
+import writesae
+from writesae import TensorSource, WriteSAE, WriteSAEConfig
 
-import writesae  # noqa: E402
-from writesae import TensorSource, WriteSAE, WriteSAEConfig  # noqa: E402
+# OpenMP runs with the defaults a user gets (libgomp: idle threads spin briefly, then sleep). On a
+# machine shared with other busy processes, spinning threads can slow small operations many-fold;
+# there, run with OMP_WAIT_POLICY=PASSIVE (the header line says which policy was in force).
 
 
 def timed_steps(sae: WriteSAE, data, steps: int, batch: int, seed: int) -> tuple[float, float]:
@@ -91,7 +90,7 @@ def main() -> None:
         f"batch={args.batch} threads={torch.get_num_threads()} torch={torch.__version__} "
         f"cpu={platform.processor() or platform.machine()} "
         f"load1={os.getloadavg()[0]:.1f} cores={os.cpu_count()} "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     print()
     print(

@@ -742,11 +742,14 @@ class _StackedGrams:
         return -s * h_sigma[:, 1:]
 
     @staticmethod
-    def side(s: Tensor, sigma: Tensor, rows_: Tensor, other_gram: Tensor) -> Tensor:
-        """``s [dk; dU_S]`` for ``rows_ = P`` and ``other_gram = Q Q^T`` (or the value side), in
-        reused memory: consume it before the next call."""
-        r = (s[:, :, None] * sigma[:, :, None]) * other_gram * sigma[:, None, :]
-        return torch.bmm(r, rows_, out=_scratch.get("dP", rows_.shape, rows_))
+    def side(s: Tensor, sigma: Tensor, rows_: Tensor, other_gram: Tensor, key_row: bool) -> Tensor:
+        """``s [dk; dU_S]`` for ``rows_ = P`` and ``other_gram = Q Q^T`` (or the value side; just
+        ``s dU_S`` without ``key_row``), in reused memory: drop it before the next call."""
+        sigma_rows = sigma if key_row else sigma[:, 1:]
+        r = (s[:, :, None] * sigma_rows[:, :, None]) * other_gram[:, -len(sigma_rows[0]) :]
+        r = r * sigma[:, None, :]
+        shape = (len(rows_), r.shape[1], rows_.shape[-1])
+        return torch.bmm(r, rows_, out=_scratch.get("dP", shape, rows_))
 
 
 class _SelectedBilinear(torch.autograd.Function):
@@ -827,11 +830,14 @@ class _Rank1SqError(torch.autograd.Function):
         sel = _Selection(idx, ctx.n)
         d_key = d_value = d_u = d_w = None
         if need[0] or need[4]:
-            d = _StackedGrams.side(s, sigma, P, gq)
-            d_key, d_u = d[:, 0].clone(), sel.per_slot(d)
+            d = _StackedGrams.side(s, sigma, P, gq, key_row=need[0])
+            d_key = d[:, 0].clone() if need[0] else None
+            d_u = sel.per_slot(d) if need[4] else None
+            del d  # its memory is reused by the value side
         if need[1] or need[5]:
-            d = _StackedGrams.side(s, sigma, Q, gp)
-            d_value, d_w = d[:, 0].clone(), sel.per_slot(d)
+            d = _StackedGrams.side(s, sigma, Q, gp, key_row=need[1])
+            d_value = d[:, 0].clone() if need[1] else None
+            d_w = sel.per_slot(d) if need[5] else None
         return d_key, d_value, d_coef, None, d_u, d_w
 
 
@@ -891,11 +897,12 @@ class _TopKFactorLoss(torch.autograd.Function):
         d_key, d_value, d_ek, d_ev, d_benc = enc
         d_u = d_w = d_bdec = None
         if need[0] or need[6]:
-            d = _StackedGrams.side(s, sigma, P, gq)
+            d = _StackedGrams.side(s, sigma, P, gq, key_row=need[0])
             d_key = d_key + d[:, 0] if need[0] else None
             d_u = sel.per_slot(d) if need[6] else None
+            del d  # its memory is reused by the value side
         if need[1] or need[7]:
-            d = _StackedGrams.side(s, sigma, Q, gp)
+            d = _StackedGrams.side(s, sigma, Q, gp, key_row=need[1])
             d_value = d_value + d[:, 0] if need[1] else None
             d_w = sel.per_slot(d) if need[7] else None
         if b_dec is not None:
