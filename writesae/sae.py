@@ -77,12 +77,14 @@ class _Scratch(threading.local):
     """Named blocks of CPU memory kept from one training step to the next (one set per thread).
 
     The factor loss gathers and multiplies ``[batch, 1 + k, d]`` blocks (4 MiB each at batch 256,
-    k = 32, d = 128). Taken fresh every step, their memory goes back to the operating system in
-    between, and touching it again page-faults: about 2,500 faults per step, a quarter of the
-    step's time on a virtual machine. A block is handed out again only when nothing else holds
-    its storage (its use count is back to what it was when it was made), so a tensor that is
-    still alive (kept by autograd for a backward pass that has not run yet, say) is never
-    overwritten: the caller then gets new memory.
+    k = 32, d = 128) and returns ``[n_atoms, d]`` table gradients. Taken fresh every step, that
+    memory goes back to the operating system in between, and touching it again page-faults: about
+    2,500 faults per step, a quarter of the step's time on a virtual machine. A block is handed out
+    again only when nothing else holds its storage (its use count is back to what it was when it
+    was made), so a tensor that is still alive is never overwritten: one kept by autograd for a
+    backward pass that has not run yet, or a gradient still held as a parameter's ``.grad`` (until
+    ``zero_grad`` drops it) or by the caller. The caller then gets new memory. :func:`train` frees
+    the blocks when it returns.
     """
 
     max_bytes = 64 << 20
@@ -107,6 +109,10 @@ class _Scratch(threading.local):
             block = torch.empty(n, dtype=like.dtype, device=like.device)
             self.blocks[name] = (block, use_count(block.untyped_storage()._cdata))
         return block[:n].view(shape)
+
+    def clear(self) -> None:
+        """Let go of this thread's blocks."""
+        self.blocks.clear()
 
 
 _scratch = _Scratch()
@@ -663,7 +669,7 @@ class _Selection:
         self.sample = torch.div(self.order, self.m, rounding_mode="floor").to(self.itype)
         self._slots: dict[int, Tensor] = {}
 
-    def _product(self, cols: Tensor, vals: Tensor, x: Tensor) -> Tensor:
+    def _product(self, cols: Tensor, vals: Tensor, x: Tensor, name: str = "") -> Tensor:
         args = (self.crow, cols, vals, (self.n, len(x)))
         if _Selection._warned:
             mat = torch.sparse_csr_tensor(*args, check_invariants=False)
@@ -672,20 +678,25 @@ class _Selection:
                 warnings.simplefilter("ignore", UserWarning)
                 mat = torch.sparse_csr_tensor(*args, check_invariants=False)
             _Selection._warned = True
+        if name:
+            return torch.mm(mat, x, out=_scratch.get(name, (self.n, x.shape[-1]), x))
         return mat @ x
 
-    def per_sample(self, coef: Float[Tensor, "B m"], x: Float[Tensor, "B d"]) -> Tensor:
-        """``out_i = sum_{(b, j): idx_bj = i} coef_bj x_b``, [n_atoms, d]."""
-        return self._product(self.sample, coef.reshape(-1)[self.order], x)
+    def per_sample(
+        self, coef: Float[Tensor, "B m"], x: Float[Tensor, "B d"], name: str = ""
+    ) -> Tensor:
+        """``out_i = sum_{(b, j): idx_bj = i} coef_bj x_b``, [n_atoms, d] (into the reused memory
+        called ``name``, if given)."""
+        return self._product(self.sample, coef.reshape(-1)[self.order], x, name)
 
-    def per_slot(self, x: Float[Tensor, "B r d"]) -> Tensor:
+    def per_slot(self, x: Float[Tensor, "B r d"], name: str = "") -> Tensor:
         """``out_i = sum_{(b, j): idx_bj = i} x_{b, r - m + j}``, [n_atoms, d]: the last m of the r
-        rows of each sample are its atoms' rows."""
+        rows of each sample are its atoms' rows (into the reused memory ``name``, if given)."""
         r = x.shape[1]
         if r not in self._slots:  # column of each (sorted) selection in x's rows
             self._slots[r] = (self.order + (self.sample.long() + 1) * (r - self.m)).to(self.itype)
         ones = torch.ones(len(self.order), dtype=x.dtype, device=x.device)
-        return self._product(self._slots[r], ones, x.reshape(-1, x.shape[-1]))
+        return self._product(self._slots[r], ones, x.reshape(-1, x.shape[-1]), name)
 
     def per_atom(self, coef: Float[Tensor, "B m"]) -> Float[Tensor, " n"]:
         """``out_i = sum_{(b, j): idx_bj = i} coef_bj``, [n_atoms]."""
@@ -803,8 +814,8 @@ def _encoder_grads(need, g, sel, pk_s, pv_s, key, value, enc_key, enc_value):
     return (
         per_sample_rows(gv, enc_key) if need[0] else None,
         per_sample_rows(gk, enc_value) if need[1] else None,
-        sel.per_sample(gv, key) if need[2] else None,
-        sel.per_sample(gk, value) if need[3] else None,
+        sel.per_sample(gv, key, "dE") if need[2] else None,
+        sel.per_sample(gk, value, "dF") if need[3] else None,
         sel.per_atom(g) if need[4] else None,
     )
 
@@ -899,12 +910,12 @@ class _TopKFactorLoss(torch.autograd.Function):
         if need[0] or need[6]:
             d = _StackedGrams.side(s, sigma, P, gq, key_row=need[0])
             d_key = d_key + d[:, 0] if need[0] else None
-            d_u = sel.per_slot(d) if need[6] else None
+            d_u = sel.per_slot(d, "dU") if need[6] else None
             del d  # its memory is reused by the value side
         if need[1] or need[7]:
             d = _StackedGrams.side(s, sigma, Q, gp, key_row=need[1])
             d_value = d_value + d[:, 0] if need[1] else None
-            d_w = sel.per_slot(d) if need[7] else None
+            d_w = sel.per_slot(d, "dW") if need[7] else None
         if b_dec is not None:
             cs = sel.per_atom(s * c)[:, None]  # [n, 1]: s c_j summed over the batch per atom
             cw = cs * w

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from writesae.activations import WriteFactors
 from writesae.config import TrainConfig
-from writesae.sae import BaseSAE, SAEOutput, WriteSAE
+from writesae.sae import BaseSAE, SAEOutput, WriteSAE, _scratch
 
 __all__ = ["TrainMetrics", "train", "lr_at", "batch_fve", "StepResult", "training_step_loss"]
 
@@ -380,6 +380,7 @@ def train(
             )
         bar.update(1)
     bar.close()
+    _scratch.clear()  # memory the factor loss kept between steps
     metrics.n_steps = step
     metrics.elapsed_s = time.perf_counter() - t0
     if step < cfg.n_steps:

@@ -251,3 +251,10 @@ def test_reused_memory_is_never_overwritten_while_in_use():
     (errs[0].sum() + errs[1].sum()).backward()
     for n, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, separate[0][n] + separate[1][n], msg=n)
+    # gradients the caller still holds after zero_grad are not overwritten by the next step
+    held = {n: p.grad for n, p in sae.named_parameters()}
+    sae.zero_grad(set_to_none=True)
+    sae.factor_loss(*batches[0])[1].sum().backward()
+    for n, p in sae.named_parameters():
+        torch.testing.assert_close(held[n], separate[0][n] + separate[1][n], msg=n)
+        torch.testing.assert_close(p.grad, separate[0][n], msg=n)
