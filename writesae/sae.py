@@ -757,10 +757,10 @@ class _StackedGrams:
         """``s [dk; dU_S]`` for ``rows_ = P`` and ``other_gram = Q Q^T`` (or the value side; just
         ``s dU_S`` without ``key_row``), in reused memory: drop it before the next call."""
         sigma_rows = sigma if key_row else sigma[:, 1:]
-        r = (s[:, :, None] * sigma_rows[:, :, None]) * other_gram[:, -len(sigma_rows[0]) :]
-        r = r * sigma[:, None, :]
-        shape = (len(rows_), r.shape[1], rows_.shape[-1])
-        return torch.bmm(r, rows_, out=_scratch.get("dP", shape, rows_))
+        m = sigma_rows.shape[1]
+        r = _scratch.get("R", (len(rows_), m, sigma.shape[1]), rows_)
+        torch.mul(other_gram[:, -m:], (s * sigma_rows)[:, :, None], out=r).mul_(sigma[:, None, :])
+        return torch.bmm(r, rows_, out=_scratch.get("dP", (len(rows_), m, rows_.shape[-1]), rows_))
 
 
 class _SelectedBilinear(torch.autograd.Function):
