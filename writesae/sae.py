@@ -78,13 +78,13 @@ class _Scratch(threading.local):
 
     The factor loss gathers and multiplies ``[batch, 1 + k, d]`` blocks (4 MiB each at batch 256,
     k = 32, d = 128) and returns ``[n_atoms, d]`` table gradients. Taken fresh every step, that
-    memory goes back to the operating system in between, and touching it again page-faults: about
-    2,500 faults per step, a quarter of the step's time on a virtual machine. A block is handed out
-    again only when nothing else holds its storage (its use count is back to what it was when it
-    was made), so a tensor that is still alive is never overwritten: one kept by autograd for a
-    backward pass that has not run yet, or a gradient still held as a parameter's ``.grad`` (until
-    ``zero_grad`` drops it) or by the caller. The caller then gets new memory. :func:`train` frees
-    the blocks when it returns.
+    memory goes back to the operating system in between, and touching it again page-faults: 2,800
+    faults per step at those sizes on the development VM, where a first touch costs microseconds,
+    against a few hundred with the blocks kept. A block is handed out again only when nothing else
+    holds its storage (its use count is back to what it was when it was made), so a tensor that is
+    still alive is never overwritten: one kept by autograd for a backward pass that has not run
+    yet, or a gradient still held as a parameter's ``.grad`` (until ``zero_grad`` drops it) or by
+    the caller. The caller then gets new memory. :func:`train` frees the blocks when it returns.
     """
 
     max_bytes = 64 << 20
@@ -575,8 +575,8 @@ class WriteSAE(BaseSAE):
         self, key: Float[Tensor, "... d_k"], value: Float[Tensor, "... d_v"]
     ) -> tuple[SAEOutput, Float[Tensor, "..."]]:
         """As the base class. With the bilinear encoder, TopK and autograd on (training), the
-        selected codes and the error are one autograd function (:class:`_TopKFactorLoss`): same
-        values and gradients, about a third less time per training step on CPU."""
+        selected codes and the error are one autograd function (:class:`_TopKFactorLoss`) with the
+        same values and gradients and fewer, larger operations (``benchmarks/sae_train.py``)."""
         fused = (
             self.cfg.encoder == "bilinear"
             and self.cfg.activation == "topk"
@@ -649,7 +649,7 @@ def rank1_sq_error(
 class _Selection:
     """The atoms each sample selected (``idx`` [B, m]), sorted by atom once, as the row pointers of
     sparse ``[n_atoms, ...]`` matrices: a sum over the samples that selected each atom becomes one
-    sparse (CSR) times dense product, which is faster on CPU than an ``index_add`` of rows."""
+    sparse (CSR) times dense product, and one sort serves all the sums of a backward pass."""
 
     _warned = False
 
@@ -803,7 +803,17 @@ class _SelectedBilinear(torch.autograd.Function):
         return None, None, None, d_key, d_value, d_ek, d_ev, d_b
 
 
-def _encoder_grads(need, g, sel, pk_s, pv_s, key, value, enc_key, enc_value):
+def _encoder_grads(
+    need: tuple[bool, ...],
+    g: Tensor,
+    sel: _Selection,
+    pk_s: Tensor,
+    pv_s: Tensor,
+    key: Tensor,
+    value: Tensor,
+    enc_key: Tensor,
+    enc_value: Tensor,
+) -> tuple[Tensor | None, ...]:
     """(dk, dv, dE, dF, db_enc) of the selected pre-activations ``p = (k.e_j)(v.f_j) + b_j``
     given their gradient ``g`` [B, m] (:class:`_SelectedBilinear`); ``need`` flags which."""
     gv, gk = g * pv_s, g * pk_s  # g (v . f_j), g (k . e_j)
