@@ -670,6 +670,9 @@ class _Selection:
         self._slots: dict[int, Tensor] = {}
 
     def _product(self, cols: Tensor, vals: Tensor, x: Tensor, name: str = "") -> Tensor:
+        dtype = x.dtype
+        if dtype not in (torch.float32, torch.float64):  # the sparse kernels take these only:
+            vals, x = vals.float(), x.float()  # sum in float32, round at the end
         args = (self.crow, cols, vals, (self.n, len(x)))
         if _Selection._warned:
             mat = torch.sparse_csr_tensor(*args, check_invariants=False)
@@ -678,9 +681,10 @@ class _Selection:
                 warnings.simplefilter("ignore", UserWarning)
                 mat = torch.sparse_csr_tensor(*args, check_invariants=False)
             _Selection._warned = True
-        if name:
-            return torch.mm(mat, x, out=_scratch.get(name, (self.n, x.shape[-1]), x))
-        return mat @ x
+        if not name:
+            return (mat @ x).to(dtype)
+        out = _scratch.get(name, (self.n, x.shape[-1]), x)
+        return torch.mm(mat, x, out=out).to(dtype)
 
     def per_sample(
         self, coef: Float[Tensor, "B m"], x: Float[Tensor, "B d"], name: str = ""
@@ -700,7 +704,10 @@ class _Selection:
 
     def per_atom(self, coef: Float[Tensor, "B m"]) -> Float[Tensor, " n"]:
         """``out_i = sum_{(b, j): idx_bj = i} coef_bj``, [n_atoms]."""
-        return torch.bincount(self.flat, coef.reshape(-1), minlength=self.n).to(coef.dtype)
+        weights = coef.reshape(-1)
+        if weights.dtype not in (torch.float32, torch.float64):
+            weights = weights.float()
+        return torch.bincount(self.flat, weights, minlength=self.n).to(coef.dtype)
 
 
 def _vecdot(a: Tensor, b: Tensor) -> Tensor:

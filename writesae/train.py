@@ -329,6 +329,11 @@ def train(
         :class:`TrainMetrics` with FVE, L0 and dead fraction every ``log_every`` steps.
     """
     cfg = replace(cfg or TrainConfig(), **overrides)
+    if any(p.dtype == torch.float16 for p in sae.parameters()):
+        raise ValueError(
+            "train: float16 parameters do not train with Adam (its eps = 1e-8 and squared "
+            "gradients underflow in float16; the first step gives NaN); use float32 or bfloat16"
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     # fused: one kernel per parameter instead of ~10 small ops (matters on busy CPUs)
     opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
@@ -349,6 +354,11 @@ def train(
             g["lr"] = lr
         dead = since_fired >= cfg.dead_steps
         res = training_step_loss(sae, b, dead, cfg)
+        if not math.isfinite(float(res.loss.detach())):
+            raise FloatingPointError(
+                f"train: the loss is {float(res.loss.detach())} at step {step} (learning rate "
+                f"{lr:g}); lower the learning rate, or check the batch for inf/NaN"
+            )
         opt.zero_grad(set_to_none=True)
         res.loss.backward()
         opt.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import writesae
 from writesae import TrainConfig, WriteSAE, WriteSAEConfig
 from writesae.activations import WriteFactors
 from writesae.train import training_step_loss
@@ -12,7 +13,9 @@ from writesae.train import training_step_loss
 D_K, D_V, N = 7, 5, 24
 
 
-def make(encoder="bilinear", activation="topk", bias=True, seed=0) -> WriteSAE:
+def make(
+    encoder="bilinear", activation="topk", bias=True, seed=0, dtype_name="float64"
+) -> WriteSAE:
     cfg = WriteSAEConfig(
         d_k=D_K,
         d_v=D_V,
@@ -24,7 +27,7 @@ def make(encoder="bilinear", activation="topk", bias=True, seed=0) -> WriteSAE:
         activation=activation,
         decoder_bias=bias,
         input_kind="write",
-        dtype="float64",
+        dtype=dtype_name,
     )
     sae = WriteSAE(cfg, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -213,27 +216,55 @@ def test_fused_topk_loss_gradients_match_autograd_of_the_formula(bias):
         assert r.abs().max() > 1e-3
 
 
-def test_selection_sums_equal_loops():
-    """The sorted-atom sparse sums against explicit loops, with an atom repeated within a row."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_selection_sums_equal_loops(dtype):
+    """The sorted-atom sparse sums against explicit loops, with an atom repeated within a row
+    (bfloat16: torch's sparse kernels do not take it, the sums run in float32)."""
     from writesae.sae import _Selection
 
     g = torch.Generator().manual_seed(5)
     idx = torch.tensor([[0, 2, 5, 1], [3, 3, 6, 0], [6, 5, 4, 2]])
     n, (B, m), d = 8, idx.shape, 3
-    coef = torch.randn(B, m, generator=g)
-    x = torch.randn(B, d, generator=g)
-    rows_ = torch.randn(B, m + 2, d, generator=g)  # atoms' rows are the last m of each block
-    want_sample, want_slot = torch.zeros(n, d), torch.zeros(n, d)
-    want_atom = torch.zeros(n)
+    coef = torch.randn(B, m, generator=g).to(dtype)
+    x = torch.randn(B, d, generator=g).to(dtype)
+    rows_ = torch.randn(B, m + 2, d, generator=g).to(dtype)  # atoms' rows: the last m of each
+    want_sample, want_slot = torch.zeros(n, d, dtype=dtype), torch.zeros(n, d, dtype=dtype)
+    want_atom = torch.zeros(n, dtype=dtype)
     for b in range(B):
         for j in range(m):
             want_sample[idx[b, j]] += coef[b, j] * x[b]
             want_slot[idx[b, j]] += rows_[b, 2 + j]
             want_atom[idx[b, j]] += coef[b, j]
     sel = _Selection(idx, n)
-    torch.testing.assert_close(sel.per_sample(coef, x), want_sample)
-    torch.testing.assert_close(sel.per_slot(rows_), want_slot)
-    torch.testing.assert_close(sel.per_atom(coef), want_atom)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}
+    for name in ("", "scratch"):  # fresh memory, and the reused memory of a training step
+        got = sel.per_sample(coef, x, name), sel.per_slot(rows_, name), sel.per_atom(coef)
+        for a, want in zip(got, (want_sample, want_slot, want_atom), strict=True):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a, want, **tol)
+
+
+def test_half_precision_training_from_factors():
+    """bfloat16 trains from factors like float32 (its sparse sums fall back to float32); float16,
+    whose Adam steps underflow to NaN, is refused with a message that says so; a NaN loss stops
+    training with the step number instead of failing later in resampling."""
+    k, v = factors(256, seed=4)
+    src = [(k[i : i + 32].float(), v[i : i + 32].float()) for i in range(0, 256, 32)]
+    fve = {}
+    for dtype_name in ("float32", "bfloat16"):
+        cfg = WriteSAEConfig(
+            d_k=D_K, d_v=D_V, n_atoms=N, k=4, hook_name="blocks.0.attn.hook_write", head=0,
+            input_kind="write", dtype=dtype_name,
+        )  # fmt: skip
+        kw = dict(n_steps=80, lr=1e-2, warmup_steps=5, log_every=20, progress=False)
+        fve[dtype_name] = writesae.train(WriteSAE(cfg, seed=0), src, **kw).fve
+    assert fve["float32"][-1] > fve["float32"][0] + 0.05  # it learns
+    assert max(abs(a - b) for a, b in zip(fve["float32"], fve["bfloat16"], strict=True)) < 0.02
+    with pytest.raises(ValueError, match="bfloat16"):
+        writesae.train(make(dtype_name="float16"), src, n_steps=2, progress=False)
+    bad = [(k[:16].float() * float("nan"), v[:16].float())]
+    with pytest.raises(FloatingPointError, match="step 0"):
+        writesae.train(make(), bad, n_steps=2, progress=False)
 
 
 def test_reused_memory_is_never_overwritten_while_in_use():
