@@ -83,7 +83,9 @@ def brute_force_substituted(la, h, sae, log):
 
 
 @torch.no_grad()
-def test_substitute_matches_brute_force_recurrence():
+def substitution_vs_brute_force():
+    """(logits with ``sae.substitute`` on hook_write, logits of the brute-force recurrence with
+    the writes replaced by hand, clean logits, the firing (batch, position) list)."""
     hf = qwen_hf("gqa", seed=5)
     model = HookedRecurrentModel.from_hf_model(hf)
     la = hf.model.layers[LAYER].linear_attn
@@ -115,7 +117,11 @@ def test_substitute_matches_brute_force_recurrence():
         ref = hf(tokens, use_cache=False).logits
     finally:
         la.forward = original
+    return ours, ref, clean, fired
 
+
+def test_substitute_matches_brute_force_recurrence():
+    ours, ref, clean, fired = substitution_vs_brute_force()
     assert 0.2 * 2 * T < len(fired) < 0.8 * 2 * T
     assert (ours - ref).abs().max() <= 1e-4
     first = min(t for _, t in fired)

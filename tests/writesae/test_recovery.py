@@ -47,18 +47,21 @@ def mean_best_cosine(sae, u, w) -> float:
     return sum(best) / len(best)
 
 
-def test_planted_dictionary_recovery_and_flat_baseline():
+def recovery() -> dict:
+    """Train a WriteSAE and a FlatSAE of (nearly) equal parameter count on the planted states;
+    return both, their training metrics, the mean best |cosine| and both FVEs (recomputed here
+    on all samples)."""
     torch.manual_seed(0)
     # the matrices are 16 x 16: one thread is faster than two that wait on each other
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run()
+        return _run()
     finally:
         torch.set_num_threads(threads)
 
 
-def _run():
+def _run() -> dict:
     x, u, w = planted_states()
     train_kw = dict(
         n_steps=600,
@@ -75,9 +78,6 @@ def _run():
     )
     sae = WriteSAE(cfg, seed=1)
     m = writesae.train(sae, TensorSource(x, batch_size=256, seed=0), **train_kw)
-    rec = mean_best_cosine(sae, u, w)
-    assert rec >= 0.9, rec
-
     flat_n = FlatSAE.matched_n_atoms(cfg)
     flat = FlatSAE(
         WriteSAEConfig(
@@ -91,8 +91,6 @@ def _run():
         ),
         seed=1,
     )
-    # equal parameter count (within one FlatSAE atom's worth)
-    assert abs(flat.n_parameters - sae.n_parameters) <= 2 * D * D + 1
     mf = writesae.train(flat, TensorSource(x, batch_size=256, seed=0), **train_kw)
 
     # fraction of variance explained on all samples, computed here from scratch
@@ -101,9 +99,22 @@ def _run():
             err = (x - model(x)).pow(2).sum()
         return float(1 - err / (x - x.mean(0)).pow(2).sum())
 
-    f_write, f_flat = fve(sae), fve(flat)
+    return dict(
+        sae=sae, flat=flat, metrics=m, flat_metrics=mf, cosine=mean_best_cosine(sae, u, w),
+        fve=fve(sae), flat_fve=fve(flat),
+    )  # fmt: skip
+
+
+def test_planted_dictionary_recovery_and_flat_baseline():
+    r = recovery()
+    sae, flat = r["sae"], r["flat"]
+    assert r["cosine"] >= 0.9, r["cosine"]
+    # equal parameter count (within one FlatSAE atom's worth)
+    assert abs(flat.n_parameters - sae.n_parameters) <= 2 * D * D + 1
+    f_write, f_flat = r["fve"], r["flat_fve"]
     assert f_write > 0.95 and f_write > f_flat + 0.2, (f_write, f_flat)
-    assert abs(f_write - m.fve[-1]) < 0.05 and abs(f_flat - mf.fve[-1]) < 0.05
+    assert abs(f_write - r["metrics"].fve[-1]) < 0.05
+    assert abs(f_flat - r["flat_metrics"].fve[-1]) < 0.05
     # every decoder atom has unit Frobenius norm after training
-    norms = sae.atom_matrices(torch.arange(cfg.n_atoms)).detach().flatten(1).norm(dim=1)
+    norms = sae.atom_matrices(torch.arange(sae.cfg.n_atoms)).detach().flatten(1).norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
