@@ -79,7 +79,11 @@ class WriteSAEConfig:
     )
     model_name: str | None = _f(None, "Name of the model the activations came from (metadata).")
     n_heads: int | None = _f(None, "Number of state heads of the model's layer (metadata/checks).")
-    dtype: str = _f("float32", "Parameter dtype: float32, float64, bfloat16 or float16.")
+    dtype: str = _f(
+        "float32",
+        "Parameter dtype: float32, float64, bfloat16 or float16 (float16 for use only: Adam "
+        "underflows in it, so train() refuses it).",
+    )
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
