@@ -1,5 +1,6 @@
 """Print the Qwen3.5 parity and closed-form numbers quoted in the notes, on the test suite's tiny
-random configs (the tests assert the thresholds; this shows the values).
+random configs (the tests assert the thresholds; this shows the values). The parity numbers come
+from the helpers of tests/hooked_recurrent/test_qwen3_5_parity.py, with its tokens and seeds.
 
     python scripts/qwen_tiny_report.py
 """
@@ -13,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "hooked_recurrent"))
 
+import test_qwen3_5_parity as tp  # noqa: E402
 from qwen_helpers import QWEN_CONFIGS, qwen_hf  # noqa: E402
 
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
@@ -20,51 +22,16 @@ from writesae import WriteSAE, WriteSAEConfig  # noqa: E402
 from writesae.evaluate import evaluate_closed_form  # noqa: E402
 
 
-@torch.no_grad()
 def parity(name: str) -> str:
+    """The numbers test_qwen3_5_parity.py asserts, from its own helpers, tokens and seeds."""
     hf = qwen_hf(name, seed=3)
     m = HookedRecurrentModel.from_hf_model(hf)
-    toks = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(0))
-    out = {}
-    handles = [
-        layer.register_forward_hook(
-            lambda mod, i, o, k=k: out.__setitem__(k, o[0] if isinstance(o, tuple) else o)
-        )
-        for k, layer in enumerate(hf.model.layers)
-    ]
-    ref = hf(toks, use_cache=True)
-    for h in handles:
-        h.remove()
-    states = [f"blocks.{l}.attn.hook_state" for l in m.cfg.recurrent_layers]
-    logits, c = m.run_with_cache(
-        toks, names_filter=lambda n: n.endswith("hook_resid_post") or n in states
-    )
-    d_logit = (logits - ref.logits).abs().max().item()
-    d_res = max(
-        (c[f"blocks.{l}.hook_resid_post"] - out[l]).abs().max().item()
-        for l in range(m.cfg.n_layers)
-    )
-    d_state = max(
-        (
-            c[f"blocks.{l}.attn.hook_state"][:, -1]
-            - ref.past_key_values.layers[l].recurrent_states[0]
-        )
-        .abs()
-        .max()
-        .item()
-        for l in m.cfg.recurrent_layers
-    )
-    short = toks[:, :12]
-    _, c12 = m.run_with_cache(short, names_filter=states)
-    past, d_pos = None, 0.0
-    for t in range(12):
-        past = hf(short[:, t : t + 1], past_key_values=past, use_cache=True).past_key_values
-        for l in m.cfg.recurrent_layers:
-            d = c12[f"blocks.{l}.attn.hook_state"][:, t] - past.layers[l].recurrent_states[0]
-            d_pos = max(d_pos, d.abs().max().item())
+    d = tp.parity_diffs(hf, m, tp.tokens_for(hf, tp.T))
+    d_pos = tp.per_position_state_diff(hf, m, tp.tokens_for(hf, 12))
     return (
-        f"{name}: logits {d_logit:.1e}, resid_post {d_res:.1e}, final state {d_state:.1e}, "
-        f"per-position state (T=12) {d_pos:.1e}"
+        f"{name}: logits {d['logits']:.1e} (<= 1e-4), resid_post {d['resid_post']:.1e} "
+        f"(<= 1e-4), final state {d['final_state']:.1e} (<= 1e-5), returned state "
+        f"{d['returned_state']:.1e} (<= 1e-5), per-position state (T=12) {d_pos:.1e} (<= 1e-5)"
     )
 
 

@@ -26,10 +26,17 @@ def test_config_fields(pair):
     ]
 
 
+def tokens_for(hf, length: int) -> torch.Tensor:
+    """The seeded token batch of these tests (2 sequences)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, hf.config.vocab_size, (2, length), generator=g)
+
+
 @torch.no_grad()
-def test_logits_residuals_and_final_state(pair):
-    name, hf, model = pair
-    tokens = torch.randint(0, hf.config.vocab_size, (2, T))
+def parity_diffs(hf, model, tokens) -> dict[str, float]:
+    """Largest |ours - transformers| of the logits, of every layer's output (hook_resid_post
+    against a forward hook on the HF layer), of the final recurrent states (hook_state at the last
+    position, and the state returned for continuation, against HF's cache)."""
     captured = {}
     handles = [
         layer.register_forward_hook(
@@ -46,34 +53,51 @@ def test_logits_residuals_and_final_state(pair):
     logits, cache = model.run_with_cache(
         tokens, names_filter=lambda n: n.endswith("hook_resid_post") or n in state_names
     )
-    assert (logits - ref.logits).abs().max() <= 1e-4
-    for l in range(model.cfg.n_layers):
-        assert (cache[f"blocks.{l}.hook_resid_post"] - captured[l]).abs().max() <= 1e-4, l
-    for l in model.cfg.recurrent_layers:
-        theirs = ref.past_key_values.layers[l].recurrent_states[0]
-        assert (cache[f"blocks.{l}.attn.hook_state"][:, -1] - theirs).abs().max() <= 1e-5, l
-    # the state returned for continuation is the same final state
     _, state = model(tokens, return_state=True)
-    for l in model.cfg.recurrent_layers:
-        theirs = ref.past_key_values.layers[l].recurrent_states[0]
-        assert (state.layers[l]["S"] - theirs).abs().max() <= 1e-5
+    rec = model.cfg.recurrent_layers
+    theirs = {l: ref.past_key_values.layers[l].recurrent_states[0] for l in rec}
+    return dict(
+        logits=(logits - ref.logits).abs().max().item(),
+        resid_post=max(
+            (cache[f"blocks.{l}.hook_resid_post"] - captured[l]).abs().max().item()
+            for l in range(model.cfg.n_layers)
+        ),
+        final_state=max(
+            (cache[f"blocks.{l}.attn.hook_state"][:, -1] - theirs[l]).abs().max().item()
+            for l in model.cfg.recurrent_layers
+        ),
+        returned_state=max(
+            (state.layers[l]["S"] - theirs[l]).abs().max().item()
+            for l in model.cfg.recurrent_layers
+        ),
+    )
 
 
 @torch.no_grad()
-def test_per_position_state_against_one_token_decode(pair):
-    name, hf, model = pair
-    T_dec = 12
-    tokens = torch.randint(0, hf.config.vocab_size, (2, T_dec))
+def per_position_state_diff(hf, model, tokens) -> float:
+    """Largest |hook_state at position t - HF's state after decoding tokens[:, :t+1] one token at
+    a time|, over positions and recurrent layers."""
     names = [f"blocks.{l}.attn.hook_state" for l in model.cfg.recurrent_layers]
     _, cache = model.run_with_cache(tokens, names_filter=names)
-    past = None
-    for t in range(T_dec):
-        out = hf(tokens[:, t : t + 1], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+    past, worst = None, 0.0
+    for t in range(tokens.shape[1]):
+        past = hf(tokens[:, t : t + 1], past_key_values=past, use_cache=True).past_key_values
         for l in model.cfg.recurrent_layers:
-            theirs = past.layers[l].recurrent_states[0]
-            ours = cache[f"blocks.{l}.attn.hook_state"][:, t]
-            assert (ours - theirs).abs().max() <= 1e-5, (l, t)
+            d = cache[f"blocks.{l}.attn.hook_state"][:, t] - past.layers[l].recurrent_states[0]
+            worst = max(worst, d.abs().max().item())
+    return worst
+
+
+def test_logits_residuals_and_final_state(pair):
+    name, hf, model = pair
+    d = parity_diffs(hf, model, tokens_for(hf, T))
+    assert d["logits"] <= 1e-4 and d["resid_post"] <= 1e-4, d
+    assert d["final_state"] <= 1e-5 and d["returned_state"] <= 1e-5, d
+
+
+def test_per_position_state_against_one_token_decode(pair):
+    name, hf, model = pair
+    assert per_position_state_diff(hf, model, tokens_for(hf, 12)) <= 1e-5
 
 
 @torch.no_grad()
