@@ -78,13 +78,13 @@ class _Scratch(threading.local):
 
     The factor loss gathers and multiplies ``[batch, 1 + k, d]`` blocks (4 MiB each at batch 256,
     k = 32, d = 128) and returns ``[n_atoms, d]`` table gradients. Taken fresh every step, that
-    memory goes back to the operating system in between, and touching it again page-faults: 2,800
-    faults per step at those sizes on the development VM, where a first touch costs microseconds,
-    against a few hundred with the blocks kept. A block is handed out again only when nothing else
-    holds its storage (its use count is back to what it was when it was made), so a tensor that is
-    still alive is never overwritten: one kept by autograd for a backward pass that has not run
-    yet, or a gradient still held as a parameter's ``.grad`` (until ``zero_grad`` drops it) or by
-    the caller. The caller then gets new memory. :func:`train` frees the blocks when it returns.
+    memory goes back to the operating system in between, and touching it again page-faults,
+    thousands of times per step at those sizes; on a virtual machine each first touch costs
+    microseconds. A block is handed out again only when nothing else holds its storage (its use
+    count is back to what it was when it was made), so a tensor that is still alive is never
+    overwritten: one kept by autograd for a backward pass that has not run yet, or a gradient
+    still held as a parameter's ``.grad`` (until ``zero_grad`` drops it) or by the caller. The
+    caller then gets new memory. :func:`train` frees the blocks when it returns.
     """
 
     max_bytes = 64 << 20
