@@ -5,6 +5,10 @@ Same SAE (one initialisation, copied), same data (rank-1 writes ``k v^T``), same
 differs. The materialised matrices are built before timing, so the comparison is the SAE step only.
 
     PYTHONPATH=. python benchmarks/sae_train.py            # d_k = d_v = 128, 2048 atoms, k = 32
+
+One run measures batch 256 (the trainer's default and the paper's) and batch 512: a factor step has
+a part that does not grow with the batch (decoder-bias products over all atoms, Adam), so the
+ratio grows with the batch; ``--batch`` takes any list of sizes.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def main() -> None:
     ap.add_argument("--d-v", type=int, default=128)
     ap.add_argument("--n-atoms", type=int, default=2048)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, nargs="+", default=[256, 512], help="batch sizes")
     ap.add_argument("--samples", type=int, default=4096)
     ap.add_argument("--steps-factors", type=int, default=40, help="timed steps per round")
     ap.add_argument("--steps-matrices", type=int, default=4, help="timed steps per round")
@@ -73,13 +77,21 @@ def main() -> None:
         input_kind="write",
     )
     sae = WriteSAE(cfg, seed=0)
+    ratios = {b: run_batch(args, sae, key, value, mats, b) for b in args.batch}
+    print(
+        "summary, ratio factors / materialised (wall-clock samples/s, target >= 10): "
+        + ", ".join(f"batch {b}: {r:.1f}x" for b, r in ratios.items())
+    )
 
+
+def run_batch(args, sae, key, value, mats, batch: int) -> float:
+    """One interleaved comparison at one batch size; prints its table, returns the ratio."""
     sae_f, sae_m = copy.deepcopy(sae), copy.deepcopy(sae)
     # interleaved rounds, so that a change in machine load hits both inputs alike
     runs_f, runs_m = [], []
     for r in range(args.rounds):
-        runs_f.append(timed_steps(sae_f, (key, value), args.steps_factors, args.batch, r))
-        runs_m.append(timed_steps(sae_m, mats, args.steps_matrices, args.batch, r))
+        runs_f.append(timed_steps(sae_f, (key, value), args.steps_factors, batch, r))
+        runs_m.append(timed_steps(sae_m, mats, args.steps_matrices, batch, r))
     sps_f = statistics.median(r[0] for r in runs_f)
     sps_m = statistics.median(r[0] for r in runs_m)
     cpu_f = statistics.median(r[1] for r in runs_f)
@@ -87,7 +99,7 @@ def main() -> None:
 
     print(
         f"sae_train: d_k={args.d_k} d_v={args.d_v} n_atoms={args.n_atoms} k={args.k} "
-        f"batch={args.batch} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"batch={batch} threads={torch.get_num_threads()} torch={torch.__version__} "
         f"cpu={platform.processor() or platform.machine()} "
         f"load1={os.getloadavg()[0]:.1f} cores={os.cpu_count()} "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
@@ -103,7 +115,7 @@ def main() -> None:
         ("materialised k v^T", sps_m, cpu_m, runs_m, args.steps_matrices),
     ):
         per = ", ".join(f"{r[0]:,.0f}" for r in runs)
-        ms = 1e3 * args.batch / sps
+        ms = 1e3 * batch / sps
         cpu_ms = 1e3 * cpu
         print(
             f"| {name} | {steps} x {args.rounds} | {sps:,.0f} | {ms:.1f} | {cpu_ms:.1f} | {per} |"
@@ -113,6 +125,7 @@ def main() -> None:
         f"ratio factors / materialised, wall-clock samples/s: {sps_f / sps_m:.1f}x (target >= 10)"
     )
     print(f"ratio materialised / factors, CPU time per step:    {cpu_m / cpu_f:.1f}x")
+    return sps_f / sps_m
 
 
 if __name__ == "__main__":
