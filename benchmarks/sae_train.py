@@ -46,6 +46,21 @@ def timed_steps(sae: WriteSAE, data, steps: int, batch: int, seed: int) -> tuple
     return steps * batch / dt, dc / steps
 
 
+def writes_and_sae(
+    d_k: int = 128, d_v: int = 128, n_atoms: int = 2048, k: int = 32, samples: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, WriteSAE]:
+    """The benchmark's data (``samples`` random writes as key and value factors, keys of random
+    scale) and its SAE (write input, seed 0); ``benchmarks/sae_train_profile.py`` uses the same."""
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(samples, d_k, generator=g) * torch.rand(samples, 1, generator=g)
+    value = torch.randn(samples, d_v, generator=g)
+    cfg = WriteSAEConfig(
+        d_k=d_k, d_v=d_v, n_atoms=n_atoms, k=k, hook_name="blocks.9.attn.hook_write", head=4,
+        input_kind="write",
+    )  # fmt: skip
+    return key, value, WriteSAE(cfg, seed=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-k", type=int, default=128)
@@ -61,22 +76,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    g = torch.Generator().manual_seed(0)
-    key = torch.randn(args.samples, args.d_k, generator=g) * torch.rand(
-        args.samples, 1, generator=g
-    )
-    value = torch.randn(args.samples, args.d_v, generator=g)
+    key, value, sae = writes_and_sae(args.d_k, args.d_v, args.n_atoms, args.k, args.samples)
     mats = key[:, :, None] * value[:, None, :]
-    cfg = WriteSAEConfig(
-        d_k=args.d_k,
-        d_v=args.d_v,
-        n_atoms=args.n_atoms,
-        k=args.k,
-        hook_name="blocks.9.attn.hook_write",
-        head=4,
-        input_kind="write",
-    )
-    sae = WriteSAE(cfg, seed=0)
     ratios = {b: run_batch(args, sae, key, value, mats, b) for b in args.batch}
     print(
         "summary, ratio factors / materialised (wall-clock samples/s, target >= 10): "

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from sae_train import writes_and_sae
 from torch.profiler import ProfilerActivity, profile
 
 import writesae
-from writesae import TensorSource, WriteSAE, WriteSAEConfig
+from writesae import TensorSource
 
 
 def main() -> None:
@@ -29,14 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    g = torch.Generator().manual_seed(0)
-    key = torch.randn(4096, 128, generator=g) * torch.rand(4096, 1, generator=g)
-    value = torch.randn(4096, 128, generator=g)
-    cfg = WriteSAEConfig(
-        d_k=128, d_v=128, n_atoms=2048, k=32, hook_name="blocks.9.attn.hook_write", head=4,
-        input_kind="write",
-    )  # fmt: skip
-    sae = WriteSAE(cfg, seed=0)
+    key, value, sae = writes_and_sae()
     kw = dict(lr=3e-4, warmup_steps=0, progress=False, log_every=10**9)
     src = TensorSource((key, value), batch_size=args.batch, seed=0)
     writesae.train(sae, src, n_steps=5, **kw)
