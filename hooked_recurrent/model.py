@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,16 +29,8 @@ HOOK_ALIASES = {"hook_ssm_write": "hook_write", "hook_ssm_state": "hook_state"}
 
 _told_about_matrix_hooks = False
 
-#: TransformerLens `run_with_cache` options and their defaults; with any other value the cache is
-#: taken by TransformerLens's own hooks
-_TL_CACHE_DEFAULTS = {
-    "device": None,
-    "remove_batch_dim": False,
-    "incl_bwd": False,
-    "reset_hooks_end": True,
-    "clear_contexts": False,
-    "pos_slice": None,
-}
+#: guards the bookkeeping of which thread is running each model (see `_exclusive`)
+_owner_lock = threading.Lock()
 
 
 def _resolve_alias(name: str) -> str:
@@ -76,6 +69,38 @@ class HookedRecurrentModel(HookedRootModule):
             self.unembed.weight = self.embed.weight  # one parameter, as in the checkpoint
         self.to(cfg.dtype)
         self.setup()
+        self._owner: int | None = None  # the thread running the model now (see `_exclusive`)
+        self._owner_depth = 0
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One thread at a time: hooks are attached to the model, so a run from a second thread
+        while the first is inside `forward`, `hooks()`, `run_with_hooks`, `run_with_cache` or
+        `generate` would see the first thread's hooks. That second run raises instead."""
+        me = threading.get_ident()
+        with _owner_lock:
+            owner = getattr(self, "_owner", None)
+            if owner is not None and owner != me:
+                raise RuntimeError(
+                    "this HookedRecurrentModel is running in another thread; its hooks belong to "
+                    "that run, so a concurrent run would see them. Use one model per thread "
+                    "(copy.deepcopy(model)) or hold a lock around each run"
+                )
+            self._owner = me
+            self._owner_depth = getattr(self, "_owner_depth", 0) + 1
+        try:
+            yield
+        finally:
+            with _owner_lock:
+                self._owner_depth -= 1
+                if self._owner_depth == 0:
+                    self._owner = None
+
+    @contextlib.contextmanager
+    def hooks(self, *args: Any, **kwargs: Any) -> Iterator[HookedRecurrentModel]:
+        """TransformerLens's `hooks()` context, held by this thread alone (see `_exclusive`)."""
+        with self._exclusive(), super().hooks(*args, **kwargs) as model:
+            yield model
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -124,6 +149,16 @@ class HookedRecurrentModel(HookedRootModule):
         `RecurrentState` after the last token when `return_state=True`. Feeding a sequence in two
         pieces, passing the first call's state to the second, equals feeding it whole.
         """
+        with self._exclusive():
+            return self._forward(input, state, return_state, return_type)
+
+    def _forward(
+        self,
+        input: str | list[str] | Int[Tensor, "batch pos"],
+        state: RecurrentState | None,
+        return_state: bool,
+        return_type: str | None,
+    ) -> Any:
         tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
         if tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape [batch, pos], got {tuple(tokens.shape)}")
@@ -183,13 +218,27 @@ class HookedRecurrentModel(HookedRootModule):
         self,
         *model_args: Any,
         names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
         return_cache_object: bool = True,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
         """Run the model and cache activations, as in TransformerLens.
 
         Without a `names_filter`, `hook_write` and `hook_state` are left out (they are
-        `d_k x d_v` per token and head); name them in `names_filter` to cache them.
+        `d_k x d_v` per token and head); name them in `names_filter` to cache them. The cache holds
+        what each point passed on, after any hooks; for `hook_state` that is the state the
+        recurrence actually used (an assigned state and everything that follows from it).
+
+        `incl_bwd=True` calls `backward()` on the output (a scalar: `return_type="loss"`) and caches
+        the gradient of every cached activation as `name + "_grad"`; at `hook_write` and
+        `hook_state` that is the adjoint state dL/dS_t. `device`, `remove_batch_dim` and
+        `pos_slice` act on the cached tensors as in TransformerLens (the position axis is the
+        second of every activation, the query axis of attention scores and patterns).
         """
         global _told_about_matrix_hooks
         if names_filter is None:
@@ -208,24 +257,30 @@ class HookedRecurrentModel(HookedRootModule):
             names_filter = self._check_names([names_filter])
         elif not callable(names_filter):
             names_filter = self._check_names(list(names_filter))
-        if any(kwargs.get(k, v) != v for k, v in _TL_CACHE_DEFAULTS.items()):
-            # TransformerLens's own caching hooks for its options (device, backward hooks, ...)
-            tl_kwargs = {k: kwargs.pop(k) for k in _TL_CACHE_DEFAULTS if k in kwargs}
-            out, cache = super().run_with_cache(
-                *model_args, names_filter=names_filter, **tl_kwargs, **kwargs
-            )
-        else:
-            for k in _TL_CACHE_DEFAULTS:
-                kwargs.pop(k, None)
-            keep = names_filter if callable(names_filter) else set(names_filter).__contains__
-            points = [hp for name, hp in self.hook_dict.items() if keep(name)]
-            cache = {}
-            with contextlib.ExitStack() as stack:
-                for hp in points:
-                    stack.enter_context(hp.caching(cache))
-                out = self(*model_args, **kwargs)
+        keep = names_filter if callable(names_filter) else set(names_filter).__contains__
+        names = [name for name in self.hook_dict if keep(name)]
+        cache: dict[str, Tensor] = {}
+
+        def save_grad(grad: Tensor, hook: RecurrentHookPoint) -> None:
+            cache[hook.name + "_grad"] = grad.detach()
+
+        bwd_hooks = [(name, save_grad) for name in names] if incl_bwd else []
+        with (
+            self.hooks(
+                bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts
+            ),
+            contextlib.ExitStack() as stack,
+        ):
+            for name in names:
+                stack.enter_context(self.hook_dict[name].caching(cache))
+            out = self(*model_args, **kwargs)
+            stack.close()
+            if incl_bwd:
+                out.backward()
+        if device is not None or remove_batch_dim or pos_slice is not None:
+            cache = {k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()}
         if return_cache_object:
-            cache = ActivationCache(cache, self)
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ------------------------------------------------------------------ tokens
@@ -324,6 +379,22 @@ class HookedRecurrentModel(HookedRootModule):
             text = self.to_string(out)
             return text[0] if isinstance(input, str) else text
         return out
+
+
+def _cache_view(
+    name: str, t: Tensor, device: Any, remove_batch_dim: bool, pos_slice: Any
+) -> Tensor:
+    """A cached tensor after TransformerLens's `device`, `remove_batch_dim` and `pos_slice`."""
+    from transformer_lens.utilities import Slice
+
+    if pos_slice is not None:
+        pos_dim = 2 if name.removesuffix("_grad").endswith(("attn_scores", "pattern")) else 1
+        t = Slice.unwrap(pos_slice).apply(t, dim=pos_dim)
+    if remove_batch_dim:
+        if t.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim=True needs batch size 1; {name} has {t.shape[0]}")
+        t = t[0]
+    return t if device is None else t.to(device)
 
 
 def _sample(
