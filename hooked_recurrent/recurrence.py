@@ -641,10 +641,15 @@ def _assign(
     sub = transition.select(bi, hi, slice(t0, None)).masked(keep)
     S = chunked_states(sub, None, None, None if start is None else start[:, None], mixed[:, :, None])
     reads = torch.einsum("ntokv,ntok->ntv", S, q[bi, t0:, hi, None])
+    # each pair's positions before its own first assignment keep the fast path's bits
     t = torch.arange(t0, q.shape[1], device=q.device)
-    o = o.index_put((bi[:, None], t[None, :], hi[:, None]), reads.to(o.dtype))
+    first = assigned[bi, t0:, hi].float().argmax(1) + t0  # [n]
+    after = t[None, :] >= first[:, None]  # [n, T - t0]
+    rows, cols = after.nonzero(as_tuple=True)
+    index = (bi[rows], t[cols], hi[rows])
+    o = o.index_put(index, reads[rows, cols].to(o.dtype))
     S_T = S_T.index_put((bi, hi), S[:, -1, 0].to(S_T.dtype))
-    used = native.detach().index_put((bi[:, None], t[None, :], hi[:, None]), S[:, :, 0].detach())
+    used = native.detach().index_put(index, S[rows, cols, 0].detach())
     return o, S_T, used
 
 
