@@ -278,7 +278,9 @@ class HookedRecurrentModel(HookedRootModule):
             if incl_bwd:
                 out.backward()
         if device is not None or remove_batch_dim or pos_slice is not None:
-            cache = {k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()}
+            cache = {
+                k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()
+            }
         if return_cache_object:
             cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache

@@ -39,6 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions, current_positions
+from hooked_recurrent.state import RunContext
 
 __all__ = [
     "Transition",
@@ -516,7 +517,9 @@ def _version(t: Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _unchanged(hook: RecurrentHookPoint, native: Tensor, edited: Tensor, version: int | None) -> bool:
+def _unchanged(
+    hook: RecurrentHookPoint, native: Tensor, edited: Tensor, version: int | None
+) -> bool:
     """True when the hook certainly left `native` as it was: it returned the same tensor, its
     version counter did not move, and no forward hook ran (only a cache) - a hook may write through
     `.data` or a NumPy view, which the version counter does not see."""
@@ -619,6 +622,7 @@ def _assign(
     assigned: Tensor,
     o: Tensor,
     S_T: Tensor,
+    everything: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reads, final state and states of a layer whose state is assigned to X where `assigned`
     `[batch, pos, head]` is set: S_t = X_t there, S_t = A_t(S_{t-1}) + W_t elsewhere.
@@ -626,10 +630,22 @@ def _assign(
     Only the (batch, head) pairs with an assignment are recomputed, from the first assigned
     position t0 on (the states before t0 are `native`'s), by `chunked_states` with the transition
     zeroed where a state is assigned and X in place of the write there. Their reads are S_t^T q_t
-    computed from those states, so a state assigned to zero reads exactly zero.
+    computed from those states, so a state assigned to zero reads exactly zero. With `everything`
+    (the incoming state S0 differs from the one `native` started from: an earlier call assigned
+    states) every pair is recomputed from position 0.
     """
-    bi, hi = assigned.any(1).nonzero(as_tuple=True)
-    t0 = int(assigned.any(-1).any(0).nonzero()[0])
+    if everything:
+        B, T, H = assigned.shape
+        bi, hi = (
+            x.reshape(-1)
+            for x in torch.meshgrid(
+                torch.arange(B, device=o.device), torch.arange(H, device=o.device), indexing="ij"
+            )
+        )
+        t0 = 0
+    else:
+        bi, hi = assigned.any(1).nonzero(as_tuple=True)
+        t0 = int(assigned.any(-1).any(0).nonzero()[0])
     keep = (~assigned[bi, t0:, hi]).float()[..., None]  # [n, T - t0, 1]
     mixed = torch.where(
         assigned[bi, t0:, hi][..., None, None], X[bi, t0:, hi].float(), writes[bi, t0:, hi].float()
@@ -639,11 +655,15 @@ def _assign(
     else:
         start = None if S0 is None else S0[bi, hi].float()
     sub = transition.select(bi, hi, slice(t0, None)).masked(keep)
-    S = chunked_states(sub, None, None, None if start is None else start[:, None], mixed[:, :, None])
+    S = chunked_states(
+        sub, None, None, None if start is None else start[:, None], mixed[:, :, None]
+    )
     reads = torch.einsum("ntokv,ntok->ntv", S, q[bi, t0:, hi, None])
     # each pair's positions before its own first assignment keep the fast path's bits
     t = torch.arange(t0, q.shape[1], device=q.device)
     first = assigned[bi, t0:, hi].float().argmax(1) + t0  # [n]
+    if everything:
+        first = torch.zeros_like(first)
     after = t[None, :] >= first[:, None]  # [n, T - t0]
     rows, cols = after.nonzero(as_tuple=True)
     index = (bi[rows], t[cols], hi[rows])
@@ -785,10 +805,16 @@ class RecurrentMixer(torch.nn.Module):
         write_v: Float[Tensor, "batch pos head d_v"],
         S0: Float[Tensor, "batch head d_k d_v"] | None,
         response: Response | None = None,
+        run: RunContext | None = None,
     ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
         """Run the recurrence: the fast path, plus the exact response to any edit made at
         `hook_write` or `hook_state`. Returns the reads `[batch, pos, head, d_v]` and the final
         state `[batch, head, d_k, d_v]`.
+
+        With a hook on `hook_state`, the final state of the trajectory the hook was given (no
+        state edits) is saved to `run` as `S_native`, and a later call that continues from that
+        state (generation) hands its hook the same trajectory, so `generate` with a state hook
+        equals one forward pass over the whole sequence with it.
         """
         hw, hs = self.hook_write, self.hook_state
         grad = torch.is_grad_enabled()
@@ -804,7 +830,9 @@ class RecurrentMixer(torch.nn.Module):
         writes = None  # the edited writes, when the write hook changed any
         w_edits = w_changed = assigned = carrier_w = carrier_s = None
         if hw.active:
-            with hw.providing(native_state=self._native_states(transition, q, write_k, write_v, S0)):
+            with hw.providing(
+                native_state=self._native_states(transition, q, write_k, write_v, S0)
+            ):
                 edited, w_edits, w_changed = _hooked_write(hw, write_k, write_v)
             if w_edits is not None:
                 writes = edited
@@ -814,11 +842,19 @@ class RecurrentMixer(torch.nn.Module):
             del edited  # the write buffer is free again once nothing holds it
 
         if hs.active:
+            past = None if run is None else run.layer_in(self.layer)
+            S0_native = S0 if past is None else past.get("S_native", S0)
 
             def states() -> Tensor:
-                return self.state_trajectory(transition, q, write_k, write_v, S0, writes=writes)
+                return self.state_trajectory(
+                    transition, q, write_k, write_v, S0_native, writes=writes
+                )
 
             X, assigned, native = _hooked_state(hs, states(), states)
+            if run is not None:
+                run.save(self.layer, S_native=native[:, -1].detach())
+            if assigned is None and S0_native is not S0:  # earlier calls assigned states
+                assigned = torch.zeros(native.shape[:3], dtype=torch.bool, device=native.device)
             if grad and X.requires_grad:
                 carrier_s = X - native  # zero where nothing was assigned; carries the gradient
 
@@ -834,7 +870,9 @@ class RecurrentMixer(torch.nn.Module):
         if assigned is not None:
             if writes is None:
                 writes = write_k[..., :, None] * write_v[..., None, :]
-            o, S_T, used = _assign(transition, qf, writes, S0, X, native, assigned, o, S_T)
+            o, S_T, used = _assign(
+                transition, qf, writes, S0, X, native, assigned, o, S_T, S0_native is not S0
+            )
             if hs._cache is not None:
                 hs._cache[hs.name] = used.detach()
         writes = X = native = None  # the write buffer is free again once nothing holds it

@@ -206,6 +206,7 @@ class GatedDeltaNet(RecurrentMixer):
             v,
             S0,
             response=response,
+            run=run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o.to(x.dtype))

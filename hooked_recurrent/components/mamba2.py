@@ -214,6 +214,7 @@ class Mamba2Mixer(RecurrentMixer):
             dt[..., None] * v,
             S0,
             response=response,
+            run=run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o)

@@ -376,6 +376,7 @@ class TimeMix(RecurrentMixer):
             v,
             S0,
             response=response,
+            run=run,
         )
         run.save(self.layer, S=S_T, shift=x[:, -1])
         o = self.hook_read(o)

@@ -65,9 +65,11 @@ def step(f, S, t):
     d = f["decay"][:, t]
     out = S * (d[..., None, None] if d.dim() == 2 else d[..., None])
     if f["ea"] is not None:
-        out = out + f["ea"][:, t, :, :, None] * torch.einsum("bhk,bhkv->bhv", f["eb"][:, t], S)[
-            :, :, None
-        ]
+        out = (
+            out
+            + f["ea"][:, t, :, :, None]
+            * torch.einsum("bhk,bhkv->bhv", f["eb"][:, t], S)[:, :, None]
+        )
     return out
 
 
@@ -97,7 +99,7 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-# ------------------------------------------------------------------ item 1: assignment semantics
+# ------------------------------------------------------------ item 1: assignment semantics
 def assigned_mask(kind, B, T, H):
     g = torch.Generator().manual_seed(3)
     m = torch.zeros(B, T, H, dtype=torch.bool)
@@ -177,7 +179,7 @@ def test_write_edits_at_several_positions_and_state_cache(fam):
     assert rel(cache[p + "hook_read"], reads) <= 1e-5
 
 
-# ------------------------------------------------------------------ item 2: gradients
+# ------------------------------------------------------------ item 2: gradients
 def loss_of(logits):
     R = torch.randn(logits.shape, generator=torch.Generator().manual_seed(6))
     return (logits[:, 4:] * R[:, 4:]).sum() / logits.shape[1]
@@ -220,7 +222,7 @@ def positions8(B, T, H):
 
 
 def fd(model, tokens, hook_name, b, t, h, i, j, eps, base_hooks=()):
-    """Central finite difference of the loss along entry (i, j) of the hook's tensor at (b, t, h)."""
+    """Central finite difference of the loss along entry (i, j) of the hooked tensor at b, t, h."""
 
     def bump(s):
         def f(x, hook):
@@ -301,7 +303,9 @@ def test_run_with_cache_incl_bwd_caches_the_adjoint(fam):
     _, model, layer, tokens = fam
     p = f"blocks.{layer}.attn."
     names = [p + "hook_write", p + "hook_state", p + "hook_read", f"blocks.{layer}.hook_resid_post"]
-    loss, cache = model.run_with_cache(tokens, names_filter=names, incl_bwd=True, return_type="loss")
+    loss, cache = model.run_with_cache(
+        tokens, names_filter=names, incl_bwd=True, return_type="loss"
+    )
     for n in names:
         assert n + "_grad" in cache.keys(), n
     f = factors(model, layer, tokens)
@@ -313,12 +317,14 @@ def test_run_with_cache_incl_bwd_caches_the_adjoint(fam):
 def test_backward_hooks_fire_without_forward_hooks(fam):
     _, model, layer, tokens = fam
     calls = []
-    with model.hooks(bwd_hooks=[(f"blocks.{layer}.hook_resid_post", lambda g, hook: calls.append(g))]):
+    with model.hooks(
+        bwd_hooks=[(f"blocks.{layer}.hook_resid_post", lambda g, hook: calls.append(g))]
+    ):
         model(tokens)[0, -1, 5].backward()
     assert len(calls) == 1 and calls[0].abs().max() > 0
 
 
-# ------------------------------------------------------------------ item 5: edits that bypass autograd
+# ------------------------------------------------------------ item 5: edits that bypass autograd
 def ablate_in_place(how, t, h):
     def f(x, hook):
         if how == "data":
@@ -402,3 +408,26 @@ def test_numpy_arrays_are_views(fam):
     x = torch.zeros(3)
     x.numpy()[0] = 1
     assert np.float32(x[0]) == 1
+
+
+def test_generation_with_a_state_hook_equals_one_forward_pass(fam):
+    """`x + d` at hook_state at positions in the prompt and during generation: generate hands
+    the hook the same trajectory (without state edits) as one forward pass over the result."""
+    _, model, layer, tokens = fam
+    name = f"blocks.{layer}.attn.hook_state"
+    g = torch.Generator().manual_seed(8)
+    _, cache = model.run_with_cache(tokens, names_filter=[name])
+    d = torch.randn(model.cfg.d_k, model.cfg.d_v, generator=g) * cache[name].abs().amax()
+    at = torch.tensor([3, 7, 9])
+
+    def add(x, hook):
+        x = x.clone()
+        x[:, torch.isin(hook.positions, at), 0] += d
+        return x
+
+    with torch.no_grad():
+        out = model.generate(tokens[:, :6], 8, fwd_hooks=[(name, add)], stop_at_eos=False)
+        logits = model.run_with_hooks(out, fwd_hooks=[(name, add)])
+        clean = model(out)
+    assert torch.equal(logits[:, 5:-1].argmax(-1), out[:, 6:])
+    assert (logits[:, 9:] - clean[:, 9:]).abs().max() > 1e-2  # the edits reach the new tokens

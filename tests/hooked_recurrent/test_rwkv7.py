@@ -102,7 +102,8 @@ def reference_forward(sd: dict, tokens: list[int], edit=None) -> torch.Tensor:
                 v_first = v.reshape(C)
             decay = E(i, "hook_decay", t, w.exp().view(H, N))
             write = E(i, "hook_write", t, k[:, :, None] * v[:, None, :])  # [H, K, V]
-            def step(s):  # [H, V, K]
+
+            def step(s, decay=decay, kk=kk, a=a, write=write):  # [H, V, K]
                 s = s * decay[:, None, :] - (s @ kk[:, :, None]) @ (a * kk)[:, None, :]
                 return s + write.transpose(-1, -2)
 
