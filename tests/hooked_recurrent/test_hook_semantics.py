@@ -355,16 +355,16 @@ def test_edits_through_data_or_numpy_are_applied(fam, how, point):
 def test_edits_under_inference_mode_are_applied_and_later_calls_work(fam, point):
     _, model, layer, tokens = fam
     name = f"blocks.{layer}.attn.{point}"
-    with torch.no_grad():
-        want = model.run_with_hooks(tokens, fwd_hooks=[(name, ablate_in_place("plain", 5, 0))])
-        clean = model(tokens)
+    tokens = tokens.repeat(3, 1)  # a batch no earlier test used: fresh write memory is taken
     with torch.inference_mode():
         got = model.run_with_hooks(tokens, fwd_hooks=[(name, ablate_in_place("plain", 5, 0))])
-    assert torch.equal(got, want)
-    with torch.no_grad():  # nothing is left broken for later calls
+    with torch.no_grad():  # the same edit outside inference mode, and nothing left broken
+        want = model.run_with_hooks(tokens, fwd_hooks=[(name, ablate_in_place("plain", 5, 0))])
         again = model.run_with_hooks(tokens, fwd_hooks=[(name, ablate_in_place("plain", 5, 0))])
-        assert torch.equal(again, want)
-        assert torch.equal(model(tokens), clean)
+        clean = model(tokens)
+    assert torch.equal(got, want)
+    assert torch.equal(again, want)
+    assert (want - clean).abs().max() > 1e-4
 
 
 def test_two_threads_never_share_hooks(fam):
