@@ -23,7 +23,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, zero_write_response
+from hooked_recurrent.mixer import RecurrentMixer
+from hooked_recurrent.recurrence import Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
 

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from hooked_recurrent.components.gated_deltanet import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, zero_write_response
+from hooked_recurrent.mixer import RecurrentMixer
+from hooked_recurrent.recurrence import Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
 __all__ = ["Mamba2Mixer", "chunk_ssd", "segment_sum"]

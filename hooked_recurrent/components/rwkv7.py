@@ -32,7 +32,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan, zero_write_response
+from hooked_recurrent.mixer import RecurrentMixer
+from hooked_recurrent.recurrence import Transition, scan, zero_write_response
 from hooked_recurrent.state import RunContext
 
 __all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]

@@ -482,7 +482,7 @@ def test_generation_with_write_hook_equals_forward_with_it(pair):
 def test_write_edit_detection_block_by_block(in_place):
     """The engine finds exactly the edited (batch, pos, head) triples, across many blocks."""
     from hooked_recurrent.hook_points import RecurrentHookPoint
-    from hooked_recurrent.recurrence import _hooked_write
+    from hooked_recurrent.mixer import _hooked_write
 
     g = torch.Generator().manual_seed(14)
     k, v = torch.randn(3, 20, 4, 5, generator=g), torch.randn(3, 20, 4, 6, generator=g)
