@@ -264,3 +264,21 @@ def test_to_tokens_padding_side_and_mask(shipped):
     assert torch.equal(shipped.to_tokens(texts), right)
     bos = shipped.to_tokens(texts, prepend_bos=True)
     assert int(bos[0, 0]) == shipped.tokenizer.bos_token_id and bos.shape[1] == right.shape[1] + 1
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@torch.no_grad()
+def test_attention_pattern_under_a_mask(side):
+    """With `hook_pattern` hooked (the explicit attention path), a masked batch gives the same
+    logits as the fused path, and no real query attends to a padded key."""
+    model = _qwen()
+    prompts = _prompts(model.cfg.d_vocab)
+    tokens, mask, _ = _padded(prompts, model.cfg.d_vocab, side)
+    fused = model(tokens, attention_mask=mask)
+    name = f"blocks.{model.cfg.layer_types.index('attention')}.attn.hook_pattern"
+    explicit, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=[name])
+    assert (explicit - fused).abs().max() <= TOL
+    pattern = cache[name]  # [batch, head, query, key]
+    real = mask.bool()
+    for b in range(len(prompts)):
+        assert bool((pattern[b][:, real[b]][:, :, ~real[b]] == 0).all())
