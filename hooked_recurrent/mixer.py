@@ -358,7 +358,7 @@ class RecurrentMixer(torch.nn.Module):
                 edited, w_edits, w_changed = _hooked_write(hw, write_k, write_v)
             if w_edits is not None:
                 writes = edited
-            if grad and edited.requires_grad:
+            if grad and hw._forward_hooks and edited.requires_grad:
                 # zero in value; carries the gradient of the entries the edits do not cover
                 carrier_w = edited - write_k[..., :, None] * write_v[..., None, :]
             del edited  # the write buffer is free again once nothing holds it
@@ -377,7 +377,7 @@ class RecurrentMixer(torch.nn.Module):
                 run.save(self.layer, S_native=native[:, -1].detach())
             if assigned is None and S0_native is not S0:  # earlier calls assigned states
                 assigned = torch.zeros(native.shape[:3], dtype=torch.bool, device=native.device)
-            if grad and X.requires_grad:
+            if grad and hs._forward_hooks and X.requires_grad:
                 carrier_s = X - native  # zero where nothing was assigned; carries the gradient
 
         o, S_T = fast_path()

@@ -136,6 +136,10 @@ def test_state_hook_assigns(fam, kind):
         _, cache = model.run_with_cache(tokens, names_filter=[p + "hook_state", p + "hook_read"])
     native, _ = brute_force(f)
     states, reads = brute_force(f, assign=(mask, got["X"]))
+    print(
+        f"\n{fam[0]} assign {kind}: rel err states {rel(cache[p + 'hook_state'], states):.2e}, "
+        f"reads {rel(cache[p + 'hook_read'], reads):.2e}"
+    )
     assert rel(got["received"], native) <= 1e-5
     assert rel(cache[p + "hook_state"], states) <= 1e-5
     assert rel(cache[p + "hook_read"], reads) <= 1e-5
@@ -174,6 +178,10 @@ def test_write_edits_at_several_positions_and_state_cache(fam):
         )
     writes = f["wk"][..., :, None] * f["wv"][..., None, :] + delta.double()
     states, reads = brute_force(f, writes=writes)
+    print(
+        f"\n{fam[0]} write edits: rel err states {rel(cache[p + 'hook_state'], states):.2e}, "
+        f"reads {rel(cache[p + 'hook_read'], reads):.2e}"
+    )
     assert rel(cache[p + "hook_write"], writes) <= 1e-5
     assert rel(cache[p + "hook_state"], states) <= 1e-5
     assert rel(cache[p + "hook_read"], reads) <= 1e-5
@@ -259,6 +267,12 @@ def test_backward_hooks_give_the_adjoint_state(fam, edited):
     writes = f["wk"][..., :, None] * f["wv"][..., None, :] + d.detach().double()
     lam = brute_force_adjoint(f, got["hook_read"], writes=writes)
     assert lam.abs().max() > 1e-4
+    worst = max(
+        max(rel(got[n][b, t, h], lam[b, t, h]) for n in ("hook_state", "hook_write"))
+        for b, t, h in positions8(B, T, H)
+    )
+    print(f"\n{fam[0]} edited={edited}: adjoint rel err at 8 positions {worst:.2e}, ", end="")
+    print(f"w + d {rel(d.grad, lam):.2e}")
     for b, t, h in positions8(B, T, H):
         assert rel(got["hook_state"][b, t, h], lam[b, t, h]) <= 1e-4, (b, t, h)
         assert rel(got["hook_write"][b, t, h], lam[b, t, h]) <= 1e-4, (b, t, h)
@@ -271,6 +285,7 @@ def test_backward_hooks_give_the_adjoint_state(fam, edited):
         for name in ("hook_write", "hook_state"):
             base = [(p + "hook_write", lambda w, hook: w + d.detach())] if edited else []
             got_fd = fd(model, tokens, p + name, b, t, h, i, j, 1e-2, base)
+            print(f"{fam[0]} {name} t={t}: adjoint {want:.5f}, central difference {got_fd:.5f}")
             assert abs(got_fd - want) <= 0.03 * abs(want) + 1e-4, (name, got_fd, want)
 
 
