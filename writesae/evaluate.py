@@ -308,11 +308,57 @@ def _tile(state: Any, n: int) -> Any:
 
 
 # ------------------------------------------------------------------------------ closed form
-def _decay_product(decay: Tensor, t0: int, t: int) -> Tensor:
-    """prod_{s=t0+1}^{t} decay_s for one head: a scalar, or a vector over the key channels."""
-    if t <= t0:
-        return torch.ones_like(decay[0])
-    return decay[t0 + 1 : t + 1].double().prod(0)
+CLOSED_FORM_METHODS = ("direct", "first_order")
+
+
+def _cf_cache(model: Any, tokens: Tensor, layer: int) -> tuple[Tensor, Any]:
+    """Clean logits and the cache of the layer's hooks (no d_k x d_v matrices)."""
+    prefix = f"blocks.{layer}.attn"
+    return model.run_with_cache(
+        tokens,
+        names_filter=lambda n: (
+            n.startswith(prefix + ".hook_") and not n.endswith(("hook_write", "hook_state"))
+        ),
+    )
+
+
+def _unit_shifts(
+    model: Any,
+    cache: Any,
+    tokens: Tensor,
+    layer: int,
+    head: int,
+    u: Tensor,
+    w: Tensor,
+    position: int,
+    read_position: int,
+    token: Tensor,
+    method: str,
+    propagator: str,
+    state: Any = None,
+) -> Tensor:
+    """Predicted logit shift per unit (absolute) eps of the edits u w^T, one per prompt row.
+
+    `u` `[B, d_k]`, `w` `[B, d_v]`, `token` `[B]` or `[B, m]`; returns `[B]` or `[B, m]`.
+    """
+    from writesae import closed_form as C
+
+    if method == "direct":
+        d_o = C.read_response(
+            model, cache, layer, head, position, read_position, u, w, propagator=propagator
+        )
+        # <P u, q_t> is the coefficient of w in dO_t
+        coef = (d_o[:, -1] * w.double()).sum(-1) / w.double().pow(2).sum(-1).clamp_min(1e-300)
+        out_dir = C.direct_readout(model, layer, head, w, token)
+        return coef[:, None] * out_dir if out_dir.dim() == 2 else coef * out_dir
+    if method == "first_order":
+        d_o = C.read_response(model, cache, layer, head, position, read_position, u, w)
+        _, d = C.read_jvp(model, tokens[:, : read_position + 1], layer, head, position, d_o, state)
+        d_last = d[:, -1].double()  # [B, vocab]
+        if token.dim() == 1:
+            return d_last.gather(-1, token[:, None])[:, 0]
+        return d_last.gather(-1, token)
+    raise ValueError(f"method must be one of {CLOSED_FORM_METHODS}, not {method!r}")
 
 
 @torch.no_grad()
@@ -327,91 +373,108 @@ def closed_form_logit_shift(
     *,
     tokens: Int[Tensor, "batch pos"],
     read_position: int | None = None,
-    eps: float = 1.0,
+    eps: float = 0.1,
+    eps_scale: str = "write_norm",
+    method: str = "first_order",
     propagator: str = "gate",
     cache: Any = None,
 ) -> Tensor:
-    """Predicted logit shift of `token` at `read_position` from adding eps u_i w_i^T to S_position.
+    """Predicted logit shift of `token` at `read_position` from adding eps u_i w_i^T to the write
+    (equivalently the state) of head `head` at `position`, in every prompt (section 4.8).
 
-        dlogit = eps * <G u_i, q_t> * <W_O^(h) w_i, W_U[token]>
+    * `method="direct"` (the paper's Eq. 1): eps <G u_i, q_t> <W_O^(h) w_i, W_U[token]>, with G
+      the product of the head's decays from position+1 to t (`propagator="gate"`, per key channel
+      for RWKV-7) or the exact transition product including the erase terms (`"exact"`). It
+      treats the per-head norm and gate, the later layers and the final norm as the identity, so
+      it is exact only for a linear read-out.
+    * `method="first_order"`: eps times the exact derivative of the logit along the edit, through
+      everything after the read (see `writesae.closed_form`); forward-mode AD, one pass for all
+      prompts. `propagator` is not used (the layer's response is always exact).
 
-    with G the product of the head's decays from position+1 to t (`propagator="gate"`, the
-    paper's scalar form; per key channel for RWKV-7), or the exact transition product P u_i
-    including the erase terms (`"exact"`). No fitted parameter. Direct path only: the norms and
-    gates after the read, later layers and the final norm are ignored, so it is exact only for a
-    linear read-out.
+    `eps` is relative to the Frobenius norm of the head's native write at `position` in each
+    prompt (`eps_scale="write_norm"`, the default: eps = 0.1 edits a tenth of what the token
+    wrote) or absolute (`eps_scale="absolute"`). No fitted parameter.
 
     Returns:
         `[batch]` (or `[batch, n_tokens]`) predicted shifts, one per prompt.
     """
-    from hooked_recurrent.recurrence import Transition
+    from writesae.closed_form import EPS_SCALES, native_write_norm, prefix_state
 
+    if eps_scale not in EPS_SCALES:
+        raise ValueError(f"eps_scale must be one of {EPS_SCALES}, not {eps_scale!r}")
+    if method not in CLOSED_FORM_METHODS:
+        raise ValueError(f"method must be one of {CLOSED_FORM_METHODS}, not {method!r}")
+    if propagator not in ("gate", "exact"):
+        raise ValueError(f"propagator must be 'gate' or 'exact', not {propagator!r}")
     t = position if read_position is None else read_position
     if t < position:
         raise ValueError(f"read_position {t} is before the edited position {position}")
-    prefix = f"blocks.{layer}.attn"
     if cache is None:
-        names = [f"{prefix}.hook_q", f"{prefix}.hook_decay"]
-        if propagator == "exact":
-            names += [f"{prefix}.hook_k", f"{prefix}.hook_beta"]
-        _, cache = model.run_with_cache(
-            tokens, names_filter=lambda n: n in names or n.startswith(prefix + ".hook_")
-        )
-    u = sae.key_factors[atom].double()
-    w = sae.value_factors[atom].double()
-    q = cache[f"{prefix}.hook_q"][:, t, head].double()  # [B, d_k]
-    decay = cache[f"{prefix}.hook_decay"][:, :, head].double()  # [B, T] or [B, T, d_k]
-    if propagator == "gate":
-        G = torch.stack([_decay_product(decay[b], position, t) for b in range(decay.shape[0])])
-        pu = (G[:, None] if G.dim() == 1 else G) * u
-    elif propagator == "exact":
-        transition = model.blocks[layer].attn.transition_from_cache(cache, head)
-        pu = u.expand(q.shape[0], -1).clone()
-        for s in range(position + 1, t + 1):
-            S = pu[:, None, :, None]  # [B, 1, d_k, 1]
-            sub = Transition(
-                transition.decay[:, :, None],
-                None if transition.erase_a is None else transition.erase_a[:, :, None],
-                None if transition.erase_b is None else transition.erase_b[:, :, None],
-            )
-            pu = sub.step(S.double(), s)[:, 0, :, 0]
-    else:
-        raise ValueError(f"propagator must be 'gate' or 'exact', not {propagator!r}")
-    read = (pu * q).sum(-1)  # [B]
-    W_O = model.blocks[layer].attn.head_output_weight(head).double()  # [d_model, d_v]
-    W_U = model.unembed.weight.double()  # [vocab, d_model]
+        _, cache = _cf_cache(model, tokens, layer)
+    B = tokens.shape[0]
+    u = sae.key_factors[atom].double().expand(B, -1)
+    w = sae.value_factors[atom].double().expand(B, -1)
     tok = torch.as_tensor(token).long()
-    out_dir = W_U[tok] @ (W_O @ w)  # scalar or [n_tokens]
-    return eps * (read[:, None] * out_dir if out_dir.dim() else read * out_dir)
+    scalar_tok = tok.dim() == 0
+    tok_b = tok.expand(B) if scalar_tok else tok.expand(B, -1)
+    state = prefix_state(model, tokens, position) if method == "first_order" else None
+    unit = _unit_shifts(
+        model, cache, tokens, layer, head, u, w, position, t, tok_b, method, propagator, state
+    )
+    scale = torch.full((B,), float(eps), dtype=torch.float64)
+    if eps_scale == "write_norm":
+        atom_norm = float(u[0].norm() * w[0].norm())
+        scale = scale * native_write_norm(model, cache, layer, head)[:, position] / atom_norm
+    return scale * unit if scalar_tok else scale[:, None] * unit
 
 
 @dataclass
 class ClosedFormResult:
-    """Predicted against measured logit shifts (section 4.8).
+    """Predicted against measured logit shifts (section 4.8), for each prediction method.
 
     Attributes:
-        r2: zero-parameter R^2 over all (atom, eps, prompt) points.
-        r2_cells: R^2 per (atom, eps) cell across prompts: median, IQR, all values.
-        r2_fitted_scale: R^2 with one least-squares scale per cell (reported separately).
-        sign_agreement: fraction of points where predicted and measured shifts have one sign.
-        predicted, measured: all points (for the scatter plot).
+        r2: zero-parameter R^2 of the first-order prediction (or of the only method run) at
+            `headline_eps`, over all (atom, prompt) points of that eps.
+        r2_direct: zero-parameter R^2 of the paper's direct-path formula at `headline_eps`
+            (NaN when not run).
+        headline_eps: the eps of `r2` and `r2_direct` (relative to the native write's norm unless
+            `settings["eps_scale"]` is "absolute").
+        r2_by_eps: {method: {eps: R^2}}, zero parameters, each over the (atom, prompt) points of
+            one eps.
+        r2_cells: per (atom, eps) cell R^2 across prompts, of the headline method: median, IQR,
+            all values.
+        linearity_r2: the paper's fitted-G R^2 (App. A): one least-squares scale G per (prompt,
+            atom, token) across the eps values, on the direct-path formula. It checks that the
+            measured shift is linear in eps, not that the formula predicts it.
+        r2_fitted_scale: R^2 of the direct path with one least-squares scale per (atom, eps) cell.
+        sign_agreement: {method: fraction of headline-eps points where prediction and measurement
+            share a sign}.
+        predicted, measured, point_eps: every point of the headline method (all eps values);
+            `predicted_by_method` has each method's predictions for the same points.
     """
 
     r2: float
+    r2_direct: float
+    headline_eps: float
+    r2_by_eps: dict[str, dict[float, float]]
     r2_cells: dict[str, Any]
+    linearity_r2: float
     r2_fitted_scale: float
-    sign_agreement: float
+    sign_agreement: dict[str, float]
     n_points: int
     predicted: list[float] = field(repr=False)
     measured: list[float] = field(repr=False)
+    point_eps: list[float] = field(repr=False, default_factory=list)
+    predicted_by_method: dict[str, list[float]] = field(repr=False, default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, with_samples: bool = False) -> dict[str, Any]:
         """The result as a dict (the scatter points only with `with_samples=True`)."""
         d = asdict(self)
+        d["r2_by_eps"] = {m: {str(e): r for e, r in v.items()} for m, v in self.r2_by_eps.items()}
         if not with_samples:
-            d.pop("predicted")
-            d.pop("measured")
+            for k in ("predicted", "measured", "point_eps", "predicted_by_method"):
+                d.pop(k)
         return d
 
 
@@ -423,23 +486,40 @@ def evaluate_closed_form(
     *,
     atoms: Sequence[int] | None = None,
     n_atoms: int = 8,
-    eps_values: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+    eps_values: Sequence[float] = (0.01, 0.1, 1.0),
+    eps_scale: str = "write_norm",
+    headline_eps: float | None = None,
+    methods: Sequence[str] = ("first_order", "direct"),
     position: int | None = None,
     read_offset: int = 0,
     propagator: str = "gate",
     progress: bool = True,
 ) -> ClosedFormResult:
-    """R^2 of `closed_form_logit_shift` against shifts measured by editing `hook_state`.
+    """R^2 of `closed_form_logit_shift` against shifts measured by editing the write.
 
     For each atom (default: the `n_atoms` with the largest decoder read-out norm
-    ||W_U W_O w_i||) and each eps, eps u_i w_i^T is added to the SAE head's state at `position`
-    (default: the middle of the prompts) in every prompt; the logit of the atom's eval token (the
-    token with the largest |<W_O w_i, W_U[tok]>|, the paper's top-1 eval token) is measured at
-    `position + read_offset` and compared with the prediction.
+    ||W_U W_O w_i||) and each eps, eps u_i w_i^T is added to the SAE head's write at `position`
+    (default: the middle of the prompts) in every prompt (with `eps_scale="write_norm"`, eps times
+    that prompt's native write norm); the logit of the atom's eval token (the token with the
+    largest |<W_O w_i, W_U[tok]>|, the paper's top-1 eval token) is measured at
+    `position + read_offset` with the model itself and compared with each method's prediction.
+    Both predictions are linear in eps: the first-order one is computed once per atom.
     """
+    from writesae.closed_form import EPS_SCALES, native_write_norm, prefix_state, run_from
+
+    if eps_scale not in EPS_SCALES:
+        raise ValueError(f"eps_scale must be one of {EPS_SCALES}, not {eps_scale!r}")
+    methods = list(methods)
+    if not methods or any(m not in CLOSED_FORM_METHODS for m in methods):
+        raise ValueError(f"methods must be a non-empty subset of {CLOSED_FORM_METHODS}")
+    eps_values = [float(e) for e in eps_values]
+    if headline_eps is None:
+        headline_eps = 0.1 if 0.1 in eps_values else eps_values[len(eps_values) // 2]
+    if headline_eps not in eps_values:
+        raise ValueError(f"headline_eps {headline_eps} is not one of eps_values {eps_values}")
     layer, head = _layer(sae), sae.cfg.head
     prefix = f"blocks.{layer}.attn"
-    T = tokens.shape[1]
+    B, T = tokens.shape
     t0 = T // 2 if position is None else position
     t = t0 + read_offset
     if not 0 <= t0 <= t < T:
@@ -449,75 +529,131 @@ def evaluate_closed_form(
     readout = W_U @ (W_O @ sae.value_factors.double().T)  # [vocab, n_atoms]
     if atoms is None:
         atoms = readout.norm(dim=0).argsort(descending=True)[:n_atoms].tolist()
-    logits0, cache = model.run_with_cache(
-        tokens,
-        names_filter=lambda n: (
-            n.startswith(prefix + ".hook_") and not n.endswith(("hook_write", "hook_state"))
-        ),
-    )
-    preds, meas, cells = [], [], []
-    cells_fit = []
+    _, cache = _cf_cache(model, tokens, layer)
+    state = prefix_state(model, tokens, t0)
+    logits0 = run_from(model, tokens[:, : t + 1], t0, state=state)[:, -1].double()
+    wnorm = native_write_norm(model, cache, layer, head)[:, t0]
+    head_m = "first_order" if "first_order" in methods else methods[0]
+    pts: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    direct_unit: list[np.ndarray] = []
+    meas: list[np.ndarray] = []
+    eps_of: list[np.ndarray] = []
+    cell_of: list[np.ndarray] = []
+    prompt_of: list[np.ndarray] = []
     bar = tqdm(total=len(atoms) * len(eps_values), desc="closed form", disable=not progress)
-    for a in atoms:
+    for ci, a in enumerate(atoms):
         tok = int(readout[:, a].abs().argmax())
-        for eps in eps_values:
-            pred = closed_form_logit_shift(
-                model,
-                sae,
-                layer,
-                head,
-                a,
-                t0,
-                tok,
-                tokens=tokens,
-                read_position=t,
-                eps=eps,
-                propagator=propagator,
-                cache=cache,
+        u = sae.key_factors[a].detach().double()
+        w = sae.value_factors[a].detach().double()
+        uB, wB = u.expand(B, -1), w.expand(B, -1)
+        tokB = torch.full((B,), tok, dtype=torch.long)
+        unit = {
+            m: _unit_shifts(
+                model, cache, tokens, layer, head, uB, wB, t0, t, tokB, m, propagator, state
             )
-            u, w = sae.key_factors[a], sae.value_factors[a]
+            for m in methods
+        }
+        d_unit = (
+            unit["direct"]
+            if "direct" in unit
+            else _unit_shifts(
+                model, cache, tokens, layer, head, uB, wB, t0, t, tokB, "direct", propagator
+            )
+        )
+        atom_norm = float(u.norm() * w.norm())
+        for eps in eps_values:
+            scale = torch.full((B,), eps, dtype=torch.float64)
+            if eps_scale == "write_norm":
+                scale = scale * wnorm / atom_norm
 
-            def add(state: Tensor, hook: Any, u=u, w=w, eps=eps) -> Tensor:
-                state[:, t0, head] += eps * torch.outer(u, w).to(state.dtype)
-                return state
+            def add(wr: Tensor, hook: Any, u=u, w=w, scale=scale) -> Tensor:
+                on = (hook.positions == t0).nonzero()
+                if len(on) == 0:
+                    return wr
+                wr = wr.clone()
+                edit = scale[:, None, None] * torch.outer(u, w)
+                wr[:, int(on[0, 0]), head] += edit.to(wr.dtype)
+                return wr
 
-            logits = model.run_with_hooks(tokens, fwd_hooks=[(f"{prefix}.hook_state", add)])
-            m = (logits[:, t, tok] - logits0[:, t, tok]).double()
-            preds.append(pred.numpy())
-            meas.append(m.numpy())
-            cells.append(r_squared(m.numpy(), pred.numpy()))
-            denom = float((pred * pred).sum())
-            s = float((pred * m).sum()) / denom if denom > 0 else 0.0
-            cells_fit.append((m.numpy(), s * pred.numpy()))
+            logits = run_from(
+                model, tokens[:, : t + 1], t0, [(f"{prefix}.hook_write", add)], state
+            )[:, -1].double()
+            meas.append((logits[:, tok] - logits0[:, tok]).numpy())
+            for m in methods:
+                pts[m].append((scale * unit[m]).numpy())
+            direct_unit.append((scale * d_unit).numpy())
+            eps_of.append(np.full(B, eps))
+            cell_of.append(np.full(B, ci))
+            prompt_of.append(np.arange(B))
             bar.update(1)
     bar.close()
-    p, m = np.concatenate(preds), np.concatenate(meas)
-    fit_y = np.concatenate([c[0] for c in cells_fit])
-    fit_p = np.concatenate([c[1] for c in cells_fit])
+    m_all = np.concatenate(meas)
+    e_all = np.concatenate(eps_of)
+    c_all, p_all = np.concatenate(cell_of), np.concatenate(prompt_of)
+    pred = {m: np.concatenate(v) for m, v in pts.items()}
+    d_all = np.concatenate(direct_unit)
+    hl = e_all == headline_eps
+    r2_by_eps = {
+        m: {e: r_squared(m_all[e_all == e], pred[m][e_all == e]) for e in eps_values}
+        for m in methods
+    }
+    cells = []
+    fit_y, fit_p = [], []
+    for ci in range(len(atoms)):
+        for e in eps_values:
+            sel = (c_all == ci) & (e_all == e)
+            cells.append(r_squared(m_all[sel], pred[head_m][sel]))
+            pd_ = d_all[sel]
+            denom = float(pd_ @ pd_)
+            s = float(pd_ @ m_all[sel]) / denom if denom > 0 else 0.0
+            fit_y.append(m_all[sel])
+            fit_p.append(s * pd_)
+    # the paper's fitted G: one scale per (prompt, atom) across the eps values (App. A)
+    lin_y, lin_p = [], []
+    for ci in range(len(atoms)):
+        for b in range(B):
+            sel = (c_all == ci) & (p_all == b)
+            pd_ = d_all[sel]
+            denom = float(pd_ @ pd_)
+            g = float(pd_ @ m_all[sel]) / denom if denom > 0 else 0.0
+            lin_y.append(m_all[sel])
+            lin_p.append(g * pd_)
     finite = np.array([c for c in cells if np.isfinite(c)])
     return ClosedFormResult(
-        r2=r_squared(m, p),
+        r2=r2_by_eps[head_m][headline_eps],
+        r2_direct=r2_by_eps["direct"][headline_eps] if "direct" in methods else float("nan"),
+        headline_eps=headline_eps,
+        r2_by_eps=r2_by_eps,
         r2_cells=dict(
+            method=head_m,
             median=float(np.median(finite)) if len(finite) else float("nan"),
             iqr=[float(np.quantile(finite, 0.25)), float(np.quantile(finite, 0.75))]
             if len(finite)
             else [float("nan")] * 2,
             values=[float(c) for c in cells],
         ),
-        r2_fitted_scale=r_squared(fit_y, fit_p),
-        sign_agreement=float((np.sign(p) == np.sign(m)).mean()),
-        n_points=len(p),
-        predicted=p.tolist(),
-        measured=m.tolist(),
+        linearity_r2=r_squared(np.concatenate(lin_y), np.concatenate(lin_p)),
+        r2_fitted_scale=r_squared(np.concatenate(fit_y), np.concatenate(fit_p)),
+        sign_agreement={
+            m: float((np.sign(pred[m][hl]) == np.sign(m_all[hl])).mean()) for m in methods
+        },
+        n_points=len(m_all),
+        predicted=pred[head_m].tolist(),
+        measured=m_all.tolist(),
+        point_eps=e_all.tolist(),
+        predicted_by_method={m: v.tolist() for m, v in pred.items()},
         settings=dict(
             layer=layer,
             head=head,
             atoms=list(map(int, atoms)),
             eps_values=list(eps_values),
+            eps_scale=eps_scale,
+            methods=methods,
             position=t0,
             read_position=t,
             propagator=propagator,
-            n_prompts=int(tokens.shape[0]),
+            n_prompts=int(B),
+            median_write_norm=float(wnorm.median()),
         ),
     )
 

@@ -10,7 +10,11 @@ from transformer_lens import HookedRootModule
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions
 from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan
 from writesae import WriteSAE, WriteSAEConfig
-from writesae.evaluate import evaluate_closed_form, evaluate_substitution
+from writesae.evaluate import (
+    closed_form_logit_shift,
+    evaluate_closed_form,
+    evaluate_substitution,
+)
 from writesae.stats import wilson
 
 
@@ -105,14 +109,24 @@ def test_closed_form_is_exact_on_a_linear_readout(erase, propagator):
         sae,
         tokens,
         n_atoms=4,
+        eps_values=(0.01, 0.1, 1.0, 4.0),
         position=3,
         read_offset=4,
         propagator=propagator,
         progress=False,
     )
     assert res.n_points == 4 * 4 * 12
-    assert res.r2 >= 0.9999
-    assert res.sign_agreement == 1.0
+    assert res.r2 >= 0.9999 and res.r2_direct >= 0.9999
+    assert res.sign_agreement == {"first_order": 1.0, "direct": 1.0}
+    # on a linear read-out the paper's direct path is the exact first order
+    for eps_scale, eps in (("write_norm", 0.1), ("absolute", 2.0)):
+        kw = dict(tokens=tokens, read_position=7, eps=eps, eps_scale=eps_scale)
+        direct = closed_form_logit_shift(
+            model, sae, 0, 1, 2, 3, [0, 5, 9], method="direct", propagator=propagator, **kw
+        )
+        first = closed_form_logit_shift(model, sae, 0, 1, 2, 3, [0, 5, 9], **kw)
+        assert direct.shape == first.shape == (12, 3)
+        assert torch.allclose(direct, first, rtol=1e-5, atol=1e-7 * first.abs().max())
 
 
 def test_gate_form_is_not_exact_with_an_erase():
@@ -127,7 +141,8 @@ def test_gate_form_is_not_exact_with_an_erase():
     res = evaluate_closed_form(
         model, sae, tokens, n_atoms=4, position=3, read_offset=4, propagator="gate", progress=False
     )
-    assert res.r2 < 0.9999
+    assert res.r2_direct < 0.9999
+    assert res.r2 >= 0.9999  # the first order always propagates exactly
 
 
 def _tiny(family):
@@ -233,3 +248,56 @@ def test_closed_form_exact_propagator_matches_the_measured_read(family):
     q = cache[f"{prefix}.hook_q"][:, t, head].double()
     predicted = (pu[:, 0, :, 0] * q).sum(-1)[:, None] * w.double()
     assert (d_read - predicted).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
+@torch.no_grad()
+def test_first_order_equals_the_central_finite_difference(family):
+    """`first_order` is the derivative of every logit along the edit, through the per-head norm,
+    the later positions and layers and the final norm: it equals a central finite difference of
+    the logits measured with `run_with_hooks` edits of the write (fourth-order stencil, so the
+    step can stay large enough for float32)."""
+    from writesae.closed_form import native_write_norm
+
+    model = _tiny(family)
+    layer, head, t0, t = model.cfg.recurrent_layers[0], 1, 3, 6
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=8,
+            k=2,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(1))
+    vocab = torch.arange(model.cfg.d_vocab)
+    atom = 3
+    # eps = 1 relative: the derivative with respect to the edit's size in units of the write norm
+    pred = closed_form_logit_shift(
+        model, sae, layer, head, atom, t0, vocab, tokens=tokens, read_position=t, eps=1.0
+    )
+    prefix = f"blocks.{layer}.attn"
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith(prefix + ".hook_"))
+    norm = native_write_norm(model, cache, layer, head)[:, t0]
+    _, c2 = model.run_with_cache(tokens, names_filter=[f"{prefix}.hook_write"])
+    native = c2[f"{prefix}.hook_write"][:, t0, head].flatten(-2).norm(dim=-1).double()
+    assert torch.allclose(norm, native, rtol=1e-5)
+    A = sae.atom_matrices(torch.tensor(atom)).detach()
+
+    def logits_at(h):
+        def add(w, hook):
+            w = w.clone()
+            w[:, t0, head] += (h * norm)[:, None, None].to(w.dtype) * A
+            return w
+
+        out = model.run_with_hooks(tokens, fwd_hooks=[(f"{prefix}.hook_write", add)])
+        return out[:, t].double()
+
+    h = 0.05
+    fd = (8 * (logits_at(h) - logits_at(-h)) - (logits_at(2 * h) - logits_at(-2 * h))) / (12 * h)
+    rel = float((fd - pred).norm() / pred.norm())
+    assert rel <= 1e-3, rel
+    assert float(pred.norm()) > 0
