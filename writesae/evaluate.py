@@ -62,8 +62,17 @@ class SubstitutionResult:
         wins_vs_delete, wins_vs_random: firings where KL(atom) < KL(delete) / KL(random).
         win_rate_vs_delete, ci_vs_delete: rate and Wilson 95% interval; likewise vs random.
         strict_chain: fraction with KL(atom) < KL(delete) < KL(random).
-        median_kl: median KL per condition ("atom", "delete", "random").
+        median_kl: median KL per condition ("atom", "delete", "random", and the controls run).
         kl: per-firing KLs per condition (for plots).
+        cosine: per firing, the Frobenius cosine of the substituted (signed) atom to the native
+            write it replaces.
+        calibration: win rate against deletion per bin of that cosine (`edges`, `n`, `wins`,
+            `rate`, `ci`), with the planted reference: rank-1 substitutes of known cosine c to the
+            write, at the atom condition's norm (`planted`: {c: n, wins, rate, ci}).
+        best_atom: the dictionary atom with the largest |cosine| to the write (signed to align),
+            at the atom condition's norm: its win rate vs deletion, interval and median cosine.
+        scale_sweep: {scale: n, wins, rate, ci, median_kl} of the top atom vs deletion at each
+            scale run (the main scale included).
         population: per-atom rates when `population=True` (section 4.4): number of atoms, mean of
             per-atom win rates vs deletion with a bootstrap 95% interval, and per-atom rates.
         settings: the parameters used.
@@ -80,6 +89,10 @@ class SubstitutionResult:
     median_kl: dict[str, float]
     kl: dict[str, list[float]] = field(repr=False)
     firings: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    cosine: list[float] = field(default_factory=list, repr=False)
+    calibration: dict[str, Any] | None = None
+    best_atom: dict[str, Any] | None = None
+    scale_sweep: dict[str, Any] | None = None
     population: dict[str, Any] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -89,7 +102,89 @@ class SubstitutionResult:
         if not with_samples:
             d.pop("kl")
             d.pop("firings")
+            d.pop("cosine")
         return d
+
+
+#: cosine bins of the calibration curve
+CALIBRATION_EDGES = (-1.0, 0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+KL_POSITIONS = ("edited", "end", "mean")
+
+
+def _parse_scale(scale: str | float) -> str | float:
+    """ "matched_norm", "coefficient", or a positive fraction of the native write's norm."""
+    if scale in ("matched_norm", "coefficient"):
+        return scale  # type: ignore[return-value]
+    try:
+        f = float(scale)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not f > 0:
+        raise ValueError(
+            f"scale must be 'matched_norm', 'coefficient' or a positive fraction of the native "
+            f"write's norm, not {scale!r}"
+        )
+    return f
+
+
+def scale_label(scale: str | float) -> str:
+    """A substitution scale as results write it: "matched_norm", "coefficient", "0.1x_norm"."""
+    s = _parse_scale(scale)
+    return s if isinstance(s, str) else f"{s:g}x_norm"
+
+
+def _scaled(atom: Tensor, c: Tensor, norm: Tensor, scale: str | float) -> Tensor:
+    """The atom [B, d_k, d_v] scaled for substitution: sign(c) ||D|| A/||A|| (matched norm),
+    c A (coefficient), or sign(c) f ||D|| A/||A|| (a fraction f of the native norm)."""
+    if scale == "coefficient":
+        return c.to(atom.dtype)[:, None, None] * atom
+    f = 1.0 if scale == "matched_norm" else float(scale)
+    sign = torch.where(c < 0, -1.0, 1.0).to(atom.dtype)[:, None, None]
+    a_norm = atom.flatten(-2).norm(dim=-1).clamp_min(1e-30)[:, None, None]
+    return sign * f * norm[:, None, None] * atom / a_norm
+
+
+def _fro_cos(a: Tensor, b: Tensor) -> Tensor:
+    """Frobenius cosine of [..., d_k, d_v] matrices."""
+    num = (a * b).flatten(-2).sum(-1)
+    return num / (a.flatten(-2).norm(dim=-1) * b.flatten(-2).norm(dim=-1)).clamp_min(1e-30)
+
+
+def _dictionary_cosines(sae: Any, W: Tensor) -> Tensor:
+    """|<A_j, W>_F| / (||A_j|| ||W||) signed, for every atom j: [B, n_atoms] (W [B, d_k, d_v])."""
+    W = W.to(sae.b_enc.dtype)
+    try:
+        U, V = sae.key_factors.detach(), sae.value_factors.detach()
+        inner = torch.einsum("nk,bkn->bn", U, W @ V.T)
+        norms = U.norm(dim=-1) * V.norm(dim=-1)
+    except (AttributeError, NotImplementedError):
+        A = sae.atom_matrices(torch.arange(sae.cfg.n_atoms)).detach().flatten(-2)
+        inner = W.flatten(-2) @ A.T
+        norms = A.norm(dim=-1)
+    return inner / (norms[None] * W.flatten(-2).norm(dim=-1)[:, None]).clamp_min(1e-30)
+
+
+def _planted(W: Tensor, c: float, g: Tensor, h: Tensor) -> Tensor:
+    """A unit rank-1 matrix whose Frobenius cosine to the rank-1 write W is exactly c.
+
+    With W = s k1 v1^T (top singular pair): (sqrt(c) k1 + sqrt(1-c) g)(sqrt(c) v1 + sqrt(1-c) h)^T,
+    g (h) a random unit vector orthogonal to k1 (v1).
+    """
+    Ws = W.double()
+    Uw, S, Vh = torch.linalg.svd(Ws)
+    k1, v1 = Uw[..., :, 0], Vh[..., 0, :]
+    g = g.double() - (g.double() * k1).sum(-1, keepdim=True) * k1
+    h = h.double() - (h.double() * v1).sum(-1, keepdim=True) * v1
+    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    h = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    a = math.sqrt(c) * k1 + math.sqrt(1 - c) * g
+    b = math.sqrt(c) * v1 + math.sqrt(1 - c) * h
+    return (a[..., :, None] * b[..., None, :]).to(W.dtype)
+
+
+def _rate(wins: np.ndarray) -> dict[str, Any]:
+    n, k = int(len(wins)), int(np.sum(wins))
+    return dict(n=n, wins=k, rate=k / n if n else float("nan"), ci=list(wilson(k, n)))
 
 
 def _codes(model: Any, sae: Any, tokens: Tensor, layer: int, head: int) -> Tensor:
@@ -120,8 +215,12 @@ def evaluate_substitution(
     max_firings: int | None = 1000,
     positions_per_prompt: int | None = None,
     min_position: int = 1,
-    scale: str = "matched_norm",
+    scale: str | float = "matched_norm",
     kl_direction: str = "native||edited",
+    kl_position: str = "edited",
+    best_atom: bool = False,
+    planted_cosines: Sequence[float] = (),
+    sweep_scales: Sequence[str | float] = (),
     population: bool = False,
     max_per_atom: int = 30,
     min_firings_per_atom: int = 5,
@@ -132,17 +231,27 @@ def evaluate_substitution(
     """Single-write replacement test: at each firing, is the top atom a better write than none?
 
     At a firing (prompt b, position t: the SAE has a nonzero code at t for its head), the native
-    write of the SAE's head at t is replaced, one condition at a time, by:
+    write D of the SAE's head at t is replaced, one condition at a time, by:
 
-    * atom: the top atom u_j w_j^T at the native write's Frobenius norm (`scale="matched_norm"`)
-      or times its code (`scale="coefficient"`);
+    * atom: the top atom A = u_j w_j^T, scaled by `scale`: `"matched_norm"` (sign(c) ||D||_F
+      A/||A||, App. J), `"coefficient"` (c A, the abstract) or a float f (sign(c) f ||D||_F
+      A/||A||, a fraction of the native norm);
     * delete: nothing (the write removed);
-    * random: a random rank-1 matrix g h^T at the native write's Frobenius norm;
+    * random: a random rank-1 matrix g h^T at the atom condition's Frobenius norm;
 
-    and each is scored by the KL divergence between the native and the edited next-token
-    distribution at t. The conditions reuse the clean prefix: the model state before t is computed
-    once (prompts advance in batches from one firing position to the next) and each condition is
-    one recurrent step from it, all conditions in one batch.
+    and optional controls, each at the atom condition's norm, so that only the direction differs:
+    `best_atom` (the dictionary atom with the largest |cosine| to D, signed to align with it: what
+    the dictionary could do at best), `planted_cosines` (rank-1 substitutes whose cosine to D is
+    exactly c: the reference curve for the win rate against cosine), and `sweep_scales` (the top
+    atom at other scales, against the same deletion).
+
+    Each condition is scored by the KL divergence between the native and the edited next-token
+    distributions (`kl_direction`), at `kl_position`: `"edited"` (position t, the first read of the
+    edited write), `"end"` (the last position of the prompt) or `"mean"` (the mean over t to the
+    end of the prompt). The conditions reuse the clean prefix: the model state before t is
+    computed once (prompts advance in batches from one firing position to the next) and all
+    conditions run from it in one batch (one step for `"edited"`, to the end of the prompt
+    otherwise).
 
     Args:
         tokens: held-out prompts `[batch, pos]` (equal length).
@@ -153,10 +262,16 @@ def evaluate_substitution(
             atom active there; atoms with at least `min_firings_per_atom` firings (at most
             `max_per_atom` each) enter the mean.
     """
-    if scale not in ("matched_norm", "coefficient"):
-        raise ValueError(f"scale must be 'matched_norm' or 'coefficient', not {scale!r}")
+    scale = _parse_scale(scale)
+    sweep = [_parse_scale(s) for s in sweep_scales]
+    sweep = [s for s in dict.fromkeys(sweep) if s != scale]
+    planted_cosines = [float(c) for c in planted_cosines]
+    if any(not 0.0 <= c <= 1.0 for c in planted_cosines):
+        raise ValueError(f"planted cosines must lie in [0, 1], got {planted_cosines}")
     if kl_direction not in ("native||edited", "edited||native"):
         raise ValueError("kl_direction must be 'native||edited' or 'edited||native'")
+    if kl_position not in KL_POSITIONS:
+        raise ValueError(f"kl_position must be one of {KL_POSITIONS}, not {kl_position!r}")
     layer, head = _layer(sae), sae.cfg.head
     write_hook = f"blocks.{layer}.attn.hook_write"
     if write_hook not in model.hook_dict:
@@ -166,8 +281,16 @@ def evaluate_substitution(
     if positions_per_prompt is not None and positions_per_prompt < len(pos_list):
         idx = np.linspace(0, len(pos_list) - 1, positions_per_prompt).round().astype(int)
         pos_list = sorted({pos_list[i] for i in idx})
+    names = ["native", "atom", "delete", "random"]
+    if best_atom:
+        names.append("best_atom")
+    names += [f"planted_{c:g}" for c in planted_cosines]
+    names += [f"atom_{scale_label(s)}" for s in sweep]
+    R = len(names)
     gen = torch.Generator().manual_seed(seed)
-    kls: dict[str, list[float]] = {"atom": [], "delete": [], "random": []}
+    kls: dict[str, list[float]] = {n: [] for n in names[1:]}
+    cosines: list[float] = []
+    best_cos: list[float] = []
     atoms_active: list[list[int]] = []
     where: list[tuple[int, int]] = []
     limit = max_firings if max_firings is not None else math.inf
@@ -194,27 +317,38 @@ def evaluate_substitution(
                 _, state = model(x[:, prev:t], state=state, return_state=True)
                 prev = t
             atom = sae.atom_matrices(top[:, t]).detach()  # [B, d_k, d_v]
-            g = torch.randn(B, sae.cfg.d_k, generator=gen, dtype=torch.float64)
-            h = torch.randn(B, sae.cfg.d_v, generator=gen, dtype=torch.float64)
-            rnd = (g / g.norm(dim=-1, keepdim=True))[:, :, None] * (
-                h / h.norm(dim=-1, keepdim=True)
-            )[:, None, :]
-            c = top_c[:, t]
-
-            conditions = _conditions_hook(B, head, atom, c, rnd, scale)
-
-            st4 = None if state is None else _tile(state, 4)
+            draws = torch.randn(
+                1 + len(planted_cosines), 2, B, max(sae.cfg.d_k, sae.cfg.d_v), generator=gen
+            ).double()
+            rnd = (draws[0, 0, :, : sae.cfg.d_k], draws[0, 1, :, : sae.cfg.d_v])
+            planted_draws = [(d[0, :, : sae.cfg.d_k], d[1, :, : sae.cfg.d_v]) for d in draws[1:]]
+            info: dict[str, Tensor] = {}
+            conditions = _conditions_hook(
+                sae, B, head, atom, top_c[:, t], rnd, scale, best_atom, planted_cosines,
+                planted_draws, sweep, info,
+            )  # fmt: skip
+            stR = None if state is None else _tile(state, R)
+            stop = t + 1 if kl_position == "edited" else T
             logits = model.run_with_hooks(
-                x[:, t : t + 1].repeat(4, 1), state=st4, fwd_hooks=[(write_hook, conditions)]
+                x[:, t:stop].repeat(R, 1), state=stR, fwd_hooks=[(write_hook, conditions)]
             )
-            lp = torch.log_softmax(logits[:, 0].double(), -1).view(4, B, -1)
-            for name, i in (("atom", 1), ("delete", 2), ("random", 3)):
-                k = _kl(lp[0], lp[i]) if kl_direction == "native||edited" else _kl(lp[i], lp[0])
+            lp = torch.log_softmax(logits.double(), -1).view(R, B, stop - t, -1)
+            if kl_position == "end":
+                lp = lp[:, :, -1:]
+            for i, name in enumerate(names[1:], start=1):
+                if kl_direction == "native||edited":
+                    k = _kl(lp[0], lp[i])
+                else:
+                    k = _kl(lp[i], lp[0])
+                k = k.mean(-1)  # one position unless kl_position == "mean"
                 for b in range(B):
                     if fired[b, t]:
                         kls[name].append(float(k[b]))
             for b in range(B):
                 if fired[b, t]:
+                    cosines.append(float(info["cos"][b]))
+                    if best_atom:
+                        best_cos.append(float(info["best_cos"][b]))
                     atoms_active.append(codes[b, t].nonzero()[:, 0].tolist())
                     where.append((start + b, t))
                     bar.update(1)
@@ -225,6 +359,27 @@ def evaluate_substitution(
     if n == 0:
         raise ValueError("the SAE never fired on these tokens; nothing to evaluate")
     wd, wr = int((ka < kd).sum()), int((ka < kr).sum())
+    cos = np.array(cosines)
+    edges = np.array(CALIBRATION_EDGES)
+    which = np.clip(np.searchsorted(edges, cos, side="right") - 1, 0, len(edges) - 2)
+    bins = [_rate(ka[which == i] < kd[which == i]) for i in range(len(edges) - 1)]
+    calibration = dict(
+        edges=list(CALIBRATION_EDGES),
+        n=[b["n"] for b in bins],
+        wins=[b["wins"] for b in bins],
+        rate=[b["rate"] for b in bins],
+        ci=[b["ci"] for b in bins],
+        median_cosine=float(np.median(cos)),
+        planted={f"{c:g}": _rate(np.array(kls[f"planted_{c:g}"]) < kd) for c in planted_cosines},
+    )
+    sweep_out = {scale_label(scale): dict(_rate(ka < kd), median_kl=float(np.median(ka)))}
+    for s in sweep:
+        ks = np.array(kls[f"atom_{scale_label(s)}"])
+        sweep_out[scale_label(s)] = dict(_rate(ks < kd), median_kl=float(np.median(ks)))
+    best = None
+    if best_atom:
+        kb = np.array(kls["best_atom"])
+        best = dict(_rate(kb < kd), median_cosine=float(np.median(best_cos)))
     result = SubstitutionResult(
         n=n,
         wins_vs_delete=wd,
@@ -234,16 +389,19 @@ def evaluate_substitution(
         win_rate_vs_random=wr / n,
         ci_vs_random=wilson(wr, n),
         strict_chain=float(((ka < kd) & (kd < kr)).mean()),
-        median_kl={
-            k: float(np.median(v)) for k, v in (("atom", ka), ("delete", kd), ("random", kr))
-        },
+        median_kl={k: float(np.median(v)) for k, v in kls.items()},
         kl=kls,
         firings=where,
+        cosine=cosines,
+        calibration=calibration,
+        best_atom=best,
+        scale_sweep=sweep_out,
         settings=dict(
             layer=layer,
             head=head,
-            scale=scale,
+            scale=scale_label(scale),
             kl_direction=kl_direction,
+            kl_position=kl_position,
             positions_per_prompt=positions_per_prompt,
             min_position=min_position,
             max_firings=max_firings,
@@ -273,22 +431,52 @@ def evaluate_substitution(
     return result
 
 
-def _conditions_hook(B: int, head: int, atom: Tensor, c: Tensor, rnd: Tensor, scale: str):
-    """The write hook of one substitution step: rows [native, atom, delete, random] x B."""
+def _conditions_hook(
+    sae: Any,
+    B: int,
+    head: int,
+    atom: Tensor,
+    c: Tensor,
+    rnd: tuple[Tensor, Tensor],
+    scale: str | float,
+    best_atom: bool,
+    planted_cosines: Sequence[float],
+    planted_draws: Sequence[tuple[Tensor, Tensor]],
+    sweep: Sequence[str | float],
+    info: dict[str, Tensor],
+):
+    """The write hook of one substitution step: blocks of B rows [native, atom, delete, random,
+    (best atom), (planted c ...), (atom at each sweep scale)], edited at the first position only.
+    Stores the atom's cosine to the write (and the best atom's) in `info`."""
+
+    def unit_rank1(g: Tensor, h: Tensor) -> Tensor:
+        return (g / g.norm(dim=-1, keepdim=True))[:, :, None] * (h / h.norm(dim=-1, keepdim=True))[
+            :, None, :
+        ]
 
     def conditions(w: Tensor, hook: Any) -> Tensor:
         native = w[:B, 0, head]
-        norm = native.flatten(-2).norm(dim=-1)[:, None, None]
+        norm = native.flatten(-2).norm(dim=-1)
         a = atom.to(w.dtype)
-        if scale == "matched_norm":
-            sign = torch.where(c < 0, -1.0, 1.0).to(w.dtype)[:, None, None]
-            a_scaled = sign * norm * a / a.flatten(-2).norm(dim=-1).clamp_min(1e-30)[:, None, None]
-        else:
-            a_scaled = c.to(w.dtype)[:, None, None] * a
+        a_scaled = _scaled(a, c, norm, scale)
+        a_norm = a_scaled.flatten(-2).norm(dim=-1)[:, None, None]
+        info["cos"] = _fro_cos(a_scaled.double(), native.double())
+        reps = [a_scaled, torch.zeros_like(native), a_norm * unit_rank1(*rnd).to(w.dtype)]
+        if best_atom:
+            cos_all = _dictionary_cosines(sae, native)
+            j = cos_all.abs().argmax(-1)
+            cj = cos_all.gather(-1, j[:, None])[:, 0]
+            info["best_cos"] = cj.abs().double()
+            best = sae.atom_matrices(j).detach().to(w.dtype)
+            best = best / best.flatten(-2).norm(dim=-1).clamp_min(1e-30)[:, None, None]
+            reps.append(torch.where(cj < 0, -1.0, 1.0).to(w.dtype)[:, None, None] * a_norm * best)
+        for cp, (g, h) in zip(planted_cosines, planted_draws, strict=True):
+            reps.append(a_norm * _planted(native, cp, g, h))
+        for s in sweep:
+            reps.append(_scaled(a, c, norm, s))
         out = w.clone()
-        out[B : 2 * B, 0, head] = a_scaled
-        out[2 * B : 3 * B, 0, head] = 0.0
-        out[3 * B :, 0, head] = norm * rnd.to(w.dtype)
+        for i, r in enumerate(reps, start=1):
+            out[i * B : (i + 1) * B, 0, head] = r
         return out
 
     return conditions

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -163,10 +164,15 @@ def _tiny(family):
     )
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
+@pytest.mark.parametrize(
+    "family,kl_position",
+    [("qwen3_5", "edited"), ("mamba2", "edited"), ("rwkv7", "edited"), ("qwen3_5", "end"),
+     ("rwkv7", "mean")],
+)  # fmt: skip
 @torch.no_grad()
-def test_substitution_kls_equal_full_recomputation(family):
-    """Every family: the prefix-reusing conditions equal a full forward with the edit by hand."""
+def test_substitution_kls_equal_full_recomputation(family, kl_position):
+    """Every family: the prefix-reusing conditions equal a full forward with the edit by hand, at
+    the edited token, at the end of the prompt, or averaged over the rest of the prompt."""
     model = _tiny(family)
     layer, head = model.cfg.recurrent_layers[-1], 1
     sae = WriteSAE(
@@ -182,9 +188,16 @@ def test_substitution_kls_equal_full_recomputation(family):
     )
     tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
     res = evaluate_substitution(
-        model, sae, tokens, max_firings=6, positions_per_prompt=3, progress=False
+        model,
+        sae,
+        tokens,
+        max_firings=6,
+        positions_per_prompt=3,
+        kl_position=kl_position,
+        progress=False,
     )
     assert res.n == len(res.firings) >= 6
+    assert res.settings["kl_position"] == kl_position
     clean = torch.log_softmax(model(tokens).double(), -1)
     for i, (b, t) in enumerate(res.firings[:6]):
 
@@ -199,7 +212,10 @@ def test_substitution_kls_equal_full_recomputation(family):
             ).double(),
             -1,
         )
-        kl = float((clean[b, t].exp() * (clean[b, t] - edited[0, t])).sum())
+        at = {"edited": [t], "end": [tokens.shape[1] - 1], "mean": range(t, tokens.shape[1])}
+        kl = sum(
+            float((clean[b, s].exp() * (clean[b, s] - edited[0, s])).sum()) for s in at[kl_position]
+        ) / len(at[kl_position])
         assert math.isclose(res.kl["delete"][i], kl, rel_tol=1e-3, abs_tol=1e-7)
     assert 0.0 <= res.win_rate_vs_delete <= 1.0
     assert res.ci_vs_delete == wilson(res.wins_vs_delete, res.n)
@@ -301,3 +317,55 @@ def test_first_order_equals_the_central_finite_difference(family):
     rel = float((fd - pred).norm() / pred.norm())
     assert rel <= 1e-3, rel
     assert float(pred.norm()) > 0
+
+
+def test_planted_substitute_has_the_asked_cosine():
+    from writesae.evaluate import _fro_cos, _planted
+
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(5, 6, generator=gen), torch.randn(5, 4, generator=gen)
+    W = 0.3 * k[:, :, None] * v[:, None, :]
+    for c in (0.0, 0.1, 0.5, 0.9, 1.0):
+        P = _planted(W, c, torch.randn(5, 6, generator=gen), torch.randn(5, 4, generator=gen))
+        assert torch.allclose(P.flatten(-2).norm(dim=-1), torch.ones(5, dtype=P.dtype))
+        assert torch.allclose(_fro_cos(P, W), torch.full((5,), c, dtype=P.dtype), atol=1e-6)
+
+
+@torch.no_grad()
+def test_substitution_controls_and_scales():
+    """Planted cosine 1 at matched norm is the native write (KL 0); a fraction 1.0 of the native
+    norm is the matched-norm atom; the best dictionary atom is at least as aligned as the top one;
+    the calibration bins count every firing."""
+    model = _tiny("qwen3_5")
+    layer, head = model.cfg.recurrent_layers[-1], 1
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=32,
+            k=3,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    res = evaluate_substitution(
+        model,
+        sae,
+        tokens,
+        max_firings=12,
+        positions_per_prompt=4,
+        best_atom=True,
+        planted_cosines=(0.5, 1.0),
+        sweep_scales=("coefficient", 1.0, 0.1),
+        progress=False,
+    )
+    assert max(res.kl["planted_1"]) < 1e-9
+    assert res.kl["atom_1x_norm"] == pytest.approx(res.kl["atom"], rel=1e-4, abs=1e-9)
+    assert set(res.scale_sweep) == {"matched_norm", "coefficient", "1x_norm", "0.1x_norm"}
+    assert res.scale_sweep["matched_norm"]["wins"] == res.wins_vs_delete
+    assert res.best_atom["median_cosine"] >= float(np.median(np.abs(res.cosine))) - 1e-12
+    assert sum(res.calibration["n"]) == res.n == len(res.cosine)
+    kd, k1 = np.array(res.kl["delete"]), np.array(res.kl["planted_1"])
+    assert res.calibration["planted"]["1"]["wins"] == int((k1 < kd).sum())
