@@ -855,6 +855,82 @@ def target_direction(model: Any, layer: int, head: int, token: int) -> Tensor:
     return v / v.norm().clamp_min(1e-12)
 
 
+INSTALL_DIRECTIONS = ("first_order", "direct")
+
+
+@torch.enable_grad()
+def install_geometry(
+    model: Any,
+    seq: Int[Tensor, "1 pos"],
+    layer: int,
+    head: int,
+    target: int,
+    start: int,
+    positions: int,
+) -> dict[str, Any]:
+    """What the install needs and what bounds it, from one forward and backward pass on `seq`.
+
+    * `direction` `[positions, d_v]`: per position s in `start..start+positions-1`, the unit value
+      direction of the head's read that raises sum_s log p(target | s) fastest to first order,
+      through the per-head norm and gate, the later layers and the final norm (the gradient of
+      that sum with respect to the read, normalised);
+    * `gap`: logit(top) - logit(target) at `start` (0 when the target is top);
+    * `bound`: the most that rewriting this head's normalised output at `start` can change that gap
+      on the direct path (W_O, then the final norm linearised at its current scale): with c the
+      head's read-out of the gap's gradient, sqrt(d_v) ||c|| - <c, n_now>. Only for mixers with a
+      per-head gated RMSNorm (Qwen3.5 Gated DeltaNet); NaN otherwise.
+    """
+    prefix = f"blocks.{layer}.attn"
+    last = f"blocks.{len(model.blocks) - 1}.hook_resid_post"
+    box: dict[str, Tensor] = {}
+
+    def on_read(o: Tensor, hook: Any) -> Tensor:
+        box["read"] = o.detach()
+        box["d_read"] = torch.zeros_like(o, requires_grad=True)
+        return o + box["d_read"]
+
+    def on_resid(r: Tensor, hook: Any) -> Tensor:
+        box["d_resid"] = torch.zeros_like(r, requires_grad=True)
+        return r + box["d_resid"]
+
+    def grab(name: str):
+        def fn(x: Tensor, hook: Any) -> Tensor:
+            box[name] = x.detach()
+            return x
+
+        return fn
+
+    hooks = [(f"{prefix}.hook_read", on_read), (last, on_resid)]
+    mixer = model.blocks[layer].attn
+    gdn = (
+        all(hasattr(mixer, a) for a in ("norm_w", "hook_gate", "eps"))
+        and hasattr(mixer, "write_strength_hook")
+        and getattr(mixer, "write_strength_hook", None) == "hook_beta"
+    )
+    if gdn:
+        hooks.append((f"{prefix}.hook_gate", grab("gate")))
+    logits = model.run_with_hooks(seq, fwd_hooks=hooks)[0].float()  # [pos, vocab]
+    window = slice(start, start + positions)
+    logp = torch.log_softmax(logits[window], -1)[:, target].sum()
+    (g_read,) = torch.autograd.grad(logp, box["d_read"], retain_graph=True)
+    g = g_read[0, window, head].float()
+    direction = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    lg = logits[start].detach()
+    top = int(lg.argmax())
+    gap = float(lg[top] - lg[target])
+    bound = float("nan")
+    if gdn:
+        (g_res,) = torch.autograd.grad(logits[start, target] - logits[start, top], box["d_resid"])
+        d_f = g_res[0, start].double()  # d gap / d final residual
+        W_O = mixer.head_output_weight(head).detach().double()
+        z = box["gate"][0, start, head].double()
+        o = box["read"][0, start, head].double()
+        n_now = o * torch.rsqrt(o.pow(2).mean() + mixer.eps)
+        c = mixer.norm_w.detach().double() * torch.nn.functional.silu(z) * (W_O.T @ d_f)
+        bound = float(math.sqrt(o.shape[-1]) * c.norm() - (c * n_now).sum())
+    return dict(direction=direction.detach(), gap=gap, bound=bound, top=top)
+
+
 @dataclass
 class InstallResult:
     """Target inclusion with and without the install (section 4.11).
@@ -863,7 +939,14 @@ class InstallResult:
         n: number of (prompt, target) trials.
         included_edited, included_native: trials whose continuation contains the target.
         rate_edited, rate_native: the same as fractions, with Wilson 95% intervals.
-        median_rank_shift: median improvement of the target's rank at the first edited step.
+        median_rank_shift: median of (unedited rank - installed rank) of the target at the first
+            edited position (same position, same input tokens; positive = the install raised it).
+        rank_improved: fraction of trials where that rank improved.
+        median_gap, median_bound: at the first edited position, the median logit gap from the top
+            token to the target, and the median of the most one head can change it on the direct
+            path (`install_geometry`; NaN where the family has no per-head gated norm).
+        n_reachable: trials whose gap is below the bound; `rate_edited_reachable` and
+            `rate_native_reachable` are the inclusion rates among them.
     """
 
     n: int
@@ -874,6 +957,12 @@ class InstallResult:
     ci_edited: tuple[float, float]
     ci_native: tuple[float, float]
     median_rank_shift: float
+    rank_improved: float = float("nan")
+    median_gap: float = float("nan")
+    median_bound: float = float("nan")
+    n_reachable: int = 0
+    rate_edited_reachable: float = float("nan")
+    rate_native_reachable: float = float("nan")
     settings: dict[str, Any] = field(default_factory=dict)
     trials: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -896,6 +985,7 @@ def evaluate_install(
     head: int | None = None,
     positions: int = 3,
     scale: float = 3.0,
+    direction: str = "first_order",
     rank_band: tuple[int, int] = (100, 1000),
     n_targets: int = 2,
     max_new_tokens: int = 20,
@@ -906,13 +996,24 @@ def evaluate_install(
 
     For each prompt and target token T (default: `n_targets` tokens whose rank under the unedited
     model's next-token distribution at the end of the prompt lies in `rank_band`), the write of the
-    head at `positions` consecutive positions, starting with the first generated token, gets
-    `scale * ||W_t||_F * k^_t v*_T^T` added (v*_T from `target_direction`, the native key k^_t as
-    the key side; additive), and the `max_new_tokens` greedy continuation is checked for T,
-    against the unedited continuation. With an SAE, its layer and head are used; with a `[d_v]`
-    direction tensor, give `layer` and `head`, and that value direction is installed for every
-    target.
+    head at `positions` consecutive positions s, starting with the first generated token, gets
+
+        scale * ||k_s v_s^T||_F * sign(k^_s . q_s) k^_s v*^T        (additive)
+
+    added: the norm of the native write without its strength (beta for Qwen3.5, dt for Mamba-2),
+    as the paper defines it (section 4.11); the native key, signed so that the installed term reads
+    positively at s; and v* per position, by `direction`: `"first_order"` (default: the value
+    direction that raises log p(T) over the window fastest to first order through the per-head
+    norm, gate, later layers and final norm, computed on the unedited continuation; see
+    `install_geometry`) or `"direct"` (W_O^T W_U[T] normalised, the paper's direct path). A `[d_v]`
+    tensor instead of an SAE installs that fixed direction (give `layer` and `head`).
+
+    The `max_new_tokens` greedy continuation is checked for T against the unedited one; the
+    target's rank is compared at the first edited position in both runs (same input tokens), and
+    the logit gap to the top token there is reported beside the most this head can change it.
     """
+    if direction not in INSTALL_DIRECTIONS:
+        raise ValueError(f"direction must be one of {INSTALL_DIRECTIONS}, not {direction!r}")
     if isinstance(sae_or_direction, Tensor):
         if layer is None or head is None:
             raise ValueError("installing a direction tensor needs layer= and head=")
@@ -935,32 +1036,47 @@ def evaluate_install(
             pick = band[torch.randperm(len(band), generator=gen)[:n_targets]].tolist()
         else:
             pick = list(targets)
+        seq = native_out[b : b + 1, : P + positions]
+        same = native_out[b : b + 1, : P + 1]
+        native_at_P = model(same)[0, P].float()
         for T_ in pick:
-            v = fixed_dir if fixed_dir is not None else target_direction(model, layer, head, T_)
-            lo, hi = P, P + positions
+            geo = install_geometry(model, seq, layer, head, T_, P, positions)
+            if fixed_dir is not None:
+                v_dir = fixed_dir[None].expand(positions, -1)
+            elif direction == "direct":
+                v_dir = target_direction(model, layer, head, T_)[None].expand(positions, -1)
+            else:
+                v_dir = geo["direction"]
+            grabbed: dict[str, Tensor] = {}
 
-            model_k_cache: dict[str, Tensor] = {}
+            def grab(name: str, g=grabbed):
+                def fn(x: Tensor, hook: Any) -> Tensor:
+                    g[name] = x[:, :, head]
+                    return x
 
-            def install(w: Tensor, hook: Any, v=v, lo=lo, hi=hi, kc=model_k_cache) -> Tensor:
-                on = (hook.positions >= lo) & (hook.positions < hi)
+                return fn
+
+            def install(w: Tensor, hook: Any, v_dir=v_dir, g=grabbed) -> Tensor:
+                rel = hook.positions - P
+                on = (rel >= 0) & (rel < positions)
                 if not bool(on.any()):
                     return w
-                k = kc.get("k")
-                native = w[:, on, head]
-                norm = native.flatten(-2).norm(dim=-1)[..., None, None]
-                key = k[:, on] if k is not None else native.flatten(-2).new_ones(native.shape[:-1])
-                key = key / key.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                k, q, v = g["k"][:, on].float(), g["q"][:, on].float(), g["v"][:, on].float()
+                norm = (k.norm(dim=-1) * v.norm(dim=-1))[..., None, None]  # ||k v^T||, no beta
+                k_hat = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                sign = torch.where((k_hat * q).sum(-1) < 0, -1.0, 1.0)[..., None]
+                vd = v_dir[rel[on]].to(w.device)  # [n_on, d_v]
                 w = w.clone()
-                w[:, on, head] = (
-                    native + scale * norm * key[..., :, None] * v.to(w.dtype)[None, None, None, :]
-                )
+                add = scale * norm * (sign * k_hat)[..., :, None] * vd[None, :, None, :]
+                w[:, on, head] = w[:, on, head] + add.to(w.dtype)
                 return w
 
-            def grab_k(k: Tensor, hook: Any, kc=model_k_cache) -> Tensor:
-                kc["k"] = k[:, :, head]
-                return k
-
-            hooks = [(f"{prefix}.hook_k", grab_k), (f"{prefix}.hook_write", install)]
+            hooks = [
+                (f"{prefix}.hook_q", grab("q")),
+                (f"{prefix}.hook_k", grab("k")),
+                (f"{prefix}.hook_v", grab("v")),
+                (f"{prefix}.hook_write", install),
+            ]
             edited = model.generate(
                 prompts[b : b + 1],
                 max_new_tokens,
@@ -968,14 +1084,18 @@ def evaluate_install(
                 verbose=False,
                 fwd_hooks=hooks,
             )
-            step_logits = model.run_with_hooks(edited[:, : P + 1], fwd_hooks=hooks)[0, P].float()
-            new_rank = int(step_logits.argsort(descending=True).argsort()[T_])
+            step_logits = model.run_with_hooks(same, fwd_hooks=hooks)[0, P].float()
+            native_rank = int((native_at_P > native_at_P[T_]).sum())
+            edited_rank = int((step_logits > step_logits[T_]).sum())
             trials.append(
                 dict(
                     prompt=b,
                     target=int(T_),
                     initial_rank=int(ranks[T_]),
-                    edited_rank_first_step=new_rank,
+                    native_rank_first_edit=native_rank,
+                    edited_rank_first_edit=edited_rank,
+                    gap=geo["gap"],
+                    bound=geo["bound"],
                     included_edited=bool((edited[0, P:] == T_).any()),
                     included_native=bool((native_out[b, P:] == T_).any()),
                 )
@@ -985,7 +1105,8 @@ def evaluate_install(
     n = len(trials)
     ie = sum(t["included_edited"] for t in trials)
     i_n = sum(t["included_native"] for t in trials)
-    shifts = [t["initial_rank"] - t["edited_rank_first_step"] for t in trials]
+    shifts = [t["native_rank_first_edit"] - t["edited_rank_first_edit"] for t in trials]
+    reach = [t for t in trials if t["gap"] < t["bound"]]
     return InstallResult(
         n=n,
         included_edited=ie,
@@ -995,11 +1116,24 @@ def evaluate_install(
         ci_edited=wilson(ie, n),
         ci_native=wilson(i_n, n),
         median_rank_shift=float(np.median(shifts)) if shifts else float("nan"),
+        rank_improved=float(np.mean([s > 0 for s in shifts])) if shifts else float("nan"),
+        median_gap=float(np.median([t["gap"] for t in trials])) if n else float("nan"),
+        median_bound=float(np.median([t["bound"] for t in trials])) if n else float("nan"),
+        n_reachable=len(reach),
+        rate_edited_reachable=float(np.mean([t["included_edited"] for t in reach]))
+        if reach
+        else float("nan"),
+        rate_native_reachable=float(np.mean([t["included_native"] for t in reach]))
+        if reach
+        else float("nan"),
         settings=dict(
             layer=layer,
             head=head,
             positions=positions,
             scale=scale,
+            direction="fixed" if fixed_dir is not None else direction,
+            key="native k^ signed by k^.q",
+            norm="||k v^T||_F (no write strength)",
             rank_band=list(rank_band),
             n_targets=n_targets,
             max_new_tokens=max_new_tokens,

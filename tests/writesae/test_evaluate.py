@@ -369,3 +369,36 @@ def test_substitution_controls_and_scales():
     assert sum(res.calibration["n"]) == res.n == len(res.cosine)
     kd, k1 = np.array(res.kl["delete"]), np.array(res.kl["planted_1"])
     assert res.calibration["planted"]["1"]["wins"] == int((k1 < kd).sum())
+
+
+@torch.no_grad()
+def test_install_raises_a_reachable_target_at_the_same_position():
+    """Where one head can move the target (logit gap below the bound), the install (first-order
+    direction, key signed by the query, norm without beta) raises the target's rank at the first
+    edited position, compared with the unedited rank at that same position."""
+    from writesae.evaluate import evaluate_install
+
+    model = _tiny("qwen3_5")
+    layer, head = model.cfg.recurrent_layers[-1], 1
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=8,
+            k=2,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(0))
+    res = evaluate_install(
+        model, sae, tokens, rank_band=(5, 40), n_targets=2, max_new_tokens=6, progress=False
+    )
+    reachable = [t for t in res.trials if t["gap"] < t["bound"]]
+    assert res.n_reachable == len(reachable) >= 3
+    for t in reachable:
+        assert t["edited_rank_first_edit"] < t["native_rank_first_edit"], t
+    shifts = [t["native_rank_first_edit"] - t["edited_rank_first_edit"] for t in res.trials]
+    assert res.median_rank_shift == float(np.median(shifts)) > 0
+    assert all(math.isfinite(t["bound"]) and t["gap"] >= 0 for t in res.trials)
