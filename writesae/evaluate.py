@@ -3,13 +3,17 @@
 Section numbers refer to the method specification (writesae_method.md section 4). Every choice the
 paper leaves open is a parameter whose default is the paper-faithful reading:
 
-* substitution scale: `"matched_norm"` (App. J: the atom at the native write's Frobenius norm) or
-  `"coefficient"` (the abstract: the atom's code);
+* substitution scale: `"matched_norm"` (App. J: the atom at the native write's Frobenius norm),
+  `"coefficient"` (the abstract: the atom's code) or a fraction of the native write's norm;
 * KL direction: `"native||edited"` (reference code, `kl_div(native, cond)`) or `"edited||native"`;
-* KL position: the edited token's own next-token distribution (the first read of the edited state);
-* closed-form propagator: `"gate"` (the paper's scalar decay product G) or `"exact"` (the
-  transition product applied to u, which includes the delta rule's erase projections);
-* install: additive, at consecutive positions starting at the first generated token.
+* KL position: `"edited"` (the edited token's own next-token distribution, the first read of the
+  edited state), `"end"` (the end of the prompt) or `"mean"` (the mean over the rest of the prompt);
+* closed form: `method="direct"` (the paper's Eq. 1, direct path) or `"first_order"` (the exact
+  derivative through everything after the read, `writesae.closed_form`); eps relative to the
+  native write's norm (default) or absolute; direct-path propagator `"gate"` (the paper's scalar
+  decay product G) or `"exact"` (the transition product, with the delta rule's erase projections);
+* install: additive, at consecutive positions starting at the first generated token, norm
+  ||k v^T|| (no beta), key signed by the query, value direction by its first-order effect.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ __all__ = [
     "InstallResult",
     "evaluate_install",
     "target_direction",
+    "install_geometry",
+    "median_decays",
+    "memory_cell",
+    "scale_label",
 ]
 
 logger = logging.getLogger(__name__)
@@ -1141,3 +1149,37 @@ def evaluate_install(
         ),
         trials=trials,
     )
+
+
+# ------------------------------------------------------------------------------ choice of cell
+@torch.no_grad()
+def median_decays(model: Any, tokens: Int[Tensor, "batch pos"]) -> dict[tuple[int, int], float]:
+    """Median forget gate (decay) of every recurrent (layer, head) over `tokens`.
+
+    The decay is `hook_decay`: alpha_t for Qwen3.5, exp(dt_t A_h) for Mamba-2, and for RWKV-7 the
+    mean over key channels of exp(w_t). A head whose median decay is near 0 keeps nothing from one
+    token to the next: its state is its current write.
+    """
+    layers = list(model.cfg.recurrent_layers)
+    names = [f"blocks.{layer}.attn.hook_decay" for layer in layers]
+    _, cache = model.run_with_cache(tokens, names_filter=names)
+    out = {}
+    for layer, name in zip(layers, names, strict=True):
+        d = cache[name].double()
+        if d.dim() == 4:
+            d = d.mean(-1)
+        for h in range(d.shape[-1]):
+            out[(layer, h)] = float(d[..., h].median())
+    return out
+
+
+def memory_cell(
+    model: Any, tokens: Int[Tensor, "batch pos"], layers: Sequence[int] | None = None
+) -> tuple[int, int, float]:
+    """The (layer, head) with the largest median decay among `layers` (default: the last half of
+    the recurrent layers), and that median: a cell whose state remembers past writes."""
+    rec = list(model.cfg.recurrent_layers)
+    layers = rec[len(rec) // 2 :] if layers is None else list(layers)
+    dec = median_decays(model, tokens)
+    (layer, head), d = max(((k, v) for k, v in dec.items() if k[0] in layers), key=lambda kv: kv[1])
+    return layer, head, d
