@@ -532,23 +532,25 @@ def _unit_shifts(
     method: str,
     propagator: str,
     state: Any = None,
+    rows: Tensor | None = None,
 ) -> Tensor:
-    """Predicted logit shift per unit (absolute) eps of the edits u w^T, one per prompt row.
+    """Predicted logit shift per unit (absolute) eps of the edits u w^T, one per row.
 
-    `u` `[B, d_k]`, `w` `[B, d_v]`, `token` `[B]` or `[B, m]`; returns `[B]` or `[B, m]`.
+    `u` `[n, d_k]`, `w` `[n, d_v]`, `token` `[n]` or `[n, m]`; returns `[n]` or `[n, m]`. Row i is
+    in prompt `rows[i]` of `cache` (default i); `tokens` and `state` are given per row.
     """
     from writesae import closed_form as C
 
     if method == "direct":
         d_o = C.read_response(
-            model, cache, layer, head, position, read_position, u, w, propagator=propagator
+            model, cache, layer, head, position, read_position, u, w, rows, propagator
         )
         # <P u, q_t> is the coefficient of w in dO_t
         coef = (d_o[:, -1] * w.double()).sum(-1) / w.double().pow(2).sum(-1).clamp_min(1e-300)
         out_dir = C.direct_readout(model, layer, head, w, token)
         return coef[:, None] * out_dir if out_dir.dim() == 2 else coef * out_dir
     if method == "first_order":
-        d_o = C.read_response(model, cache, layer, head, position, read_position, u, w)
+        d_o = C.read_response(model, cache, layer, head, position, read_position, u, w, rows)
         _, d = C.read_jvp(model, tokens[:, : read_position + 1], layer, head, position, d_o, state)
         d_last = d[:, -1].double()  # [B, vocab]
         if token.dim() == 1:
@@ -563,7 +565,7 @@ def closed_form_logit_shift(
     sae: Any,
     layer: int,
     head: int,
-    atom: int,
+    atom: int | Sequence[int],
     position: int,
     token: int | Sequence[int] | Tensor,
     *,
@@ -591,8 +593,12 @@ def closed_form_logit_shift(
     prompt (`eps_scale="write_norm"`, the default: eps = 0.1 edits a tenth of what the token
     wrote) or absolute (`eps_scale="absolute"`). No fitted parameter.
 
+    With a list of atoms, all (atom, prompt) edits run as one batch (one forward pass with a dual
+    tensor for `"first_order"`).
+
     Returns:
-        `[batch]` (or `[batch, n_tokens]`) predicted shifts, one per prompt.
+        `[batch]` (or `[batch, n_tokens]`) predicted shifts, one per prompt; with a list of atoms,
+        `[n_atoms, batch]` (or `[n_atoms, batch, n_tokens]`).
     """
     from writesae.closed_form import EPS_SCALES, native_write_norm, prefix_state
 
@@ -608,20 +614,31 @@ def closed_form_logit_shift(
     if cache is None:
         _, cache = _cf_cache(model, tokens, layer)
     B = tokens.shape[0]
-    u = sae.key_factors[atom].double().expand(B, -1)
-    w = sae.value_factors[atom].double().expand(B, -1)
+    many = not isinstance(atom, int)
+    atoms = torch.as_tensor(list(atom) if many else [atom]).long()
+    nA = len(atoms)
+    rows = torch.arange(B).repeat(nA)  # edit i: atom i // B in prompt i % B
+    u = sae.key_factors.detach()[atoms].double().repeat_interleave(B, 0)
+    w = sae.value_factors.detach()[atoms].double().repeat_interleave(B, 0)
     tok = torch.as_tensor(token).long()
     scalar_tok = tok.dim() == 0
-    tok_b = tok.expand(B) if scalar_tok else tok.expand(B, -1)
-    state = prefix_state(model, tokens, position) if method == "first_order" else None
+    tok_b = tok.expand(B * nA) if scalar_tok else tok.expand(B * nA, -1)
+    state = None
+    if method == "first_order":
+        state = prefix_state(model, tokens, position)
+        if state is not None and nA > 1:
+            state = _tile(state, nA)
     unit = _unit_shifts(
-        model, cache, tokens, layer, head, u, w, position, t, tok_b, method, propagator, state
-    )
-    scale = torch.full((B,), float(eps), dtype=torch.float64)
+        model, cache, tokens[rows], layer, head, u, w, position, t, tok_b, method, propagator,
+        state, rows,
+    )  # fmt: skip
+    scale = torch.full((B * nA,), float(eps), dtype=torch.float64)
     if eps_scale == "write_norm":
-        atom_norm = float(u[0].norm() * w[0].norm())
-        scale = scale * native_write_norm(model, cache, layer, head)[:, position] / atom_norm
-    return scale * unit if scalar_tok else scale[:, None] * unit
+        atom_norm = u.norm(dim=-1) * w.norm(dim=-1)
+        scale = scale * native_write_norm(model, cache, layer, head)[rows, position] / atom_norm
+    out = scale * unit if scalar_tok else scale[:, None] * unit
+    out = out.view(nA, B, *out.shape[1:])
+    return out if many else out[0]
 
 
 @dataclass

@@ -128,6 +128,10 @@ def test_closed_form_is_exact_on_a_linear_readout(erase, propagator):
         first = closed_form_logit_shift(model, sae, 0, 1, 2, 3, [0, 5, 9], **kw)
         assert direct.shape == first.shape == (12, 3)
         assert torch.allclose(direct, first, rtol=1e-5, atol=1e-7 * first.abs().max())
+        # several atoms in one batch of edits give the same as one call per atom
+        both = closed_form_logit_shift(model, sae, 0, 1, [7, 2], 3, [0, 5, 9], **kw)
+        assert both.shape == (2, 12, 3)
+        assert torch.allclose(both[1], first, rtol=1e-6, atol=1e-9 * first.abs().max())
 
 
 def test_gate_form_is_not_exact_with_an_erase():
@@ -317,6 +321,10 @@ def test_first_order_equals_the_central_finite_difference(family):
     rel = float((fd - pred).norm() / pred.norm())
     assert rel <= 1e-3, rel
     assert float(pred.norm()) > 0
+    batched = closed_form_logit_shift(
+        model, sae, layer, head, [0, atom], t0, vocab, tokens=tokens, read_position=t, eps=1.0
+    )
+    assert torch.allclose(batched[1], pred, rtol=1e-4, atol=1e-6 * float(pred.abs().max()))
 
 
 def test_planted_substitute_has_the_asked_cosine():
