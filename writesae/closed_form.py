@@ -38,6 +38,7 @@ __all__ = [
     "native_write_norm",
     "read_response",
     "run_from",
+    "prefix_state",
     "read_jvp",
     "direct_readout",
 ]
