@@ -927,11 +927,9 @@ def install_geometry(
 
     hooks = [(f"{prefix}.hook_read", on_read), (last, on_resid)]
     mixer = model.blocks[layer].attn
-    gdn = (
-        all(hasattr(mixer, a) for a in ("norm_w", "hook_gate", "eps"))
-        and hasattr(mixer, "write_strength_hook")
-        and getattr(mixer, "write_strength_hook", None) == "hook_beta"
-    )
+    from hooked_recurrent.components.gated_deltanet import GatedDeltaNet
+
+    gdn = isinstance(mixer, GatedDeltaNet)  # per-head gated RMSNorm: o -> norm_w rms(o) silu(z)
     if gdn:
         hooks.append((f"{prefix}.hook_gate", grab("gate")))
     logits = model.run_with_hooks(seq, fwd_hooks=hooks)[0].float()  # [pos, vocab]
