@@ -72,6 +72,19 @@ def main() -> None:
             progress=False,
         )
         t_eval = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluate_substitution(
+            model,
+            sae,
+            tokens,
+            max_firings=args.firings,
+            positions_per_prompt=per_prompt,
+            best_atom=True,
+            planted_cosines=(0.1, 0.5, 0.9),
+            sweep_scales=("coefficient", 0.1),
+            progress=False,
+        )
+        t_report = time.perf_counter() - t0
         # one plain forward per firing, batched like the evaluation (16 prompts per call)
         rows = torch.tensor([b for b, _ in res.firings])
         t0 = time.perf_counter()
@@ -88,6 +101,10 @@ def main() -> None:
     print(
         f"| substitution evaluation (4 conditions per firing) | {t_eval:.2f} | "
         f"{t_eval / t_plain:.2f} |"
+    )
+    print(
+        f"| the same with the report's controls (best atom, 3 planted, 2 more scales: 10 "
+        f"conditions) | {t_report:.2f} | {t_report / t_plain:.2f} |"
     )
     print(f"| plain forward per firing, 16 prompts per call | {t_plain:.2f} | 1.00 |")
     print(
