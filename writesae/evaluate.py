@@ -377,6 +377,10 @@ def evaluate_substitution(
         wins=[b["wins"] for b in bins],
         rate=[b["rate"] for b in bins],
         ci=[b["ci"] for b in bins],
+        bin_median_cosine=[
+            float(np.median(cos[which == i])) if (which == i).any() else float("nan")
+            for i in range(len(edges) - 1)
+        ],
         median_cosine=float(np.median(cos)),
         planted={f"{c:g}": _rate(np.array(kls[f"planted_{c:g}"]) < kd) for c in planted_cosines},
     )

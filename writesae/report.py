@@ -91,7 +91,7 @@ def plot_calibration(sub: Any, path: Path) -> Path:
     cal = sub.calibration
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     edges = np.array(cal["edges"])
-    mids = (edges[:-1] + edges[1:]) / 2
+    mids = np.array(cal.get("bin_median_cosine", (edges[:-1] + edges[1:]) / 2), dtype=float)
     ok = np.array(cal["n"]) > 0
     rate = np.array(cal["rate"], dtype=float)
     ci = np.array(cal["ci"], dtype=float)
@@ -102,7 +102,7 @@ def plot_calibration(sub: Any, path: Path) -> Path:
         fmt="o-",
         capsize=4,
         color="#3b7dd8",
-        label="top atom (binned by its cosine)",
+        label="top atom (bins at their median cosine)",
     )
     for x, r, n in zip(mids[ok], rate[ok], np.array(cal["n"])[ok], strict=True):
         ax.annotate(f"n={n}", (x, 100 * r), textcoords="offset points", xytext=(4, -12), fontsize=7)
@@ -124,7 +124,7 @@ def plot_calibration(sub: Any, path: Path) -> Path:
             label="best dictionary atom (at its median cosine)",
         )
     ax.axhline(50, color="gray", ls=":", lw=1)
-    ax.set_xlim(-0.3, 1.02)
+    ax.set_xlim(min(-0.3, float(np.nanmin(mids[ok])) - 0.05) if ok.any() else -0.3, 1.02)
     ax.set_ylim(0, 105)
     ax.set_xlabel("cosine of the substitute to the native write")
     ax.set_ylabel("beats deletion (%)")
