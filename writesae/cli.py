@@ -208,9 +208,16 @@ def _evaluate(
     seed: int,
     extra: dict[str, Any] | None = None,
     rank_band: tuple[int, int] = (100, 1000),
+    scale: str = "matched_norm",
+    kl_position: str = "edited",
 ) -> dict[str, Any]:
     from writesae import report
-    from writesae.evaluate import evaluate_closed_form, evaluate_install, evaluate_substitution
+    from writesae.evaluate import (
+        evaluate_closed_form,
+        evaluate_install,
+        evaluate_substitution,
+        median_decays,
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = dict(model=model_name, **(extra or {}))
@@ -221,6 +228,10 @@ def _evaluate(
         eval_prompts=f"{tokens.shape[0]} x {tokens.shape[1]} held-out tokens",
         seed=seed,
     )
+    layer, head = int(sae.cfg.hook_prefix.split(".")[1]), sae.cfg.head
+    if "cell" not in results and layer in m.cfg.recurrent_layers:
+        decay = median_decays(m, tokens[:32])[(layer, head)]
+        results["cell"] = dict(layer=layer, head=head, median_decay=decay, how="the SAE's cell")
     timings = {}
     if substitution:
         t0 = time.time()
@@ -230,12 +241,18 @@ def _evaluate(
             tokens,
             max_firings=firings,
             positions_per_prompt=max(1, tokens.shape[1] // 4),
+            scale=scale,
+            kl_position=kl_position,
+            best_atom=True,
+            planted_cosines=(0.1, 0.5, 0.9),
+            sweep_scales=("matched_norm", "coefficient", 0.1),
             population=True,
             seed=seed,
         )
         timings["substitution_s"] = round(time.time() - t0, 1)
         results["substitution"] = sub.to_dict()
         report.plot_substitution(sub, out / "substitution.png")
+        report.plot_calibration(sub, out / "calibration.png")
     if closed_form:
         t0 = time.time()
         cf = evaluate_closed_form(m, sae, tokens[:64, :48], n_atoms=8, read_offset=0)
@@ -267,6 +284,11 @@ def evaluate(
     firings: int = typer.Option(600, help="Firings for the substitution test."),
     context: int = typer.Option(64, help="Prompt length in tokens."),
     rank_band: str = typer.Option("100,1000", help="Initial-rank band of install targets."),
+    scale: str = typer.Option(
+        "matched_norm",
+        help="Substitution scale: matched_norm, coefficient, or a fraction of the write's norm.",
+    ),
+    kl_position: str = typer.Option("edited", help="Substitution KL at: edited, end or mean."),
     seed: int = typer.Option(0, help="Seed for random controls and target choice."),
 ) -> None:
     """Evaluate a saved SAE: JSON results plus a Markdown report with PNG plots."""
@@ -280,7 +302,19 @@ def evaluate(
     tokens = _blocks(m, _texts(text, "heldout"), context, None)
     band = tuple(int(x) for x in rank_band.split(","))
     _evaluate(
-        m, s, name, tokens, out, substitution, closed_form, install, firings, seed, rank_band=band
+        m,
+        s,
+        name,
+        tokens,
+        out,
+        substitution,
+        closed_form,
+        install,
+        firings,
+        seed,
+        rank_band=band,
+        scale=scale,
+        kl_position=kl_position,
     )
 
 
@@ -288,8 +322,14 @@ def evaluate(
 def demo(
     out: Path = typer.Option(Path("writesae-demo"), help="Output folder."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model (a shipped name, folder or Hub id)."),
-    layer: int = typer.Option(None, help="Recurrent layer (default: the middle one)."),
-    head: int = typer.Option(0, help=_S["head"]),
+    layer: int = typer.Option(
+        None, help="Recurrent layer (default: chosen with the head by memory, see --head)."
+    ),
+    head: int = typer.Option(
+        None,
+        help="Head (default: the head with the largest median decay in --layer, or without "
+        "--layer among the last half of the recurrent layers).",
+    ),
     n_atoms: int = typer.Option(512, help=_S["n_atoms"]),
     k: int = typer.Option(16, help=_S["k"]),
     steps: int = typer.Option(1500, help=_T["n_steps"]),
@@ -301,8 +341,22 @@ def demo(
     torch.manual_seed(seed)
     t0 = time.time()
     m = _model(model)
+    from writesae.evaluate import median_decays, memory_cell
+
+    tokens = _blocks(m, _texts(None, "heldout"), 64, None)
+    if head is None:
+        rec = m.cfg.recurrent_layers
+        layers = rec[len(rec) // 2 :] if layer is None else [_cell(m, layer, 0)[0]]
+        layer, head, _ = memory_cell(m, tokens[:32], layers)
+        how = f"chosen by memory: the largest median decay among layers {list(layers)}"
+    else:
+        how = "chosen by the user"
     layer, head = _cell(m, layer, head)
-    typer.echo(f"model {model}: layer {layer}, head {head}, d_k={m.cfg.d_k}, d_v={m.cfg.d_v}")
+    decay = median_decays(m, tokens[:32])[(layer, head)]
+    typer.echo(
+        f"model {model}: layer {layer}, head {head} (median decay {decay:.3g}; {how}), "
+        f"d_k={m.cfg.d_k}, d_v={m.cfg.d_v}"
+    )
     sae, metrics = _train(
         m,
         model,
@@ -331,9 +385,19 @@ def demo(
         steps=metrics.n_steps,
         samples_per_s=metrics.samples_per_s,
     )
-    tokens = _blocks(m, _texts(None, "heldout"), 64, None)
+    cell = dict(layer=layer, head=head, median_decay=decay, how=how)
     _evaluate(
-        m, sae, model, tokens, out, True, True, True, firings, seed, extra=dict(training=training)
+        m,
+        sae,
+        model,
+        tokens,
+        out,
+        True,
+        True,
+        True,
+        firings,
+        seed,
+        extra=dict(training=training, cell=cell),
     )
     typer.echo(f"done in {time.time() - t0:.0f} s")
 

@@ -89,10 +89,13 @@ def test_train_then_evaluate_writes_json_report_and_plots(tiny_model_dir, tmp_pa
     lo, hi = res["substitution"]["ci_vs_delete"]
     assert lo <= res["substitution"]["win_rate_vs_delete"] <= hi
     assert "r2" in res["closed_form"] and res["install"]["n"] > 0
-    for png in ("substitution.png", "closed_form.png", "install.png"):
+    for png in ("substitution.png", "calibration.png", "closed_form.png", "install.png"):
         assert (out / png).stat().st_size > 1000
     md = (out / "report.md").read_text()
     assert "Substitution" in md and "Closed-form" in md and "Install" in md
+    assert f"first-order R^2 = {res['closed_form']['r2']:.3f}" in md
+    assert "direct-path R^2 = " in md and "Scale sweep" in md and "median decay" in md
+    assert set(res["substitution"]["scale_sweep"]) == {"matched_norm", "coefficient", "0.1x_norm"}
 
 
 def test_help_comes_from_the_config_docs():

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -11,7 +12,11 @@ from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions
 from hooked_recurrent.mixer import RecurrentMixer
 from hooked_recurrent.recurrence import Transition, scan
 from writesae import WriteSAE, WriteSAEConfig
-from writesae.evaluate import evaluate_closed_form, evaluate_substitution
+from writesae.evaluate import (
+    closed_form_logit_shift,
+    evaluate_closed_form,
+    evaluate_substitution,
+)
 from writesae.stats import wilson
 
 
@@ -106,14 +111,28 @@ def test_closed_form_is_exact_on_a_linear_readout(erase, propagator):
         sae,
         tokens,
         n_atoms=4,
+        eps_values=(0.01, 0.1, 1.0, 4.0),
         position=3,
         read_offset=4,
         propagator=propagator,
         progress=False,
     )
     assert res.n_points == 4 * 4 * 12
-    assert res.r2 >= 0.9999
-    assert res.sign_agreement == 1.0
+    assert res.r2 >= 0.9999 and res.r2_direct >= 0.9999
+    assert res.sign_agreement == {"first_order": 1.0, "direct": 1.0}
+    # on a linear read-out the paper's direct path is the exact first order
+    for eps_scale, eps in (("write_norm", 0.1), ("absolute", 2.0)):
+        kw = dict(tokens=tokens, read_position=7, eps=eps, eps_scale=eps_scale)
+        direct = closed_form_logit_shift(
+            model, sae, 0, 1, 2, 3, [0, 5, 9], method="direct", propagator=propagator, **kw
+        )
+        first = closed_form_logit_shift(model, sae, 0, 1, 2, 3, [0, 5, 9], **kw)
+        assert direct.shape == first.shape == (12, 3)
+        assert torch.allclose(direct, first, rtol=1e-5, atol=1e-7 * first.abs().max())
+        # several atoms in one batch of edits give the same as one call per atom
+        both = closed_form_logit_shift(model, sae, 0, 1, [7, 2], 3, [0, 5, 9], **kw)
+        assert both.shape == (2, 12, 3)
+        assert torch.allclose(both[1], first, rtol=1e-6, atol=1e-9 * first.abs().max())
 
 
 def test_gate_form_is_not_exact_with_an_erase():
@@ -128,7 +147,8 @@ def test_gate_form_is_not_exact_with_an_erase():
     res = evaluate_closed_form(
         model, sae, tokens, n_atoms=4, position=3, read_offset=4, propagator="gate", progress=False
     )
-    assert res.r2 < 0.9999
+    assert res.r2_direct < 0.9999
+    assert res.r2 >= 0.9999  # the first order always propagates exactly
 
 
 def _tiny(family):
@@ -149,10 +169,15 @@ def _tiny(family):
     )
 
 
-@pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
+@pytest.mark.parametrize(
+    "family,kl_position",
+    [("qwen3_5", "edited"), ("mamba2", "edited"), ("rwkv7", "edited"), ("qwen3_5", "end"),
+     ("rwkv7", "mean")],
+)  # fmt: skip
 @torch.no_grad()
-def test_substitution_kls_equal_full_recomputation(family):
-    """Every family: the prefix-reusing conditions equal a full forward with the edit by hand."""
+def test_substitution_kls_equal_full_recomputation(family, kl_position):
+    """Every family: the prefix-reusing conditions equal a full forward with the edit by hand, at
+    the edited token, at the end of the prompt, or averaged over the rest of the prompt."""
     model = _tiny(family)
     layer, head = model.cfg.recurrent_layers[-1], 1
     sae = WriteSAE(
@@ -168,9 +193,16 @@ def test_substitution_kls_equal_full_recomputation(family):
     )
     tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
     res = evaluate_substitution(
-        model, sae, tokens, max_firings=6, positions_per_prompt=3, progress=False
+        model,
+        sae,
+        tokens,
+        max_firings=6,
+        positions_per_prompt=3,
+        kl_position=kl_position,
+        progress=False,
     )
     assert res.n == len(res.firings) >= 6
+    assert res.settings["kl_position"] == kl_position
     clean = torch.log_softmax(model(tokens).double(), -1)
     for i, (b, t) in enumerate(res.firings[:6]):
 
@@ -185,7 +217,10 @@ def test_substitution_kls_equal_full_recomputation(family):
             ).double(),
             -1,
         )
-        kl = float((clean[b, t].exp() * (clean[b, t] - edited[0, t])).sum())
+        at = {"edited": [t], "end": [tokens.shape[1] - 1], "mean": range(t, tokens.shape[1])}
+        kl = sum(
+            float((clean[b, s].exp() * (clean[b, s] - edited[0, s])).sum()) for s in at[kl_position]
+        ) / len(at[kl_position])
         assert math.isclose(res.kl["delete"][i], kl, rel_tol=1e-3, abs_tol=1e-7)
     assert 0.0 <= res.win_rate_vs_delete <= 1.0
     assert res.ci_vs_delete == wilson(res.wins_vs_delete, res.n)
@@ -234,3 +269,145 @@ def test_closed_form_exact_propagator_matches_the_measured_read(family):
     q = cache[f"{prefix}.hook_q"][:, t, head].double()
     predicted = (pu[:, 0, :, 0] * q).sum(-1)[:, None] * w.double()
     assert (d_read - predicted).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "mamba2", "rwkv7"])
+@torch.no_grad()
+def test_first_order_equals_the_central_finite_difference(family):
+    """`first_order` is the derivative of every logit along the edit, through the per-head norm,
+    the later positions and layers and the final norm: it equals a central finite difference of
+    the logits measured with `run_with_hooks` edits of the write (fourth-order stencil, so the
+    step can stay large enough for float32)."""
+    from writesae.closed_form import native_write_norm
+
+    model = _tiny(family)
+    layer, head, t0, t = model.cfg.recurrent_layers[0], 1, 3, 6
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=8,
+            k=2,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(1))
+    vocab = torch.arange(model.cfg.d_vocab)
+    atom = 3
+    # eps = 1 relative: the derivative with respect to the edit's size in units of the write norm
+    pred = closed_form_logit_shift(
+        model, sae, layer, head, atom, t0, vocab, tokens=tokens, read_position=t, eps=1.0
+    )
+    prefix = f"blocks.{layer}.attn"
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith(prefix + ".hook_"))
+    norm = native_write_norm(model, cache, layer, head)[:, t0]
+    _, c2 = model.run_with_cache(tokens, names_filter=[f"{prefix}.hook_write"])
+    native = c2[f"{prefix}.hook_write"][:, t0, head].flatten(-2).norm(dim=-1).double()
+    assert torch.allclose(norm, native, rtol=1e-5)
+    A = sae.atom_matrices(torch.tensor(atom)).detach()
+
+    def logits_at(h):
+        def add(w, hook):
+            w = w.clone()
+            w[:, t0, head] += (h * norm)[:, None, None].to(w.dtype) * A
+            return w
+
+        out = model.run_with_hooks(tokens, fwd_hooks=[(f"{prefix}.hook_write", add)])
+        return out[:, t].double()
+
+    h = 0.05
+    fd = (8 * (logits_at(h) - logits_at(-h)) - (logits_at(2 * h) - logits_at(-2 * h))) / (12 * h)
+    rel = float((fd - pred).norm() / pred.norm())
+    assert rel <= 1e-3, rel
+    assert float(pred.norm()) > 0
+    batched = closed_form_logit_shift(
+        model, sae, layer, head, [0, atom], t0, vocab, tokens=tokens, read_position=t, eps=1.0
+    )
+    assert torch.allclose(batched[1], pred, rtol=1e-4, atol=1e-6 * float(pred.abs().max()))
+
+
+def test_planted_substitute_has_the_asked_cosine():
+    from writesae.evaluate import _fro_cos, _planted
+
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(5, 6, generator=gen), torch.randn(5, 4, generator=gen)
+    W = 0.3 * k[:, :, None] * v[:, None, :]
+    for c in (0.0, 0.1, 0.5, 0.9, 1.0):
+        P = _planted(W, c, torch.randn(5, 6, generator=gen), torch.randn(5, 4, generator=gen))
+        assert torch.allclose(P.flatten(-2).norm(dim=-1), torch.ones(5, dtype=P.dtype))
+        assert torch.allclose(_fro_cos(P, W), torch.full((5,), c, dtype=P.dtype), atol=1e-6)
+
+
+@torch.no_grad()
+def test_substitution_controls_and_scales():
+    """Planted cosine 1 at matched norm is the native write (KL 0); a fraction 1.0 of the native
+    norm is the matched-norm atom; the best dictionary atom is at least as aligned as the top one;
+    the calibration bins count every firing."""
+    model = _tiny("qwen3_5")
+    layer, head = model.cfg.recurrent_layers[-1], 1
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=32,
+            k=3,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    res = evaluate_substitution(
+        model,
+        sae,
+        tokens,
+        max_firings=12,
+        positions_per_prompt=4,
+        best_atom=True,
+        planted_cosines=(0.5, 1.0),
+        sweep_scales=("coefficient", 1.0, 0.1),
+        progress=False,
+    )
+    assert max(res.kl["planted_1"]) < 1e-9
+    assert res.kl["atom_1x_norm"] == pytest.approx(res.kl["atom"], rel=1e-4, abs=1e-9)
+    assert set(res.scale_sweep) == {"matched_norm", "coefficient", "1x_norm", "0.1x_norm"}
+    assert res.scale_sweep["matched_norm"]["wins"] == res.wins_vs_delete
+    assert res.best_atom["median_cosine"] >= float(np.median(np.abs(res.cosine))) - 1e-12
+    assert sum(res.calibration["n"]) == res.n == len(res.cosine)
+    kd, k1 = np.array(res.kl["delete"]), np.array(res.kl["planted_1"])
+    assert res.calibration["planted"]["1"]["wins"] == int((k1 < kd).sum())
+
+
+@torch.no_grad()
+def test_install_raises_a_reachable_target_at_the_same_position():
+    """Where one head can move the target (logit gap below the bound), the install (first-order
+    direction, key signed by the query, norm without beta) raises the target's rank at the first
+    edited position, compared with the unedited rank at that same position."""
+    from writesae.evaluate import evaluate_install
+
+    model = _tiny("qwen3_5")
+    layer, head = model.cfg.recurrent_layers[-1], 1
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=model.cfg.d_k,
+            d_v=model.cfg.d_v,
+            n_atoms=8,
+            k=2,
+            hook_name=f"blocks.{layer}.attn.hook_state",
+            head=head,
+        ),
+        seed=0,
+    )
+    tokens = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(0))
+    res = evaluate_install(
+        model, sae, tokens, rank_band=(5, 40), n_targets=2, max_new_tokens=6, progress=False
+    )
+    reachable = [t for t in res.trials if t["gap"] < t["bound"]]
+    assert res.n_reachable == len(reachable) >= 3
+    for t in reachable:
+        assert t["edited_rank_first_edit"] < t["native_rank_first_edit"], t
+    shifts = [t["native_rank_first_edit"] - t["edited_rank_first_edit"] for t in res.trials]
+    assert res.median_rank_shift == float(np.median(shifts)) > 0
+    assert all(math.isfinite(t["bound"]) and t["gap"] >= 0 for t in res.trials)
