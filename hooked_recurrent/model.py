@@ -16,6 +16,12 @@ from transformer_lens import ActivationCache, HookedRootModule
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions, unknown_hook_error
 from hooked_recurrent.state import RecurrentState, RunContext
+from hooked_recurrent.validation import (
+    check_forward_input,
+    check_generate_args,
+    check_load_args,
+    check_text,
+)
 
 __all__ = ["HookedRecurrentModel", "MATRIX_HOOKS", "HOOK_ALIASES"]
 
@@ -94,6 +100,7 @@ class HookedRecurrentModel(HookedRootModule):
         """
         from hooked_recurrent.pretrained import load_pretrained
 
+        check_load_args(dtype, device)
         cfg, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype)
         model = cls(cfg, tokenizer)
         model.load_state_dict(state_dict, strict=True)
@@ -124,6 +131,7 @@ class HookedRecurrentModel(HookedRootModule):
         `RecurrentState` after the last token when `return_state=True`. Feeding a sequence in two
         pieces, passing the first call's state to the second, equals feeding it whole.
         """
+        check_forward_input(self, input, state, return_type)
         tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
         if tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape [batch, pos], got {tuple(tokens.shape)}")
@@ -239,6 +247,7 @@ class HookedRecurrentModel(HookedRootModule):
 
     def to_tokens(self, input: str | list[str]) -> Int[Tensor, "batch pos"]:
         """Tokenise text to `[batch, pos]`; a list of texts is right-padded with the pad token."""
+        check_text(input)
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
@@ -295,6 +304,9 @@ class HookedRecurrentModel(HookedRootModule):
             the full sequences (prompt + new tokens) as text if the input was text (or
             `return_type="str"`), else as tokens `[batch, pos]`.
         """
+        check_generate_args(self, max_new_tokens, do_sample, temperature, top_k, top_p,
+                            eos_token_id, return_type, seed)  # fmt: skip
+        check_forward_input(self, input)
         tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
         if return_type == "input":
             return_type = "str" if isinstance(input, (str, list)) else "tokens"
