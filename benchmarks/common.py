@@ -20,11 +20,12 @@ torch.set_num_threads(2)
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1, grad: bool = False
 ) -> dict[str, float]:
-    """Median seconds per function; each round runs every function once, in turn."""
+    """Median seconds per function; each round runs every function once, in turn (under
+    `torch.no_grad()` unless `grad`)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         for r in range(rounds + warmup):
             for name, fn in fns.items():
                 t0 = time.perf_counter()

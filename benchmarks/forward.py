@@ -71,7 +71,7 @@ def qwen_rows(rounds: int) -> list[dict]:
         ),
     }
     meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
-    return [
+    rows = [
         dict(
             model="Qwen3.5",
             run=k,
@@ -79,6 +79,38 @@ def qwen_rows(rounds: int) -> list[dict]:
             against=None if k == base else "HF",
             ratio=meds[k] / meds[base],
             target=runs[k][1],
+        )
+        for k in runs
+    ]
+    return rows + backward_rows(ours, tokens, name, rounds)
+
+
+def backward_rows(ours, tokens, name: str, rounds: int) -> list[dict]:
+    """backward() of one logit, with a backward hook on one `hook_write` (it gets the adjoint
+    state dL/dS_t of every position) against the same backward without hooks."""
+    got = []
+
+    def plain():
+        ours.zero_grad(set_to_none=True)
+        ours(tokens)[0, -1, 5].backward()
+
+    def hooked():
+        ours.zero_grad(set_to_none=True)
+        with ours.hooks(bwd_hooks=[(name, lambda g, hook: got.append(g.shape))]):
+            ours(tokens)[0, -1, 5].backward()
+
+    base = "ours, forward + backward() of one logit"
+    runs = {base: plain, "the same with a backward hook on one `hook_write`": hooked}
+    meds = interleaved_medians(runs, rounds=rounds, grad=True)
+    assert got, "the backward hook never fired"
+    return [
+        dict(
+            model="Qwen3.5",
+            run=k,
+            ms=1e3 * meds[k],
+            against=None if k == base else "ours backward",
+            ratio=meds[k] / meds[base],
+            target=None if k == base else 1.5,
         )
         for k in runs
     ]

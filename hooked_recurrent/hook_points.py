@@ -46,8 +46,11 @@ def current_positions() -> Tensor | None:
 class RecurrentHookPoint(HookPoint):
     """A `HookPoint` that checks what its hooks return and knows the token positions it sees."""
 
-    def __init__(self) -> None:
+    def __init__(self, matrix: bool = False) -> None:
         super().__init__()
+        #: a `hook_write` / `hook_state` point: its mixer calls the backward hooks with the adjoint
+        #: state (see `RecurrentMixer.recur`), so PyTorch's module backward hooks are not used
+        self.matrix = matrix
         self._native_state: Callable[[int | None], Tensor] | None = None
         #: where `run_with_cache` collects this point's activation, or None (see `caching`)
         self._cache: dict[str, Tensor] | None = None
@@ -105,11 +108,25 @@ class RecurrentHookPoint(HookPoint):
             self._native_state = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        if not self._forward_hooks:
+        if not self._forward_hooks and (self.matrix or not self._backward_hooks):
             if self._cache is not None:
                 self._cache[self.name] = x.detach()
             return x
-        out = super().__call__(x)
+        if self.matrix:
+            out = x
+            for h in list(self._forward_hooks.values()):
+                result = h(self, (x,), out)
+                if result is not None:
+                    out = result
+                    self._check(x, out)
+        else:
+            out = super().__call__(x)  # TransformerLens's hooks, PyTorch's backward hooks
+        self._check(x, out)
+        if self._cache is not None:
+            self._cache[self.name] = out.detach()
+        return out
+
+    def _check(self, x: Tensor, out: object) -> None:
         if not isinstance(out, Tensor):
             raise TypeError(f"hook on '{self.name}' returned {type(out).__name__}, not a Tensor")
         if out.shape != x.shape:
@@ -121,9 +138,6 @@ class RecurrentHookPoint(HookPoint):
             raise ValueError(
                 f"hook on '{self.name}' returned dtype {out.dtype}; expected {x.dtype}"
             )
-        if self._cache is not None:
-            self._cache[self.name] = out.detach()
-        return out
 
 
 def unknown_hook_error(name: str, known: Iterable[str]) -> KeyError:

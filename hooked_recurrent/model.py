@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -34,16 +35,8 @@ HOOK_ALIASES = {"hook_ssm_write": "hook_write", "hook_ssm_state": "hook_state"}
 
 _told_about_matrix_hooks = False
 
-#: TransformerLens `run_with_cache` options and their defaults; with any other value the cache is
-#: taken by TransformerLens's own hooks
-_TL_CACHE_DEFAULTS = {
-    "device": None,
-    "remove_batch_dim": False,
-    "incl_bwd": False,
-    "reset_hooks_end": True,
-    "clear_contexts": False,
-    "pos_slice": None,
-}
+#: guards the bookkeeping of which thread is running each model (see `_exclusive`)
+_owner_lock = threading.Lock()
 
 
 def _resolve_alias(name: str) -> str:
@@ -82,6 +75,38 @@ class HookedRecurrentModel(HookedRootModule):
             self.unembed.weight = self.embed.weight  # one parameter, as in the checkpoint
         self.to(cfg.dtype)
         self.setup()
+        self._owner: int | None = None  # the thread running the model now (see `_exclusive`)
+        self._owner_depth = 0
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One thread at a time: hooks are attached to the model, so a run from a second thread
+        while the first is inside `forward`, `hooks()`, `run_with_hooks`, `run_with_cache` or
+        `generate` would see the first thread's hooks. That second run raises instead."""
+        me = threading.get_ident()
+        with _owner_lock:
+            owner = getattr(self, "_owner", None)
+            if owner is not None and owner != me:
+                raise RuntimeError(
+                    "this HookedRecurrentModel is running in another thread; its hooks belong to "
+                    "that run, so a concurrent run would see them. Use one model per thread "
+                    "(copy.deepcopy(model)) or hold a lock around each run"
+                )
+            self._owner = me
+            self._owner_depth = getattr(self, "_owner_depth", 0) + 1
+        try:
+            yield
+        finally:
+            with _owner_lock:
+                self._owner_depth -= 1
+                if self._owner_depth == 0:
+                    self._owner = None
+
+    @contextlib.contextmanager
+    def hooks(self, *args: Any, **kwargs: Any) -> Iterator[HookedRecurrentModel]:
+        """TransformerLens's `hooks()` context, held by this thread alone (see `_exclusive`)."""
+        with self._exclusive(), super().hooks(*args, **kwargs) as model:
+            yield model
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -124,15 +149,62 @@ class HookedRecurrentModel(HookedRootModule):
         state: RecurrentState | None = None,
         return_state: bool = False,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        loss_per_token: bool = False,
+        padding_side: Literal["right", "left"] = "right",
     ) -> Any:
         """Run the model on tokens `[batch, pos]` (or text), optionally continuing from `state`.
 
         Returns logits `[batch, pos, d_vocab]` (or the next-token loss, or both), followed by the
         `RecurrentState` after the last token when `return_state=True`. Feeding a sequence in two
         pieces, passing the first call's state to the second, equals feeding it whole.
+
+        Args:
+            input: a text, a list of texts (padded on `padding_side`; the attention mask is built
+                for them), or token ids `[batch, pos]`.
+            attention_mask: `[batch, pos]` (1 = real token, 0 = padding) for this call's tokens, or
+                `[batch, offset + pos]` over the state's tokens too, as in Hugging Face (its first
+                `offset` columns must then be the state's mask). A padded position leaves every
+                recurrent state, convolution / token-shift buffer and attention key as if it were
+                absent, so each row equals its real tokens run alone (see "Padding and batches" in
+                the docs). The mask is remembered in the returned state.
+            return_type: "logits", "loss" (mean next-token loss over the targets whose position
+                and predicting position are both real), "both" (logits, loss) or None.
+            loss_per_token: return the loss per target `[batch, pos - 1]` instead of its mean
+                (TransformerLens semantics); entries whose target or predicting position is padded
+                are 0.
+            padding_side: where a list of texts is padded ("right", TransformerLens's default, or
+                "left").
         """
         check_forward_input(self, input, state, return_type)
-        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+        with self._exclusive():
+            return self._forward(
+                input,
+                state,
+                return_state,
+                return_type,
+                attention_mask,
+                loss_per_token,
+                padding_side,
+            )
+
+    def _forward(
+        self,
+        input: str | list[str] | Int[Tensor, "batch pos"],
+        state: RecurrentState | None,
+        return_state: bool,
+        return_type: str | None,
+        attention_mask: Int[Tensor, "batch pos"] | None,
+        loss_per_token: bool,
+        padding_side: str,
+    ) -> Any:
+        if isinstance(input, (str, list)):
+            tokens, text_mask = self.to_tokens(input, padding_side=padding_side, return_mask=True)
+            if attention_mask is None and not isinstance(input, str):
+                attention_mask = text_mask
+        else:
+            tokens = input
         if tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape [batch, pos], got {tuple(tokens.shape)}")
         if state is not None and state.batch_size not in (0, tokens.shape[0]):
@@ -141,11 +213,21 @@ class HookedRecurrentModel(HookedRootModule):
             )
         offset = 0 if state is None else state.offset
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+        mask = self._call_mask(attention_mask, tokens, state)
         run = RunContext(
             positions=positions,
             state_in=state,
             state_out=[{} for _ in self.blocks] if return_state else None,
+            mask=mask,
         )
+        past_mask = None if state is None else state.mask
+        if mask is not None or past_mask is not None:
+            B, T = tokens.shape
+            cur = mask if mask is not None else tokens.new_ones(B, T, dtype=torch.bool)
+            past = past_mask if past_mask is not None else cur.new_ones(B, offset)
+            run.key_mask = torch.cat((past.to(cur.device), cur), dim=1)
+            n_real = past.long().sum(-1, keepdim=True).to(cur.device)
+            run.row_positions = (n_real + cur.long().cumsum(-1) - 1).clamp_min(0)
         with at_positions(positions):
             x = self.hook_embed(self.embed(tokens))
             if self.ln_embed is not None:
@@ -157,9 +239,7 @@ class HookedRecurrentModel(HookedRootModule):
         if return_type == "logits":
             out: Any = logits
         elif return_type in ("loss", "both"):
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
-            )
+            loss = _next_token_loss(logits, tokens, mask, loss_per_token)
             out = loss if return_type == "loss" else (logits, loss)
         elif return_type is None:
             out = None
@@ -168,8 +248,41 @@ class HookedRecurrentModel(HookedRootModule):
                 f"return_type must be 'logits', 'loss', 'both' or None, not {return_type!r}"
             )
         if return_state:
-            return out, RecurrentState(offset + tokens.shape[1], run.state_out)
+            return out, RecurrentState(offset + tokens.shape[1], run.state_out, run.key_mask)
         return out
+
+    @staticmethod
+    def _call_mask(
+        attention_mask: Tensor | None, tokens: Tensor, state: RecurrentState | None
+    ) -> Tensor | None:
+        """This call's mask `[batch, pos]` as bool, or None when every token is real."""
+        if attention_mask is None:
+            return None
+        B, T = tokens.shape
+        offset = 0 if state is None else state.offset
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
+            raise ValueError(
+                f"attention_mask must be [batch, pos] = [{B}, {T}] (or [{B}, {offset + T}] with "
+                f"the state's tokens), got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(tokens.device).bool()
+        if mask.shape[1] == offset + T and offset:
+            past = state.mask
+            seen = mask[:, :offset]
+            if (past is None and not bool(seen.all())) or (
+                past is not None and not torch.equal(seen, past.to(seen.device))
+            ):
+                raise ValueError(
+                    "the first `offset` columns of attention_mask differ from the mask of the "
+                    "tokens in `state`"
+                )
+            mask = mask[:, offset:]
+        elif mask.shape[1] != T:
+            raise ValueError(
+                f"attention_mask has {mask.shape[1]} positions; expected {T} (this call's tokens)"
+                + (f" or {offset + T} (with the state's tokens)" if offset else "")
+            )
+        return None if bool(mask.all()) else mask
 
     # ------------------------------------------------------------------ hooks
     def _enable_hook_with_name(self, name: str, hook: Callable, dir: Literal["fwd", "bwd"]):
@@ -191,13 +304,27 @@ class HookedRecurrentModel(HookedRootModule):
         self,
         *model_args: Any,
         names_filter: str | Sequence[str] | Callable[[str], bool] | None = None,
+        device: str | torch.device | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: Any = None,
         return_cache_object: bool = True,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache | dict[str, Tensor]]:
         """Run the model and cache activations, as in TransformerLens.
 
         Without a `names_filter`, `hook_write` and `hook_state` are left out (they are
-        `d_k x d_v` per token and head); name them in `names_filter` to cache them.
+        `d_k x d_v` per token and head); name them in `names_filter` to cache them. The cache holds
+        what each point passed on, after any hooks; for `hook_state` that is the state the
+        recurrence actually used (an assigned state and everything that follows from it).
+
+        `incl_bwd=True` calls `backward()` on the output (a scalar: `return_type="loss"`) and caches
+        the gradient of every cached activation as `name + "_grad"`; at `hook_write` and
+        `hook_state` that is the adjoint state dL/dS_t. `device`, `remove_batch_dim` and
+        `pos_slice` act on the cached tensors as in TransformerLens (the position axis is the
+        second of every activation, the query axis of attention scores and patterns).
         """
         global _told_about_matrix_hooks
         if names_filter is None:
@@ -216,24 +343,32 @@ class HookedRecurrentModel(HookedRootModule):
             names_filter = self._check_names([names_filter])
         elif not callable(names_filter):
             names_filter = self._check_names(list(names_filter))
-        if any(kwargs.get(k, v) != v for k, v in _TL_CACHE_DEFAULTS.items()):
-            # TransformerLens's own caching hooks for its options (device, backward hooks, ...)
-            tl_kwargs = {k: kwargs.pop(k) for k in _TL_CACHE_DEFAULTS if k in kwargs}
-            out, cache = super().run_with_cache(
-                *model_args, names_filter=names_filter, **tl_kwargs, **kwargs
-            )
-        else:
-            for k in _TL_CACHE_DEFAULTS:
-                kwargs.pop(k, None)
-            keep = names_filter if callable(names_filter) else set(names_filter).__contains__
-            points = [hp for name, hp in self.hook_dict.items() if keep(name)]
-            cache = {}
-            with contextlib.ExitStack() as stack:
-                for hp in points:
-                    stack.enter_context(hp.caching(cache))
-                out = self(*model_args, **kwargs)
+        keep = names_filter if callable(names_filter) else set(names_filter).__contains__
+        names = [name for name in self.hook_dict if keep(name)]
+        cache: dict[str, Tensor] = {}
+
+        def save_grad(grad: Tensor, hook: RecurrentHookPoint) -> None:
+            cache[hook.name + "_grad"] = grad.detach()
+
+        bwd_hooks = [(name, save_grad) for name in names] if incl_bwd else []
+        with (
+            self.hooks(
+                bwd_hooks=bwd_hooks, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts
+            ),
+            contextlib.ExitStack() as stack,
+        ):
+            for name in names:
+                stack.enter_context(self.hook_dict[name].caching(cache))
+            out = self(*model_args, **kwargs)
+            stack.close()
+            if incl_bwd:
+                out.backward()
+        if device is not None or remove_batch_dim or pos_slice is not None:
+            cache = {
+                k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()
+            }
         if return_cache_object:
-            cache = ActivationCache(cache, self)
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ------------------------------------------------------------------ tokens
@@ -245,18 +380,49 @@ class HookedRecurrentModel(HookedRootModule):
             )
         return self.tokenizer
 
-    def to_tokens(self, input: str | list[str]) -> Int[Tensor, "batch pos"]:
-        """Tokenise text to `[batch, pos]`; a list of texts is right-padded with the pad token."""
+    def to_tokens(
+        self,
+        input: str | list[str],
+        prepend_bos: bool = False,
+        padding_side: Literal["right", "left"] = "right",
+        *,
+        return_mask: bool = False,
+    ) -> Int[Tensor, "batch pos"] | tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Tokenise text to `[batch, pos]`; a list of texts is padded with the pad token.
+
+        Args:
+            input: a text or a list of texts.
+            prepend_bos: put the tokenizer's BOS token in front of every text (no special tokens
+                are added otherwise).
+            padding_side: pad shorter texts on the "right" (TransformerLens's default) or the
+                "left" (what `generate` does).
+            return_mask: also return the attention mask `[batch, pos]` (1 = real token, 0 =
+                padding), to pass to `forward` / `run_with_hooks` / `run_with_cache` / `generate`.
+                (Given a list of texts, those build it themselves.)
+
+        Returns:
+            the tokens, or (tokens, attention_mask) with `return_mask=True`.
+        """
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
         check_text(input)
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        if prepend_bos:
+            if tok.bos_token_id is None:
+                raise ValueError("prepend_bos=True, but the tokenizer has no BOS token")
+            ids = [[tok.bos_token_id, *row] for row in ids]
         width = max(len(i) for i in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         out = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, row in enumerate(ids):
-            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return out.to(self.embed.weight.device)
+            cols = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+            out[i, cols] = torch.tensor(row, dtype=torch.long)
+            mask[i, cols] = 1
+        device = self.embed.weight.device
+        return (out.to(device), mask.to(device)) if return_mask else out.to(device)
 
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         """Decode `[pos]` to a string or `[batch, pos]` to a list of strings."""
@@ -278,6 +444,7 @@ class HookedRecurrentModel(HookedRootModule):
         input: str | list[str] | Int[Tensor, "batch pos"],
         max_new_tokens: int = 10,
         *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -294,33 +461,52 @@ class HookedRecurrentModel(HookedRootModule):
         The prompt is run once; each new token is then one step from the carried
         `RecurrentState` (O(1) per token for recurrent layers; the attention layers of Qwen3.5 use
         a KV cache). Hooks in `fwd_hooks` fire on the prompt and then on every step with a position
-        axis of length 1; `hook.positions` gives the absolute position, so a hook written against
-        absolute positions acts as in `run_with_hooks` on the whole sequence.
+        axis of length 1; `hook.positions` gives the absolute position (the column), so a hook
+        written against absolute positions acts as in `run_with_hooks` on the whole sequence.
 
-        Batches must be of equal-length prompts (no padding inside the recurrence). Finished
-        sequences (after `eos_token_id`) are padded with it.
+        Prompts of different lengths: a list of texts is padded on the LEFT, with an attention
+        mask, so every row's new tokens follow its last real token, and each row's continuation
+        equals generating its prompt alone. Token prompts may come with their own
+        `attention_mask` (any padding side); it is extended with ones for the new tokens, and each
+        row continues from its last real token. Finished sequences (after `eos_token_id`) are
+        padded with it.
+
+        Sampling (`do_sample=True`) draws from torch's global random number generator, so
+        `torch.manual_seed` makes it reproducible and successive calls differ; with `seed=` it
+        uses a private generator seeded with it instead (the same result every call).
 
         Returns:
             the full sequences (prompt + new tokens) as text if the input was text (or
-            `return_type="str"`), else as tokens `[batch, pos]`.
+            `return_type="str"`; padding is left out of the text), else as tokens `[batch, pos]`
+            (padding included, as in the prompt).
         """
         check_generate_args(self, max_new_tokens, do_sample, temperature, top_k, top_p,
                             eos_token_id, return_type, seed)  # fmt: skip
         check_forward_input(self, input)
-        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+        if isinstance(input, (str, list)):
+            tokens, text_mask = self.to_tokens(input, padding_side="left", return_mask=True)
+            if attention_mask is None and not isinstance(input, str):
+                attention_mask = text_mask
+        else:
+            tokens = input
         if return_type == "input":
             return_type = "str" if isinstance(input, (str, list)) else "tokens"
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
-        gen = torch.Generator(device=tokens.device)
+        gen = None  # torch's global generator
         if seed is not None:
-            gen.manual_seed(seed)
+            gen = torch.Generator(device=tokens.device).manual_seed(seed)
         if verbose is None:
             verbose = max_new_tokens >= 64
+        mask = self._call_mask(attention_mask, tokens, None)
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         out = tokens
         with self.hooks(fwd_hooks=list(fwd_hooks)):
-            logits, state = self(tokens, return_state=True)
+            logits, state = self(tokens, return_state=True, attention_mask=mask)
+            if mask is not None:  # each row goes on from its last real token
+                cols = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+                last = (mask * cols).argmax(-1)
+                logits = logits[torch.arange(len(last), device=last.device), last][:, None]
             for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
                 nxt = _sample(logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
                 if eos_token_id is not None and stop_at_eos:
@@ -333,9 +519,53 @@ class HookedRecurrentModel(HookedRootModule):
                     break
                 logits, state = self(nxt[:, None], state=state, return_state=True)
         if return_type == "str":
-            text = self.to_string(out)
+            if mask is None:
+                text = self.to_string(out)
+            else:
+                keep = torch.cat((mask, mask.new_ones(len(out), out.shape[1] - mask.shape[1])), 1)
+                text = [self.to_string(row[k]) for row, k in zip(out, keep, strict=True)]
             return text[0] if isinstance(input, str) else text
         return out
+
+
+def _cache_view(
+    name: str, t: Tensor, device: Any, remove_batch_dim: bool, pos_slice: Any
+) -> Tensor:
+    """A cached tensor after TransformerLens's `device`, `remove_batch_dim` and `pos_slice`."""
+    from transformer_lens.utilities import Slice
+
+    if pos_slice is not None:
+        pos_dim = 2 if name.removesuffix("_grad").endswith(("attn_scores", "pattern")) else 1
+        t = Slice.unwrap(pos_slice).apply(t, dim=pos_dim)
+    if remove_batch_dim:
+        if t.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim=True needs batch size 1; {name} has {t.shape[0]}")
+        t = t[0]
+    return t if device is None else t.to(device)
+
+
+def _next_token_loss(
+    logits: Float[Tensor, "batch pos vocab"],
+    tokens: Int[Tensor, "batch pos"],
+    mask: Tensor | None,
+    per_token: bool,
+) -> Tensor:
+    """Next-token cross-entropy: the mean over the real targets, or per target `[batch, pos-1]`.
+
+    A target counts when it and the position predicting it are both real (TransformerLens's
+    `lm_cross_entropy_loss` with an attention mask); per-token entries that do not count are 0.
+    """
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    if mask is None and not per_token:
+        return torch.nn.functional.cross_entropy(flat, tokens[:, 1:].reshape(-1))
+    nll = torch.nn.functional.cross_entropy(flat, tokens[:, 1:].reshape(-1), reduction="none")
+    nll = nll.view(tokens.shape[0], -1)
+    if mask is not None:
+        counts = mask[:, :-1] & mask[:, 1:]
+        nll = nll * counts
+    if per_token:
+        return nll
+    return nll.sum() / counts.sum()
 
 
 def _sample(
@@ -344,7 +574,7 @@ def _sample(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    gen: torch.Generator,
+    gen: torch.Generator | None,
 ) -> Tensor:
     if not do_sample:
         return logits.argmax(-1)

@@ -20,15 +20,14 @@ later state by a linear response, E_s = A_s(E_{s-1}) + dW_s, and the read by E_s
 edits made at `hook_write` / `hook_state` reach later tokens without re-running the layer.
 
 The step-by-step `scan` here is the slow, obviously correct reference; each family's chunked fast
-path is tested against it.
+path is tested against it. `chunked_states` computes every state of any of these recurrences in
+about 3 sqrt(T) sequential steps, and `adjoint_states` the gradients dL/dS_t with it. Running hooks
+on the write and the state and applying their edits is `hooked_recurrent.mixer`'s job.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,9 +35,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_recurrent.hook_points import RecurrentHookPoint
-
-__all__ = ["Transition", "Edits", "scan", "propagate", "propagate_sparse", "RecurrentMixer"]
+__all__ = [
+    "Transition",
+    "Edits",
+    "scan",
+    "chunked_states",
+    "adjoint_states",
+    "propagate",
+    "propagate_sparse",
+    "zero_write_response",
+]
 
 
 @dataclass
@@ -57,12 +63,9 @@ class Transition:
 
     def step(self, S: Float[Tensor, "batch head d_k d_v"], t: int) -> Tensor:
         """A_t(S) for one position t."""
-        d = self.decay[:, t]
-        out = S * (d[..., None, None] if d.dim() == 2 else d[..., None])
-        if self.erase_a is not None:
-            read = torch.einsum("bhk,bhkv->bhv", self.erase_b[:, t], S)
-            out = out + self.erase_a[:, t, :, :, None] * read[:, :, None, :]
-        return out
+        ea = None if self.erase_a is None else self.erase_a[:, t]
+        eb = None if self.erase_b is None else self.erase_b[:, t]
+        return _apply(S, self.decay[:, t], ea, eb)
 
     def select(self, batch: Tensor, head: Tensor, positions: slice = slice(None)) -> Transition:
         """The transition restricted to pairs (batch[i], head[i]) and `positions`, as a batch of
@@ -72,6 +75,38 @@ class Transition:
             return None if x is None else x[batch, positions, head].unsqueeze(2)
 
         return Transition(pick(self.decay), pick(self.erase_a), pick(self.erase_b))
+
+    def heads(self, sel: slice) -> Transition:
+        """The transition of the heads in `sel` only."""
+        return self.map(lambda x: x[:, :, sel])
+
+    def map(self, f: Callable[[Tensor], Tensor]) -> Transition:
+        """`f` applied to every tensor of the transition (all are `[batch, pos, head, ...]`)."""
+        return Transition(
+            f(self.decay),
+            None if self.erase_a is None else f(self.erase_a),
+            None if self.erase_b is None else f(self.erase_b),
+        )
+
+    def masked(self, keep: Float[Tensor, "batch pos head"]) -> Transition:
+        """keep_t A_t: the transition zeroed where `keep` is 0 (a state assigned there forgets
+        everything before it)."""
+        d = self.decay * (keep if self.decay.dim() == 3 else keep[..., None])
+        ea = None if self.erase_a is None else self.erase_a * keep[..., None]
+        return Transition(d, ea, self.erase_b)
+
+    def adjoint(self) -> Transition:
+        """A_t^*, the adjoint under <X, Y> = tr(X^T Y): diag(decay) + erase_b erase_a^T."""
+        return Transition(self.decay, self.erase_b, self.erase_a)
+
+
+def _apply(S: Tensor, d: Tensor, ea: Tensor | None, eb: Tensor | None) -> Tensor:
+    """diag(d) S + ea (eb^T S) for S `[..., d_k, d_v]`, d `[...]` or `[..., d_k]`."""
+    out = S * (d[..., None, None] if d.dim() == S.dim() - 2 else d[..., None])
+    if ea is not None:
+        read = torch.einsum("...k,...kv->...v", eb, S)
+        out = out + ea[..., :, None] * read[..., None, :]
+    return out
 
 
 def scan(
@@ -112,6 +147,123 @@ def scan(
     return o, S, (torch.stack(states, 1) if keep_states else None)
 
 
+def chunked_states(
+    transition: Transition,
+    write_k: Float[Tensor, "batch pos head d_k"] | None,
+    write_v: Float[Tensor, "batch pos head d_v"] | None,
+    S0: Float[Tensor, "batch head d_k d_v"] | None = None,
+    writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
+    chunk: int | None = None,
+) -> Float[Tensor, "batch pos head d_k d_v"]:
+    """Every state S_t of S_t = A_t(S_{t-1}) + W_t, in chunks of about sqrt(T) positions.
+
+    The same recurrence as `scan(keep_states=True)` for any transition, with about 3 sqrt(T)
+    sequential steps instead of T: positions are grouped into n chunks of C, and
+
+    1. in every chunk at once, C steps from a zero state give the chunk's own contribution N_c,
+       and the same steps applied to the identity give the chunk's transition M_c (a scalar or
+       per-channel decay when there is no removal term, else a d_k x d_k matrix);
+    2. n steps S_{c+1} = M_c S_c + N_c give the state at every chunk start;
+    3. C steps from the chunk starts, in every chunk at once, give every state.
+
+    Only products and sums of the transitions: no division by a decay, so a zero transition (a
+    state assigned at t, see `Transition.masked`) is exact. Differentiable; float32.
+    """
+    B, T, H = transition.decay.shape[:3]
+    K = transition.decay.shape[3] if transition.decay.dim() == 4 else None
+    if writes is not None:
+        K, V = writes.shape[-2:]
+    else:
+        K, V = write_k.shape[-1], write_v.shape[-1]
+    dev = transition.decay.device
+    if T == 0:
+        return torch.zeros(B, 0, H, K, V, device=dev)
+    C = chunk or max(1, math.isqrt(T - 1) + 1)
+    n = -(-T // C)
+    pad = n * C - T
+
+    def split(x: Tensor | None, fill: float = 0.0) -> Tensor | None:
+        """[B, T, H, ...] -> [B, n, C, H, ...] (float32), padded with `fill`."""
+        if x is None:
+            return None
+        x = x.float()
+        if pad:
+            x = torch.cat((x, x.new_full((B, pad, *x.shape[2:]), fill)), 1)
+        return x.view(B, n, C, *x.shape[2:])
+
+    d, ea, eb = split(transition.decay, 1.0), split(transition.erase_a), split(transition.erase_b)
+    W, k, v = split(writes), split(write_k), split(write_v)
+
+    def write(i: int) -> Tensor:
+        if W is not None:
+            return W[:, :, i]
+        return k[:, :, i, :, :, None] * v[:, :, i, :, None, :]
+
+    def step(S: Tensor, i: int) -> Tensor:
+        return _apply(
+            S, d[:, :, i], None if ea is None else ea[:, :, i], None if eb is None else eb[:, :, i]
+        )
+
+    # 1. each chunk from zero, and its transition
+    local = torch.zeros(B, n, H, K, V, device=dev)
+    if ea is None:
+        M = d.prod(2)  # [B, n, H] or [B, n, H, K]
+    else:
+        M = torch.eye(K, device=dev).expand(B, n, H, K, K)
+    for i in range(C):
+        local = step(local, i) + write(i)
+        if ea is not None:
+            M = step(M, i)
+    # 2. the chunk starts
+    S = torch.zeros(B, H, K, V, device=dev) if S0 is None else S0.float()
+    starts = []
+    for c in range(n):
+        starts.append(S)
+        if ea is None:
+            S = _apply(S, M[:, c], None, None) + local[:, c]
+        else:
+            S = M[:, c] @ S + local[:, c]
+    # 3. every state
+    S = torch.stack(starts, 1)
+    out = []
+    for i in range(C):
+        S = step(S, i) + write(i)
+        out.append(S)
+    return torch.stack(out, 2).reshape(B, n * C, H, K, V)[:, :T]
+
+
+def adjoint_states(
+    transition: Transition,
+    q: Float[Tensor, "batch pos head d_k"],
+    grad_read: Float[Tensor, "batch pos head d_v"],
+    grad_final: Float[Tensor, "batch head d_k d_v"] | None = None,
+) -> Float[Tensor, "batch pos head d_k d_v"]:
+    """The adjoint states Lambda_t = dL/dS_t of a loss L of the reads o_t = S_t^T q_t.
+
+    With g_t = dL/do_t and G = dL/dS_T (the final state, if it is used),
+
+        Lambda_{T-1} = q_{T-1} g_{T-1}^T + G,    Lambda_t = q_t g_t^T + A_{t+1}^*(Lambda_{t+1}),
+
+    the same kind of recurrence run backwards in time with rank-1 writes q_t g_t^T and the adjoint
+    transitions, so it runs on `chunked_states` (no loop over tokens). A transition zeroed by
+    `Transition.masked` (an assigned state) stops the adjoint there, as it stops the state.
+    """
+
+    def backwards(x: Tensor, first: Tensor) -> Tensor:
+        """y[tau] = x[T - tau] for tau >= 1, y[0] = first."""
+        return torch.cat((first, x[:, 1:].flip(1)), 1)
+
+    adj = transition.adjoint()
+    ident = adj.map(lambda x: x[:, :1])
+    rev = Transition(
+        backwards(adj.decay, torch.ones_like(ident.decay)),
+        None if adj.erase_a is None else backwards(adj.erase_a, torch.zeros_like(ident.erase_a)),
+        None if adj.erase_b is None else backwards(adj.erase_b, torch.zeros_like(ident.erase_b)),
+    )
+    lam = chunked_states(rev, q.flip(1), grad_read.flip(1), grad_final)
+    return lam.flip(1)
+
+
 @dataclass
 class Edits:
     """Additive state edits at a few (batch, pos, head) triples.
@@ -133,11 +285,6 @@ class Edits:
         native values at `index` (three index tensors), so nothing of full size is rebuilt."""
         index = changed.nonzero(as_tuple=True)
         return cls(*index, edited[index].float() - native(index).float())
-
-    @classmethod
-    def cat(cls, parts: list[Edits]) -> Edits:
-        """The edits of all `parts` together."""
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("b", "t", "h", "delta")))
 
     def __len__(self) -> int:
         return len(self.t)
@@ -205,11 +352,11 @@ def propagate_sparse(
     `[batch, pos, head, d_k, d_v]`.
 
     Only the (batch, head) pairs with an edit run, only from the first edited position t0 on, and
-    no tensor of the states' full size is made. From t0 to the last edited position t1 the
-    response is stepped (E_t = A_t(E_{t-1}) + delta_t); after t1 the writes are zero, so when the
-    mixer supplies `response` the rest runs on the family's chunked fast path. A mixer with a
-    chunked propagation of dense edits (`dense_response`) uses it when the edits span more than
-    `_STEP_SPAN` positions.
+    no tensor of the states' full size is made. When the edits span at most `_STEP_SPAN`
+    positions, the response is stepped from t0 to the last edited position t1 (E_t = A_t(E_{t-1})
+    + delta_t); after t1 the writes are zero, so when the mixer supplies `response` the rest runs
+    on the family's chunked fast path. Longer spans run densely: on the family's `dense_response`
+    when it has one, else on `chunked_states`.
     """
     B, T, H, dk, dv = shape
     d_o = q.new_zeros(B, T, H, dv)
@@ -219,15 +366,19 @@ def propagate_sparse(
     pairs, inv = torch.unique(edits.b * H + edits.h, return_inverse=True)
     bi, hi = pairs // H, pairs % H
     t0, t1 = int(edits.t.min()), int(edits.t.max())
-    if dense_response is not None and t1 - t0 >= _STEP_SPAN:
+    if t1 - t0 >= _STEP_SPAN:
         rows = edits.t - t0
         local = edits.delta.new_zeros(len(pairs), T - t0, 1, dk, dv)
-        local.index_put_((inv, rows), edits.delta[:, None], accumulate=True)
-        o, E = dense_response(
-            transition.select(bi, hi, slice(t0, None)), q[bi, t0:, hi, None], local
-        )
-        d_o[bi, t0:, hi] = o[:, :, 0].to(d_o.dtype)
-        E_T[bi, hi] = E[:, 0].to(E_T.dtype)
+        local = local.index_put((inv, rows), edits.delta[:, None], accumulate=True)
+        sub = transition.select(bi, hi, slice(t0, None))
+        qsub = q[bi, t0:, hi, None]
+        if dense_response is not None:
+            o, E_last = dense_response(sub, qsub, local)
+        else:
+            E = chunked_states(sub, None, None, writes=local)
+            o, E_last = torch.einsum("ntokv,ntok->ntov", E, qsub), E[:, -1]
+        d_o = _scatter_pairs(d_o, bi, hi, t0, o[:, :, 0])
+        E_T = E_T.index_put((bi, hi), E_last[:, 0].to(E_T.dtype))
         return d_o, E_T
 
     stop = t1 + 1 if response is not None else T  # step through [t0, stop)
@@ -247,298 +398,22 @@ def propagate_sparse(
         if t in adds:
             E = E.index_add(0, *adds[t])
         outs.append(torch.einsum("nhkv,nk->nv", E, qsub[:, t - t0]))
-    d_o[bi, t0:stop, hi] = torch.stack(outs, 1)
+    d_o = _scatter_pairs(d_o, bi, hi, t0, torch.stack(outs, 1), stop)
     if stop < T:
         o_rest, E = response(bi, hi, stop, E)
-        d_o[bi, stop:, hi] = o_rest[:, :, 0].to(d_o.dtype)
-    E_T[bi, hi] = E[:, 0].to(E_T.dtype)
+        d_o = _scatter_pairs(d_o, bi, hi, stop, o_rest[:, :, 0].to(d_o.dtype))
+    E_T = E_T.index_put((bi, hi), E[:, 0].to(E_T.dtype))
     return d_o, E_T
+
+
+def _scatter_pairs(
+    d_o: Tensor, bi: Tensor, hi: Tensor, start: int, o: Tensor, stop: int | None = None
+) -> Tensor:
+    """d_o with d_o[bi[i], start:stop, hi[i]] = o[i] (out of place, so autograd follows)."""
+    stop = d_o.shape[1] if stop is None else stop
+    t = torch.arange(start, stop, device=d_o.device)
+    return d_o.index_put((bi[:, None], t[None, :], hi[:, None]), o.to(d_o.dtype))
 
 
 #: edits spanning more positions than this go to a family's dense chunked propagation, if any
 _STEP_SPAN = 16
-
-
-_HUGE_PAGE = 2 << 20
-_libc_madvise: Callable[[int, int, int], int] | None | bool = None
-
-
-def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """torch.empty(shape), on Linux CPU advised to use transparent huge pages when large.
-
-    The writes of one layer are large (d_k d_v floats per token and head, 128 MiB at batch 4 x 256
-    tokens for 8 heads of 64 x 64) and freshly allocated on every call; on a virtual machine the
-    first touch of each 4 KiB page then costs more than the multiplication that fills it. Huge
-    pages (MADV_HUGEPAGE, honoured in the kernel's default "madvise" mode) cut that 512-fold.
-    Only this allocation is advised; where that is not possible this is plain torch.empty.
-    """
-    global _libc_madvise
-    t = torch.empty(shape, dtype=like.dtype, device=like.device)
-    nbytes = t.numel() * t.element_size()
-    if like.device.type != "cpu" or nbytes < 4 * _HUGE_PAGE:
-        return t
-    if _libc_madvise is None:
-        _libc_madvise = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                _libc_madvise = libc.madvise
-            except (OSError, AttributeError):
-                pass
-    if _libc_madvise:
-        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _libc_madvise(start, end - start, 14)  # MADV_HUGEPAGE; a failure is harmless
-    return t
-
-
-class _WriteBuffer:
-    """One reusable block of memory for the dense writes handed to `hook_write` hooks (CPU only).
-
-    Building `[batch, pos, head, d_k, d_v]` writes into fresh memory costs more in page faults than
-    the multiplication itself, so the memory is kept between calls. It is reused only when nothing
-    outside holds on to it: a hook that keeps the writes (a cache, or a returned view) makes the
-    storage's reference count stay up, and the next call then takes new memory and leaves the old
-    block to its holder. Blocks above `max_bytes` are never kept.
-    """
-
-    max_bytes = 256 << 20
-
-    def __init__(self) -> None:
-        self.block: Tensor | None = None
-        self.idle_count = 0
-
-    @staticmethod
-    def _use_count(t: Tensor) -> int:
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-    def get(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """Uninitialised memory for a tensor of `shape` and `like`'s dtype and device."""
-        n = math.prod(shape)
-        if (
-            like.device.type != "cpu"
-            or n * like.element_size() > self.max_bytes
-            or not hasattr(torch._C, "_storage_Use_Count")
-        ):
-            return _empty_large(shape, like)
-        b = self.block
-        if (
-            b is None
-            or b.dtype != like.dtype
-            or b.numel() < n
-            or self._use_count(b) != self.idle_count
-        ):
-            self.block = b = _empty_large((n,), like)
-            self.idle_count = self._use_count(b)
-        return b[:n].view(shape)
-
-
-_write_buffer = _WriteBuffer()
-
-
-def _hooked_write(
-    hook: RecurrentHookPoint, write_k: Tensor, write_v: Tensor, block_elems: int = 1 << 18
-) -> tuple[Tensor, Edits | None]:
-    """Run `hook` on the writes k v^T; return (writes to use, the edits or None).
-
-    The writes are built once, for the hook. What the hook changed is found block by block (of
-    batch x positions): against the writes it was given when it returned a new tensor, or, when it
-    edited them in place (or returned a view of them), against k v^T rebuilt from the factors, so
-    no second full-size tensor is allocated. (Float multiplication is deterministic, so the rebuilt
-    values are bit-identical to the ones the hook was given.)
-    """
-    shape = (*write_k.shape, write_v.shape[-1])
-    if torch.is_grad_enabled() and (write_k.requires_grad or write_v.requires_grad):
-        native = write_k[..., :, None] * write_v[..., None, :]  # out= does not support autograd
-    else:
-        native = torch.mul(
-            write_k[..., :, None], write_v[..., None, :], out=_write_buffer.get(shape, write_k)
-        )
-    version = native._version
-    edited = hook(native)
-    if edited is native and native._version == version:
-        return native, None
-    B, T, H, dk, dv = edited.shape
-    flat = edited.reshape(B * T, H, dk, dv)
-    kk, vv = write_k.reshape(B * T, H, dk), write_v.reshape(B * T, H, dv)
-    shared = edited.untyped_storage().data_ptr() == native.untyped_storage().data_ptr()
-    intact = None if shared or native._version != version else native.reshape(B * T, H, dk, dv)
-    step = max(1, block_elems // (H * dk * dv))
-    changed = torch.zeros(B * T, H, dtype=torch.bool, device=edited.device)
-    buf = None if intact is not None else flat.new_empty(min(step, B * T), H, dk, dv)
-    with torch.no_grad():
-        for s in range(0, B * T, step):
-            e = slice(s, s + step)
-            if intact is not None:
-                ref = intact[e]
-            else:
-                ref = torch.mul(kk[e, :, :, None], vv[e, :, None, :], out=buf[: len(flat[e])])
-            if not torch.equal(flat[e], ref):  # most blocks are untouched: a fast all-equal test
-                changed[e] = flat[e].ne(ref).flatten(2).any(-1)
-    changed = changed.view(B, T, H)
-    if not bool(changed.any()):
-        return edited, None
-
-    def native_at(index: tuple[Tensor, ...]) -> Tensor:
-        return write_k[index][..., :, None] * write_v[index][..., None, :]
-
-    return edited, Edits.found(changed, edited, native_at)
-
-
-def _hooked(
-    hook: RecurrentHookPoint, native: Tensor, rebuild: Callable[[], Tensor]
-) -> tuple[Tensor, Edits | None]:
-    """Run `hook` on `native`; return (tensor to use, the edits or None if nothing changed).
-
-    A hook may return a new tensor or edit its input in place (TransformerLens hooks often do).
-    In place (or a returned view of the input) is detected from the version counter and the
-    storage; the native values are then rebuilt with `rebuild` to find what changed. A hook that
-    only reads (a cache) costs nothing more.
-    """
-    version = native._version
-    edited = hook(native)
-    if edited is native and native._version == version:
-        return native, None
-    if native._version != version or (
-        edited.untyped_storage().data_ptr() == native.untyped_storage().data_ptr()
-    ):
-        native = rebuild()
-    changed = edited.ne(native).flatten(3).any(-1)  # [b, T, h]
-    if not bool(changed.any()):
-        return edited, None
-    return edited, Edits.found(changed, edited, native.__getitem__)
-
-
-FastPath = Callable[[], tuple[Tensor, Tensor]]
-
-
-class RecurrentMixer(torch.nn.Module):
-    """Base of every recurrent mixer: owns `hook_write` and `hook_state` and runs the recurrence.
-
-    `recur` materialises the write and the state only when they are hooked.
-
-    Without hooks on the write or the state this is just the family's fast (chunked) path. With a
-    hook on `hook_write` the writes are built, handed to the hook, and any change is pushed through
-    the transitions (`propagate`). With a hook on `hook_state` the state trajectory is computed with
-    the reference scan, handed to the hook, and any change is propagated the same way: the state fed
-    to step t+1 is the edited one. Edits are taken relative to the tensor the hook was given, so
-    several edited positions compose as additive changes. The outputs are always the fast path's
-    plus the propagated response, so positions before the first edit are bit-for-bit unchanged.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_write = RecurrentHookPoint()  # [batch, pos, head, d_k, d_v]
-        self.hook_state = RecurrentHookPoint()  # [batch, pos, head, d_k, d_v]
-
-    #: name of the hook holding the write strength (beta, dt), or None when it is 1 (RWKV-7)
-    write_strength_hook: str | None = None
-
-    def propagate_edits(
-        self,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        delta: Float[Tensor, "batch pos head d_k d_v"],
-    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
-        """The layer's exact response to additive state edits: `propagate`, step by step.
-
-        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
-        """
-        return propagate(transition, q, delta)
-
-    def state_trajectory(
-        self,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        write_k: Float[Tensor, "batch pos head d_k"] | None,
-        write_v: Float[Tensor, "batch pos head d_v"] | None,
-        S0: Float[Tensor, "batch head d_k d_v"] | None,
-        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
-    ) -> Float[Tensor, "batch pos head d_k d_v"]:
-        """S_t at every position, for `hook_state` and `native_state`: the reference `scan`.
-
-        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
-        """
-        return scan(transition, q, write_k, write_v, S0, writes=writes, keep_states=True)[2]
-
-    def recur(
-        self,
-        fast_path: FastPath,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        write_k: Float[Tensor, "batch pos head d_k"],
-        write_v: Float[Tensor, "batch pos head d_v"],
-        S0: Float[Tensor, "batch head d_k d_v"] | None,
-        response: Response | None = None,
-    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
-        """Run the recurrence: the fast path, plus the exact response to any edit made at
-        `hook_write` or `hook_state`. Returns the reads `[batch, pos, head, d_v]` and the final
-        state `[batch, head, d_k, d_v]`.
-        """
-        want_write, want_state = self.hook_write.active, self.hook_state.active
-        if q.shape[1] == 1:  # one decoding step: the plain recurrence is the fast path
-            S0_ = S0
-
-            def fast_path() -> tuple[Tensor, Tensor]:
-                return scan(transition, q, write_k, write_v, S0_)[:2]
-
-        if not (want_write or want_state):
-            return fast_path()
-
-        writes = None
-        edits: list[Edits] = []
-        if want_write:
-            memo: dict = {}
-
-            def native_state(head: int | None = None) -> Tensor:
-                if head not in memo:
-                    if head is None:
-                        memo[None] = self.state_trajectory(transition, q, write_k, write_v, S0)
-                    else:
-                        sel = slice(head, head + 1)
-                        sub = Transition(
-                            transition.decay[:, :, sel],
-                            None if transition.erase_a is None else transition.erase_a[:, :, sel],
-                            None if transition.erase_b is None else transition.erase_b[:, :, sel],
-                        )
-                        s0 = None if S0 is None else S0[:, sel]
-                        memo[head] = self.state_trajectory(
-                            sub,
-                            q[:, :, sel],
-                            write_k[:, :, sel],
-                            write_v[:, :, sel],
-                            s0,
-                        )[:, :, 0]
-                return memo[head]
-
-            with self.hook_write.providing(native_state=native_state):
-                edited, edit = _hooked_write(self.hook_write, write_k, write_v)
-            if edit is not None:
-                writes = edited
-                edits.append(edit)
-            del edited  # the write buffer is free again once nothing holds it
-
-        if want_state:
-
-            def native_states() -> Tensor:
-                return self.state_trajectory(transition, q, write_k, write_v, S0, writes=writes)
-
-            _, edit = _hooked(self.hook_state, native_states(), native_states)
-            if edit is not None:
-                edits.append(edit)
-        writes = None  # drop the reference: the write buffer is reusable once nothing holds it
-
-        o, S_T = fast_path()
-        if edits:
-            shape = (*q.shape[:3], q.shape[-1], write_v.shape[-1])
-            dense = None
-            if type(self).propagate_edits is not RecurrentMixer.propagate_edits:
-                dense = self.propagate_edits  # the family's own (e.g. chunked) propagation
-            d_o, E_T = propagate_sparse(
-                transition, q.float(), Edits.cat(edits), shape, response, dense
-            )
-            o = o + d_o.to(o.dtype)
-            S_T = S_T + E_T
-        return o, S_T

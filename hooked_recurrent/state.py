@@ -21,10 +21,21 @@ class RecurrentState:
       `[batch, channels, K-1]`, or RWKV-7's `"shift"`: the previous normalised token);
     * attention layers: `"k"`, `"v"`: the KV cache `[batch, kv_head, pos, d_head]` (keys rotated);
     * blocks with a token-shifted MLP (RWKV-7): `"mlp_shift"`.
+
+    `mask` is the attention mask `[batch, offset]` of every token seen so far (1 = real token), or
+    None when all were real. The attention layers use it to skip padded keys in the KV cache and
+    to count RoPE positions over real tokens; the recurrent layers need nothing from it (a padded
+    position left their state and buffers as they were).
     """
 
     offset: int
     layers: list[dict[str, Tensor]]
+    mask: Tensor | None = None
+
+    @property
+    def n_real(self) -> Tensor | int:
+        """The number of real (unpadded) tokens seen by each row `[batch]` (or `offset`)."""
+        return self.offset if self.mask is None else self.mask.long().sum(-1)
 
     @property
     def batch_size(self) -> int:
@@ -37,13 +48,17 @@ class RecurrentState:
     def clone(self) -> RecurrentState:
         """A copy with every tensor cloned."""
         return RecurrentState(
-            self.offset, [{k: v.clone() for k, v in layer.items()} for layer in self.layers]
+            self.offset,
+            [{k: v.clone() for k, v in layer.items()} for layer in self.layers],
+            None if self.mask is None else self.mask.clone(),
         )
 
     def index_batch(self, idx: Tensor | slice) -> RecurrentState:
         """The state of a subset of the batch (e.g. to drop finished sequences)."""
         return RecurrentState(
-            self.offset, [{k: v[idx] for k, v in layer.items()} for layer in self.layers]
+            self.offset,
+            [{k: v[idx] for k, v in layer.items()} for layer in self.layers],
+            None if self.mask is None else self.mask[idx],
         )
 
     def repeat(self, n: int) -> RecurrentState:
@@ -51,12 +66,15 @@ class RecurrentState:
         return RecurrentState(
             self.offset,
             [{k: v.repeat_interleave(n, dim=0) for k, v in layer.items()} for layer in self.layers],
+            None if self.mask is None else self.mask.repeat_interleave(n, dim=0),
         )
 
     def to(self, device: torch.device | str) -> RecurrentState:
         """The state with every tensor moved to `device`."""
         return RecurrentState(
-            self.offset, [{k: v.to(device) for k, v in layer.items()} for layer in self.layers]
+            self.offset,
+            [{k: v.to(device) for k, v in layer.items()} for layer in self.layers],
+            None if self.mask is None else self.mask.to(device),
         )
 
 
@@ -69,12 +87,21 @@ class RunContext:
         state_in: the state to start from (None: the empty state).
         state_out: filled by the layers when the caller asked for the final state.
         shared: values that one layer hands to later ones (RWKV-7's v_first).
+        mask: `[batch, pos]` bool, True at the real tokens of this call, or None when every token
+            is real (the recurrent mixers then skip all masking).
+        key_mask: `[batch, offset + pos]` bool over the past and this call's tokens, for the
+            attention layers, or None when every token so far is real.
+        row_positions: `[batch, pos]` RoPE positions counted over each row's real tokens, or None
+            when they are `positions` for every row.
     """
 
     positions: Tensor
     state_in: RecurrentState | None = None
     state_out: list[dict[str, Tensor]] | None = None
     shared: dict[str, Tensor] = field(default_factory=dict)
+    mask: Tensor | None = None
+    key_mask: Tensor | None = None
+    row_positions: Tensor | None = None
 
     def layer_in(self, layer: int) -> dict[str, Tensor] | None:
         """The incoming state of one layer, or None at the start of a sequence."""

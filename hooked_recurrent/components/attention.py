@@ -78,9 +78,12 @@ class GatedAttention(nn.Module):
         v = self.hook_v(self.W_V(x).view(B, T, Hkv, D))
         gate = self.hook_gate(gate)
 
-        freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
+        if run.row_positions is None:
+            freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
+        else:  # padding: positions counted over each row's real tokens, [B, T, rd / 2]
+            freqs = run.row_positions.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
         q = self.hook_rot_q(rotate_partial(q, cos, sin))
         k = self.hook_rot_k(rotate_partial(k, cos, sin))
 
@@ -95,15 +98,27 @@ class GatedAttention(nn.Module):
         v_rep = v_all.repeat_interleave(rep, dim=1)
 
         n_past = k_all.shape[2] - T
+        allowed = None
+        if run.key_mask is not None:  # padding: no padded key, except a padded query's own
+            Tk = k_all.shape[2]
+            causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(n_past)
+            keys = torch.arange(Tk, device=x.device)
+            own = keys[None, :] == keys[n_past:, None]  # query t's own key, [T, Tk]
+            allowed = causal & (run.key_mask[:, None, None, :] | own)  # [B, 1, T, Tk]
         if self.hook_attn_scores.active or self.hook_pattern.active:
             Tk = k_all.shape[2]
-            future = torch.ones(T, Tk, dtype=torch.bool, device=x.device).triu(n_past + 1)
-            mask = torch.zeros(T, Tk, dtype=q.dtype, device=x.device).masked_fill_(
-                future, -math.inf
-            )
+            if allowed is None:
+                future = torch.ones(T, Tk, dtype=torch.bool, device=x.device).triu(n_past + 1)
+                mask = torch.zeros(T, Tk, dtype=q.dtype, device=x.device).masked_fill_(
+                    future, -math.inf
+                )
+                mask = mask.expand(B * H, T, Tk)
+            else:
+                mask = torch.zeros(B, H, T, Tk, dtype=q.dtype, device=x.device)
+                mask = mask.masked_fill_(~allowed, -math.inf).view(B * H, T, Tk)
             # q k^T / sqrt(d) + mask in one batched GEMM: one [batch, head, query, key] tensor
             scores = torch.baddbmm(
-                mask.expand(B * H, T, Tk),
+                mask,
                 q.transpose(1, 2).reshape(B * H, T, D),
                 k_rep.reshape(B * H, Tk, D).transpose(1, 2),
                 alpha=1 / math.sqrt(D),
@@ -111,6 +126,8 @@ class GatedAttention(nn.Module):
             scores = self.hook_attn_scores(scores)
             pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
             z = torch.matmul(pattern, v_rep)
+        elif allowed is not None:
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed)
         else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
             mask = None
             if n_past and T > 1:

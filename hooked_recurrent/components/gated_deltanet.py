@@ -23,7 +23,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, zero_write_response
+from hooked_recurrent.mixer import RecurrentMixer
+from hooked_recurrent.padding import masked_causal_conv
+from hooked_recurrent.recurrence import Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
 
@@ -172,10 +174,18 @@ class GatedDeltaNet(RecurrentMixer):
         B, T, _ = x.shape
         H, Hk, dk, dv = self.n_heads, self.n_key_heads, self.d_k, self.d_v
         past = run.layer_in(self.layer)
+        m = None if run.mask is None else run.mask[..., None]  # padding: zero inputs, identity step
+        if m is not None:
+            x = x * m.to(x.dtype)
 
         prev = None if past is None else past["conv"]
-        conv, conv_buf = causal_conv(self.W_qkv(x), self.conv_w, None, prev)
+        if m is None:
+            conv, conv_buf = causal_conv(self.W_qkv(x), self.conv_w, None, prev)
+        else:
+            conv, conv_buf = masked_causal_conv(self.W_qkv(x), self.conv_w, None, prev, run.mask)
         conv = F.silu(conv)
+        if m is not None:
+            conv = conv * m.to(conv.dtype)
         q, k, v = conv.split((Hk * dk, Hk * dk, H * dv), dim=-1)
         rep = H // Hk
         q = l2norm(q.float().view(B, T, Hk, dk)).repeat_interleave(rep, dim=2) / math.sqrt(dk)
@@ -183,8 +193,11 @@ class GatedDeltaNet(RecurrentMixer):
         q = self.hook_q(q)
         k = self.hook_k(k)
         v = self.hook_v(v.float().view(B, T, H, dv))
-        beta = self.hook_beta(torch.sigmoid(self.W_b(x)).float())
+        beta = torch.sigmoid(self.W_b(x)).float()
         g = -self.A_log.float().exp() * F.softplus(self.W_a(x).float() + self.dt_bias.float())
+        if m is not None:
+            beta, g = beta * m, g * m  # beta 0, decay 1 at padded positions
+        beta = self.hook_beta(beta)
         alpha = g.exp()
         if self.hook_decay.active:
             native_alpha = alpha.clone()  # a hook may edit in place
@@ -206,6 +219,7 @@ class GatedDeltaNet(RecurrentMixer):
             v,
             S0,
             response=response,
+            run=run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o.to(x.dtype))

@@ -36,7 +36,9 @@ from torch import Tensor, nn
 
 from hooked_recurrent.components.gated_deltanet import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, zero_write_response
+from hooked_recurrent.mixer import RecurrentMixer
+from hooked_recurrent.padding import masked_causal_conv
+from hooked_recurrent.recurrence import Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
 __all__ = ["Mamba2Mixer", "chunk_ssd", "segment_sum"]
@@ -179,16 +181,27 @@ class Mamba2Mixer(RecurrentMixer):
         Bsz, T, _ = u.shape
         H, P, N, G = self.n_heads, self.head_dim, self.d_state, self.n_groups
         past = run.layer_in(self.layer)
+        m = None if run.mask is None else run.mask[..., None]  # padding: zero inputs, identity step
+        if m is not None:
+            u = u * m.to(u.dtype)
 
         z, xBC, dt = self.W_in(u).split((self.d_inner, self.conv_dim, H), dim=-1)
         prev = None if past is None else past["conv"]
-        xBC, conv_buf = causal_conv(xBC, self.conv_w, self.conv_b, prev)
-        x, B, C = F.silu(xBC).split((self.d_inner, G * N, G * N), dim=-1)
+        if m is None:
+            xBC, conv_buf = causal_conv(xBC, self.conv_w, self.conv_b, prev)
+        else:
+            xBC, conv_buf = masked_causal_conv(xBC, self.conv_w, self.conv_b, prev, run.mask)
+        xBC = F.silu(xBC)
+        if m is not None:
+            xBC = xBC * m.to(xBC.dtype)  # again after the conv (its bias), as Hugging Face does
+        x, B, C = xBC.split((self.d_inner, G * N, G * N), dim=-1)
         rep = H // G
         q = self.hook_q(C.float().view(Bsz, T, G, N).repeat_interleave(rep, dim=2))
         k = self.hook_k(B.float().view(Bsz, T, G, N).repeat_interleave(rep, dim=2))
         v = self.hook_v(x.float().view(Bsz, T, H, P))
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+        if m is not None:
+            dt = dt * m  # zero write and decay 1 at padded positions
         dt = self.hook_dt(dt)
         log_decay = -self.A_log.float().exp() * dt  # dt A: computed from the (edited) dt
         decay = log_decay.exp()
@@ -214,6 +227,7 @@ class Mamba2Mixer(RecurrentMixer):
             dt[..., None] * v,
             S0,
             response=response,
+            run=run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o)

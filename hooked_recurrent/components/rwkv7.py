@@ -32,7 +32,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan, zero_write_response
+from hooked_recurrent.mixer import RecurrentMixer
+from hooked_recurrent.padding import masked_token_shift
+from hooked_recurrent.recurrence import Transition, scan, zero_write_response
 from hooked_recurrent.state import RunContext
 
 __all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]
@@ -330,8 +332,14 @@ class TimeMix(RecurrentMixer):
         B, T, C = x.shape
         H, N = self.n_heads, self.d_head
         past = run.layer_in(self.layer)
-
-        xx = token_shift(x, None if past is None else past["shift"]) - x
+        m = None if run.mask is None else run.mask[..., None]  # padding: zero inputs, identity step
+        if m is None:
+            xx = token_shift(x, None if past is None else past["shift"]) - x
+            shift = x[:, -1]
+        else:  # the previous *real* token; zero inputs (so r, k, v, kappa = 0) at padded positions
+            x = x * m.to(x.dtype)
+            prev, shift = masked_token_shift(x, None if past is None else past["shift"], run.mask)
+            xx = (prev - x) * m.to(x.dtype)
         xr, xw, xk, xv, xa, xg = (
             x + xx * mu for mu in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g)
         )
@@ -356,6 +364,8 @@ class TimeMix(RecurrentMixer):
         if self.layer == 0:
             run.shared["v_first"] = v.reshape(B, T, C)
         w = w.view(B, T, H, N)
+        if m is not None:
+            w = w * m[..., None]  # decay 1 at padded positions (and no erase: kappa = 0 there)
         decay = self.hook_decay(w.exp())
         if self.hook_decay.active:  # keep w bit-for-bit where the decay was not changed
             w = torch.where(decay == w.exp(), w, decay.log())
@@ -376,8 +386,9 @@ class TimeMix(RecurrentMixer):
             v,
             S0,
             response=response,
+            run=run,
         )
-        run.save(self.layer, S=S_T, shift=x[:, -1])
+        run.save(self.layer, S=S_T, shift=shift)
         o = self.hook_read(o)
 
         o = F.group_norm(
@@ -407,8 +418,13 @@ class ChannelMix(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """The channel mix on `x` `[batch, pos, d_model]`, with its token shift from `run`."""
         past = run.layer_in(self.layer)
-        xk = x + (token_shift(x, None if past is None else past["mlp_shift"]) - x) * self.x_k
+        prev = None if past is None else past["mlp_shift"]
+        if run.mask is None:
+            shifted, shift = token_shift(x, prev), x[:, -1]
+        else:  # the previous real token; padded positions carry no state here
+            shifted, shift = masked_token_shift(x, prev, run.mask)
+        xk = x + (shifted - x) * self.x_k
         pre = self.hook_pre(self.W_in(xk))
         post = self.hook_post(torch.relu(pre).square())
-        run.save(self.layer, mlp_shift=x[:, -1])
+        run.save(self.layer, mlp_shift=shift)
         return self.W_out(post)

@@ -96,7 +96,9 @@ def brute_force_logits(hf, tokens: torch.Tensor, edit=None) -> torch.Tensor:
 
     `edit(layer, t, name, value)` may return a replacement for any of "k" (B per head), "v" (x),
     "dt", "decay", "write" (B (dt x)^T) or "state" (S_t, [head, d_state, headdim], key side
-    first) of one token; it is called with the batch-wide tensor of that token.
+    first) of one token; it is called with the batch-wide tensor of that token. "state" is called
+    with the state of the trajectory without state edits, and assigns: where the returned value
+    differs from it, the state is the returned value (the package's `hook_state` semantics).
     """
     cfg = hf.config
     H, P, N, G = cfg.num_heads, cfg.head_dim, cfg.state_size, cfg.n_groups
@@ -128,6 +130,7 @@ def brute_force_logits(hf, tokens: torch.Tensor, edit=None) -> torch.Tensor:
         x, Bg, Cg = conv.split([Di, G * N, G * N], -1)
         A = -m.A_log.double().exp()
         S = torch.zeros(Bsz, H, N, P, dtype=torch.float64)
+        S_nat = S  # the trajectory without state edits: what hook_state is given
         ys = []
         for t in range(T):
             xt = x[:, t].view(Bsz, H, P)
@@ -139,7 +142,11 @@ def brute_force_logits(hf, tokens: torch.Tensor, edit=None) -> torch.Tensor:
             dt = edit(li, t, "dt", dt)
             decay = edit(li, t, "decay", torch.exp(dt * A))
             W = edit(li, t, "write", Bt[..., :, None] * (dt[..., None] * xt)[..., None, :])
-            S = edit(li, t, "state", decay[..., None, None] * S + W)
+            S = decay[..., None, None] * S + W
+            S_nat = decay[..., None, None] * S_nat + W
+            X = edit(li, t, "state", S_nat)
+            assigned = (X != S_nat).flatten(2).any(-1)[..., None, None]
+            S = torch.where(assigned, X, S)
             read = torch.einsum("bhnp,bhn->bhp", S, Ct)
             ys.append(read + m.D.double()[:, None] * xt)
         y = torch.stack(ys, 1).reshape(Bsz, T, Di) * F.silu(z)

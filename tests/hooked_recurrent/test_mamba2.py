@@ -412,7 +412,8 @@ def multi_edit_result(hf, model, layer: int, case: str, hook_name: str) -> tuple
 @pytest.mark.parametrize("case", list(MULTI_EDITS))
 @pytest.mark.parametrize("layer", [0, -1])
 def test_multi_position_edits_propagate_like_brute_force(pair, layer, case, hook_name):
-    """Additive edits at several (batch, pos, head) triples of hook_write / hook_state."""
+    """Edits at several (batch, pos, head) triples: added to hook_write; at hook_state the state
+    is assigned the received state plus the change (the brute force keeps both trajectories)."""
     diff, earlier, effect = multi_edit_result(*pair, layer, case, hook_name)
     assert diff <= 1e-4, diff
     for b, equal in enumerate(earlier):
@@ -481,7 +482,7 @@ def test_generation_with_write_hook_equals_forward_with_it(pair):
 def test_write_edit_detection_block_by_block(in_place):
     """The engine finds exactly the edited (batch, pos, head) triples, across many blocks."""
     from hooked_recurrent.hook_points import RecurrentHookPoint
-    from hooked_recurrent.recurrence import _hooked_write
+    from hooked_recurrent.mixer import _hooked_write
 
     g = torch.Generator().manual_seed(14)
     k, v = torch.randn(3, 20, 4, 5, generator=g), torch.randn(3, 20, 4, 6, generator=g)
@@ -495,7 +496,7 @@ def test_write_edit_detection_block_by_block(in_place):
 
     hp = RecurrentHookPoint()
     hp.add_hook(hook)
-    edited, edits = _hooked_write(hp, k, v, block_elems=2 * 4 * 5 * 6)
+    edited, edits, _ = _hooked_write(hp, k, v, block_elems=2 * 4 * 5 * 6)
     found = sorted(zip(edits.b.tolist(), edits.t.tolist(), edits.h.tolist(), strict=True))
     assert found == sorted(hit)
     native = k[..., :, None] * v[..., None, :]

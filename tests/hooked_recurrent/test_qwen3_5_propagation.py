@@ -45,21 +45,27 @@ def brute_force_gdn(la, h, edit_name, edit):
             for t, f in edits.items():
                 x[:, t] = f(x[:, t])
     S = torch.zeros(B, Hv, dk, dv)
+    S_nat = S  # the trajectory without state edits: what hook_state is given
     outs = []
     for t in range(L):
         kt = k[:, t]
-        S = alpha[:, t, :, None, None] * (
-            S
-            - beta[:, t, :, None, None]
-            * kt[..., :, None]
-            * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :]
-        )
+
+        def A(S, t=t, kt=kt):
+            return alpha[:, t, :, None, None] * (
+                S
+                - beta[:, t, :, None, None]
+                * kt[..., :, None]
+                * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :]
+            )
+
         W = beta[:, t, :, None, None] * kt[..., :, None] * v[:, t, :, None, :]
         if edit_name == "hook_write" and t in edits:
             W = edits[t](W)
-        S = S + W
+        S, S_nat = A(S) + W, A(S_nat) + W
         if edit_name == "hook_state" and t in edits:
-            S = edits[t](S)
+            # assignment: where the edit changes the native state, the state is the edited value
+            X = edits[t](S_nat)
+            S = torch.where((X != S_nat).flatten(2).any(-1)[..., None, None], X, S)
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     o = torch.stack(outs, 1)
     z = la.in_proj_z(h).reshape(B, L, Hv, dv)

@@ -70,6 +70,7 @@ def reference_forward(sd: dict, tokens: list[int], edit=None) -> torch.Tensor:
     att_prev = [torch.zeros(C, dtype=torch.float64) for _ in range(L)]
     ffn_prev = [torch.zeros(C, dtype=torch.float64) for _ in range(L)]
     S = [torch.zeros(H, N, N, dtype=torch.float64) for _ in range(L)]
+    S_nat = [torch.zeros(H, N, N, dtype=torch.float64) for _ in range(L)]
     logits = []
     for t, tok in enumerate(tokens):
         x = ln(z["emb.weight"][tok], "blocks.0.ln0")
@@ -101,10 +102,17 @@ def reference_forward(sd: dict, tokens: list[int], edit=None) -> torch.Tensor:
                 v_first = v.reshape(C)
             decay = E(i, "hook_decay", t, w.exp().view(H, N))
             write = E(i, "hook_write", t, k[:, :, None] * v[:, None, :])  # [H, K, V]
-            s = S[i]  # [H, V, K]
-            s = s * decay[:, None, :] - (s @ kk[:, :, None]) @ (a * kk)[:, None, :]
-            s = s + write.transpose(-1, -2)
-            s = E(i, "hook_state", t, s.transpose(-1, -2)).transpose(-1, -2)
+
+            def step(s, decay=decay, kk=kk, a=a, write=write):  # [H, V, K]
+                s = s * decay[:, None, :] - (s @ kk[:, :, None]) @ (a * kk)[:, None, :]
+                return s + write.transpose(-1, -2)
+
+            s, S_nat[i] = step(S[i]), step(S_nat[i])
+            # hook_state is given the trajectory without state edits and assigns where it changes
+            x_nat = S_nat[i].transpose(-1, -2)
+            x_new = E(i, "hook_state", t, x_nat)
+            assigned = (x_new != x_nat).flatten(1).any(-1)[:, None, None]
+            s = torch.where(assigned, x_new.transpose(-1, -2), s)
             S[i] = s
             o = E(i, "hook_read", t, (s @ r[:, :, None])[..., 0])
             o = F.group_norm(o.reshape(1, C), H, z[p + "ln_x.weight"], z[p + "ln_x.bias"], 64e-5)

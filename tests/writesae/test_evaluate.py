@@ -8,7 +8,8 @@ from torch import nn
 from transformer_lens import HookedRootModule
 
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions
-from hooked_recurrent.recurrence import RecurrentMixer, Transition, scan
+from hooked_recurrent.mixer import RecurrentMixer
+from hooked_recurrent.recurrence import Transition, scan
 from writesae import WriteSAE, WriteSAEConfig
 from writesae.evaluate import evaluate_closed_form, evaluate_substitution
 from writesae.stats import wilson
