@@ -17,6 +17,12 @@ from transformer_lens import ActivationCache, HookedRootModule
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions, unknown_hook_error
 from hooked_recurrent.state import RecurrentState, RunContext
+from hooked_recurrent.validation import (
+    check_forward_input,
+    check_generate_args,
+    check_load_args,
+    check_text,
+)
 
 __all__ = ["HookedRecurrentModel", "MATRIX_HOOKS", "HOOK_ALIASES"]
 
@@ -119,6 +125,7 @@ class HookedRecurrentModel(HookedRootModule):
         """
         from hooked_recurrent.pretrained import load_pretrained
 
+        check_load_args(dtype, device)
         cfg, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype)
         model = cls(cfg, tokenizer)
         model.load_state_dict(state_dict, strict=True)
@@ -170,6 +177,7 @@ class HookedRecurrentModel(HookedRootModule):
             padding_side: where a list of texts is padded ("right", TransformerLens's default, or
                 "left").
         """
+        check_forward_input(self, input, state, return_type)
         with self._exclusive():
             return self._forward(
                 input,
@@ -397,6 +405,7 @@ class HookedRecurrentModel(HookedRootModule):
         """
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+        check_text(input)
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
@@ -471,6 +480,9 @@ class HookedRecurrentModel(HookedRootModule):
             `return_type="str"`; padding is left out of the text), else as tokens `[batch, pos]`
             (padding included, as in the prompt).
         """
+        check_generate_args(self, max_new_tokens, do_sample, temperature, top_k, top_p,
+                            eos_token_id, return_type, seed)  # fmt: skip
+        check_forward_input(self, input)
         if isinstance(input, (str, list)):
             tokens, text_mask = self.to_tokens(input, padding_side="left", return_mask=True)
             if attention_mask is None and not isinstance(input, str):

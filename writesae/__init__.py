@@ -11,7 +11,7 @@ from writesae.activations import (
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
 from writesae.interventions import ablate_hook, install_hook, substitute_hook
 from writesae.sae import BaseSAE, FlatSAE, SAEOutput, WriteSAE, load_sae
-from writesae.train import TrainMetrics, lr_at, train
+from writesae.train import TrainingInterrupted, TrainMetrics, lr_at, train
 
 __all__ = [
     "WriteSAEConfig",
@@ -24,6 +24,7 @@ __all__ = [
     "load_sae",
     "train",
     "TrainMetrics",
+    "TrainingInterrupted",
     "lr_at",
     "WriteFactors",
     "TensorSource",

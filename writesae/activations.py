@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,6 +45,10 @@ class WriteFactors(NamedTuple):
 
     key: Float[Tensor, "B d_k"]
     value: Float[Tensor, "B d_v"]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _n(data: Tensor | WriteFactors) -> int:
@@ -87,6 +93,8 @@ class TensorSource:
             )
         if isinstance(data, Tensor) and data.ndim != 3:
             raise ValueError(f"states must be [N, d_k, d_v], got shape {tuple(data.shape)}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"TensorSource: batch_size={batch_size!r}; expected an int >= 1")
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -126,6 +134,46 @@ def _select_positions(p: int, positions: Any) -> Tensor:
     pos = torch.as_tensor(list(positions), dtype=torch.long)
     pos = pos[(pos < p) & (pos >= -p)] % p
     return pos
+
+
+def _check_cell(model: Any, layer: Any, head: Any, kind: Any) -> None:
+    """The cell (layer, head) and input kind exist in ``model``."""
+    if kind not in ("state", "write"):
+        raise ValueError(f"kind={kind!r}; expected 'state' or 'write'")
+    if not _is_int(layer):
+        raise TypeError(f"layer={layer!r}; expected an int")
+    if not _is_int(head):
+        raise TypeError(f"head={head!r}; expected an int")
+    cfg = getattr(model, "cfg", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        rec = [i for i, t in enumerate(types) if t == "recurrent"]
+        if layer not in rec:
+            raise ValueError(f"layer={layer} is not a recurrent layer; recurrent layers: {rec}")
+    n_heads = getattr(cfg, "n_heads", None)
+    if n_heads is not None and not 0 <= head < n_heads:
+        raise ValueError(f"head={head} out of range; the model has {n_heads} state heads")
+
+
+def _check_positions(positions: Any, p: int) -> None:
+    """Positions select at least one position and none beyond a block of ``p`` tokens."""
+    if positions is None or positions == "last":
+        return
+    if isinstance(positions, slice):
+        if len(range(p)[positions]) == 0:
+            raise ValueError(f"positions={positions} selects nothing in blocks of {p} tokens")
+        return
+    if isinstance(positions, str):
+        raise ValueError(f"positions={positions!r}; expected None, 'last', int, slice or list")
+    pos = [positions] if _is_int(positions) else list(positions)
+    if not pos:
+        raise ValueError("positions is empty; expected None (all), 'last', an int, slice or list")
+    bad = [q for q in pos if not _is_int(q) or not -p <= q < p]
+    if bad:
+        raise ValueError(
+            f"positions {bad[:5]} lie outside blocks of context_len={p} tokens "
+            f"(accepted: -{p} <= position < {p})"
+        )
 
 
 def extract_cell(
@@ -206,12 +254,42 @@ class ModelSource:
         seed: int = 0,
         device: str | torch.device | None = None,
     ):
+        _check_cell(model, layer, head, kind)
+        for name, v in (
+            ("batch_size", batch_size),
+            ("buffer_size", buffer_size),
+            ("context_len", context_len),
+            ("model_batch_size", model_batch_size),
+        ):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"ModelSource: {name}={v!r}; expected an int >= 1")
+        if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
+            raise ValueError(f"ModelSource: max_samples={max_samples!r}; expected None or int >= 1")
+        if isinstance(texts, str):
+            raise TypeError("ModelSource: texts is one str; pass a list of texts, e.g. [text]")
+        _check_positions(positions, context_len)
         self.model, self.texts = model, texts
         self.layer, self.head, self.kind, self.positions = layer, head, kind, positions
+        self.tokens_seen = 0
         self.batch_size, self.buffer_size = batch_size, max(buffer_size, 2 * batch_size)
         self.context_len, self.model_batch_size = context_len, model_batch_size
         self.max_samples, self.seed, self.device = max_samples, seed, device
         self._epoch = 0
+
+    def provenance(self) -> dict[str, Any]:
+        """Where the samples come from: model name and fingerprint, layer, head, input kind."""
+        from hooked_recurrent.validation import model_fingerprint
+
+        cfg = getattr(self.model, "cfg", None)
+        return {
+            "model": getattr(cfg, "model_name", "") or type(self.model).__name__,
+            "model_fingerprint": model_fingerprint(self.model),
+            "layer": self.layer,
+            "head": self.head,
+            "kind": self.kind,
+            "input_kind": self.kind,
+            "context_len": self.context_len,
+        }
 
     def _token_stream(self) -> Iterator[Tensor]:
         for item in self.texts:
@@ -237,7 +315,9 @@ class ModelSource:
 
     def _samples(self) -> Iterator[Tensor | WriteFactors]:
         seen = 0
+        self.tokens_seen = 0
         for block in self._blocks():
+            self.tokens_seen += block.numel()
             if self.device is not None:
                 block = block.to(self.device)
             s = extract_cell(self.model, block, self.layer, self.head, self.kind, self.positions)
@@ -270,54 +350,123 @@ class ModelSource:
                 yield _take(buf, torch.arange(i, i + self.batch_size))
 
 
+def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
+    """``source`` without its first ``n`` samples."""
+    for b in source:
+        if isinstance(b, tuple | list) and not isinstance(b, WriteFactors):
+            b = WriteFactors(*b)
+        if n >= _n(b):
+            n -= _n(b)
+            continue
+        if n:
+            b = _take(b, torch.arange(n, _n(b)))
+            n = 0
+        yield b
+
+
 def save_shards(
     source: Iterable[Tensor | WriteFactors],
     directory: str | Path,
     samples_per_shard: int = 65536,
     max_samples: int | None = None,
     metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> list[Path]:
     """Write batches from ``source`` to ``shard_{i:05d}.safetensors`` files plus ``shards.json``.
 
     States are stored under ``"state"``, write factors under ``"key"`` and ``"value"``.
+    ``shards.json`` records the input kind, the sample count, the shard names, the source's
+    provenance (for a :class:`ModelSource`: model name and fingerprint, layer, head, input kind,
+    tokens run) and ``metadata``.
+
+    The shards collect in the sibling folder ``.{name}.partial`` (each shard renamed into it when
+    complete), which becomes ``directory`` at the end. An existing ``directory`` is an error unless
+    ``overwrite=True``. After an interruption, ``resume=True`` keeps the complete shards and
+    continues from the next one: the source is replayed and its first samples skipped (a
+    deterministic source gives the same shards as an uninterrupted run).
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    pending: list[Tensor | WriteFactors] = []
-    count = total = 0
-    kind = None
+    from writesae.fileio import atomic_dir, check_target, partial_dir
 
-    def flush() -> None:
-        nonlocal pending, count
-        if not pending:
-            return
-        data = _cat(pending)
-        if isinstance(data, WriteFactors):
-            tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
+    if not _is_int(samples_per_shard) or samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard!r}; expected an int >= 1")
+    if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
+        raise ValueError(f"max_samples={max_samples!r}; expected None or an int >= 1")
+    directory = check_target(directory, overwrite, "shard folder")
+    meta = {**getattr(source, "provenance", lambda: {})(), **(metadata or {})}
+    settings = {"samples_per_shard": samples_per_shard, "max_samples": max_samples}
+    part = partial_dir(directory)
+    progress_file = part / "progress.json"
+    done: dict[str, Any] = {"shards": [], "n_samples": 0, "kind": None}
+    if part.exists():
+        old = json.loads(progress_file.read_text()) if progress_file.is_file() else None
+        same = old is not None and old.get("settings") == settings and old.get("meta") == meta
+        if resume and same:
+            done = old
+            logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
         else:
-            tensors = {"state": data.contiguous()}
-        p = directory / f"shard_{len(paths):05d}.safetensors"
-        save_file(tensors, str(p), metadata={"kind": kind})
-        paths.append(p)
-        pending, count = [], 0
+            if resume:
+                logger.warning(
+                    "%s: the interrupted extract had other settings or provenance; starting over",
+                    part,
+                )
+            shutil.rmtree(part)
+    paths = [directory / n for n in done["shards"]]
+    pending: list[Tensor | WriteFactors] = []
+    count, total, kind = 0, done["n_samples"], done["kind"]
 
-    for b in source:
-        if isinstance(b, tuple | list) and not isinstance(b, WriteFactors):
-            b = WriteFactors(*b)
-        kind = "write" if isinstance(b, WriteFactors) else "state"
-        if max_samples is not None:
-            b = _take(b, torch.arange(min(_n(b), max_samples - total)))
-        pending.append(b)
-        count += _n(b)
-        total += _n(b)
-        if count >= samples_per_shard:
+    with atomic_dir(directory, overwrite, "shard folder", tmp=part) as tmp:
+
+        def flush() -> None:
+            nonlocal pending, count
+            if not pending:
+                return
+            data = _cat(pending)
+            if isinstance(data, WriteFactors):
+                tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
+            else:
+                tensors = {"state": data.contiguous()}
+            name = f"shard_{len(paths):05d}.safetensors"
+            save_file(tensors, str(tmp / (name + ".tmp")), metadata={"kind": kind})
+            os.replace(tmp / (name + ".tmp"), tmp / name)
+            paths.append(directory / name)
+            pending, count = [], 0
+            state = {
+                "shards": [p.name for p in paths],
+                "n_samples": total,
+                "kind": kind,
+                "settings": settings,
+                "meta": meta,
+            }
+            (tmp / "progress.json.tmp").write_text(json.dumps(state))
+            os.replace(tmp / "progress.json.tmp", progress_file)
+
+        if max_samples is None or total < max_samples:
+            for b in _skip(source, total):
+                kind = "write" if isinstance(b, WriteFactors) else "state"
+                if max_samples is not None:
+                    b = _take(b, torch.arange(min(_n(b), max_samples - total)))
+                pending.append(b)
+                count += _n(b)
+                total += _n(b)
+                if count >= samples_per_shard:
+                    flush()
+                if max_samples is not None and total >= max_samples:
+                    break
             flush()
-        if max_samples is not None and total >= max_samples:
-            break
-    flush()
-    meta = {"kind": kind, "n_samples": total, "shards": [p.name for p in paths], **(metadata or {})}
-    (directory / SHARD_META).write_text(json.dumps(meta, indent=2))
+        if total == 0:
+            raise ValueError("save_shards: the source gave no samples; nothing to write")
+        full = {
+            "kind": kind,
+            "input_kind": kind,
+            "n_samples": total,
+            "shards": [p.name for p in paths],
+            **meta,
+        }
+        if hasattr(source, "tokens_seen") and "n_tokens" not in full:
+            full["n_tokens"] = source.tokens_seen
+        (tmp / SHARD_META).write_text(json.dumps(full, indent=2))
+        progress_file.unlink()
     return paths
 
 
@@ -335,6 +484,8 @@ class ShardSource:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_path}: not valid JSON ({e})") from e
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"ShardSource: batch_size={batch_size!r}; expected an int >= 1")
         self.paths = [self.directory / n for n in self.meta["shards"]]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self._epoch = 0

@@ -6,9 +6,13 @@ field's documentation, so the CLI and the library say the same thing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +20,82 @@ import torch
 import typer
 
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
+from writesae.fileio import atomic_dir, check_target
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Train and evaluate WriteSAEs on hooked recurrent models.",
+    pretty_exceptions_enable=False,
 )
 logger = logging.getLogger("writesae")
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+) -> None:
+    """Train and evaluate WriteSAEs on hooked recurrent models."""
+    _DEBUG["on"] = debug
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    """Library errors print as one line `error: ...` (exit 1); `--debug` shows the traceback.
+    An interrupted `train` says where its checkpoint is (exit 130, or 143 on SIGTERM)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from writesae.train import TrainingInterrupted
+
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, typer.BadParameter):
+            raise
+        except TrainingInterrupted as e:
+            typer.echo(
+                f"interrupted at step {e.step}; checkpoint saved in {e.checkpoint}. Run the same "
+                "command with --resume to continue.",
+                err=True,
+            )
+            raise typer.Exit(128 + e.signum) from None
+        except (ValueError, TypeError, OSError, FloatingPointError, KeyError) as e:
+            if _DEBUG["on"]:
+                raise
+            msg = str(e) if not isinstance(e, KeyError) else f"missing {e}"
+            typer.echo(f"error: {msg}" + ("" if msg.endswith(".") else ""), err=True)
+            typer.echo("(run with --debug for the traceback)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise typer.BadParameter(f"{value}; expected an integer >= {minimum}", param_hint=name)
+
+
+def _out(path: Path, overwrite: bool, what: str) -> None:
+    try:
+        check_target(path, overwrite, what)
+    except OSError as e:
+        raise typer.BadParameter(str(e), param_hint="--out") from None
+
+
+def _rank_band(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r}; expected two integers 'lo,hi' with 1 <= lo < hi, e.g. 100,1000",
+            param_hint="--rank-band",
+        ) from None
+    if not 1 <= lo < hi:
+        raise typer.BadParameter(
+            f"{text!r}; expected 1 <= lo < hi, e.g. 100,1000", param_hint="--rank-band"
+        )
+    return lo, hi
+
 
 _S = field_help(WriteSAEConfig)
 _T = field_help(TrainConfig)
@@ -36,10 +109,14 @@ def _model(name: str):
     return HookedRecurrentModel.from_pretrained(name).eval()
 
 
+def _check_text(path: Path | None) -> None:
+    if path is not None and not path.is_file():
+        raise typer.BadParameter(f"{path} is not a file", param_hint="--text")
+
+
 def _texts(path: Path | None, which: str) -> list[str]:
     if path is not None:
-        if not path.exists():
-            raise typer.BadParameter(f"{path} does not exist")
+        _check_text(path)
         return [path.read_text(encoding="utf-8", errors="replace")]
     from hooked_recurrent.pretrained import sample_text
 
@@ -67,7 +144,15 @@ def _cell(model, layer: int | None, head: int) -> tuple[int, int]:
     return layer, head
 
 
+def _input_kind(kind: str) -> None:
+    if kind not in ("state", "write"):
+        raise typer.BadParameter(
+            f"{kind!r}; expected 'state' or 'write'", param_hint="--input-kind"
+        )
+
+
 @app.command()
+@_one_line_errors
 def extract(
     out: Path = typer.Option(..., help="Folder for the safetensors shards."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name, folder or Hub id."),
@@ -77,10 +162,24 @@ def extract(
     input_kind: str = typer.Option("state", help=_S["input_kind"]),
     context: int = typer.Option(128, help="Tokens per block."),
     max_samples: int = typer.Option(None, help="Stop after this many samples."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out folder (whole)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted extract from its last complete shard."
+    ),
 ) -> None:
-    """Stream one cell's states (or write factors) from a model into safetensors shards."""
+    """Stream one cell's states (or write factors) from a model into safetensors shards.
+
+    shards.json records the model, layer, head, input kind and token count (train reads them).
+    """
     from writesae.activations import ModelSource, save_shards
 
+    _positive("--context", context)
+    _positive("--max-samples", max_samples)
+    _input_kind(input_kind)
+    _check_text(text)
+    _out(out, overwrite, "shard folder")
     m = _model(model)
     layer, head = _cell(m, layer, head)
     src = ModelSource(
@@ -96,9 +195,29 @@ def extract(
         src,
         out,
         max_samples=max_samples,
-        metadata=dict(model=model, layer=layer, head=head, kind=input_kind),
+        metadata=dict(model=model, layer=layer, head=head, kind=input_kind, input_kind=input_kind),
+        overwrite=overwrite,
+        resume=resume,
     )
     typer.echo(f"wrote {len(paths)} shard(s) to {out}")
+
+
+def _shard_meta(shards: Path) -> dict[str, Any]:
+    meta_path = shards / "shards.json"
+    if not meta_path.is_file():
+        raise typer.BadParameter(
+            f"{meta_path} not found: not a folder written by `writesae extract`",
+            param_hint="--shards",
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(
+            f"{meta_path}: not valid JSON ({e})", param_hint="--shards"
+        ) from None
+    if not isinstance(meta, dict):
+        raise typer.BadParameter(f"{meta_path}: expected a JSON object", param_hint="--shards")
+    return meta
 
 
 def _train(
@@ -116,7 +235,11 @@ def _train(
     context: int,
     seed: int,
     shards: Path | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ):
+    from hooked_recurrent.validation import model_fingerprint
     from writesae import ModelSource, ShardSource, WriteSAE, train
 
     cfg = WriteSAEConfig(
@@ -128,6 +251,7 @@ def _train(
         head=head,
         input_kind=input_kind,
         model_name=model_name,
+        model_fingerprint=model_fingerprint(m),
         n_heads=m.cfg.n_heads,
     )
     sae = WriteSAE(cfg, seed=seed)
@@ -150,34 +274,114 @@ def _train(
         TrainConfig(
             n_steps=steps, batch_size=batch_size, lr=lr, seed=seed, log_every=max(1, steps // 20)
         ),
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
     return sae, metrics
 
 
 @app.command("train")
+@_one_line_errors
 def train_cmd(
     out: Path = typer.Option(..., help="Folder to save the SAE in (cfg.json + safetensors)."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Model name, folder or Hub id."),
+    model: str = typer.Option(
+        None, help=f"Model name, folder or Hub id (default: the shards' model, or {DEFAULT_MODEL})."
+    ),
     text: Path = typer.Option(None, help="Text file (default: the shipped training sample)."),
-    shards: Path = typer.Option(None, help="Train from shards written by `extract` instead."),
+    shards: Path = typer.Option(
+        None, help="Train from shards written by `extract` instead (their layer, head, kind)."
+    ),
     layer: int = typer.Option(None, help="Recurrent layer (default: the middle one)."),
-    head: int = typer.Option(0, help=_S["head"]),
+    head: int = typer.Option(None, help=_S["head"] + " Default 0, or the shards' head."),
     n_atoms: int = typer.Option(512, help=_S["n_atoms"]),
     k: int = typer.Option(16, help=_S["k"]),
-    input_kind: str = typer.Option("state", help=_S["input_kind"]),
+    input_kind: str = typer.Option(None, help=_S["input_kind"] + " Default 'state'."),
     steps: int = typer.Option(1500, help=_T["n_steps"]),
     batch_size: int = typer.Option(256, help=_T["batch_size"]),
     lr: float = typer.Option(1e-3, help=_T["lr"]),
     context: int = typer.Option(128, help="Tokens per block fed to the model."),
     seed: int = typer.Option(0, help=_T["seed"]),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out folder (whole)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the checkpoint OUT.checkpoint of an interrupted run."
+    ),
+    checkpoint_every: int = typer.Option(
+        0,
+        "--ckpt-every",
+        help="Checkpoint to OUT.checkpoint every this many steps (0: every 5 minutes).",
+    ),
 ) -> None:
-    """Train a WriteSAE on one cell (layer, head), streamed from the model (or from shards)."""
+    """Train a WriteSAE on one cell (layer, head), streamed from the model (or from shards).
+
+    Checkpoints (also on Ctrl-C) go to OUT.checkpoint; --resume continues from there.
+    """
+    _positive("--steps", steps)
+    _positive("--batch-size", batch_size)
+    _positive("--context", context)
+    _positive("--ckpt-every", checkpoint_every, 0)
+    try:
+        TrainConfig(n_steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+        WriteSAEConfig(d_k=1, d_v=1, n_atoms=n_atoms, k=k)
+    except (ValueError, TypeError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if shards is not None:
+        meta = _shard_meta(shards)
+        for opt, given, key in (
+            ("--layer", layer, "layer"),
+            ("--head", head, "head"),
+            ("--input-kind", input_kind, "input_kind"),
+        ):
+            recorded = meta.get(key, meta.get("kind") if key == "input_kind" else None)
+            if given is not None and recorded is not None and given != recorded:
+                raise typer.BadParameter(
+                    f"{opt} {given} conflicts with the shards ({shards}/shards.json records "
+                    f"{key} {recorded!r}); leave it out, the shards set it",
+                    param_hint=opt,
+                )
+        if layer is None:
+            layer = meta.get("layer")
+        if head is None:
+            head = meta.get("head")
+        if input_kind is None:
+            input_kind = meta.get("input_kind", meta.get("kind"))
+        if model is None:
+            model = meta.get("model")
+        if text is not None:
+            raise typer.BadParameter("give --text or --shards, not both", param_hint="--text")
+    head = 0 if head is None else head
+    input_kind = input_kind or "state"
+    model = model or DEFAULT_MODEL
+    _input_kind(input_kind)
+    _check_text(text)
+    _out(out, overwrite, "SAE folder")
+    ckpt = out.parent / f"{out.name}.checkpoint"
+    if resume and not (ckpt / "train_state.pt").is_file():
+        raise typer.BadParameter(f"no checkpoint at {ckpt} to resume from", param_hint="--resume")
+    if not resume and ckpt.exists():
+        raise typer.BadParameter(
+            f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue it, or "
+            "delete it to start over",
+            param_hint="--resume",
+        )
     m = _model(model)
     layer, head = _cell(m, layer, head)
+    if shards is not None:
+        from hooked_recurrent.validation import model_fingerprint
+
+        fp = meta.get("model_fingerprint")
+        if fp and fp != model_fingerprint(m):
+            raise typer.BadParameter(
+                f"the shards were extracted from another model (fingerprint {fp}, model "
+                f"{meta.get('model')!r}) than {model!r}",
+                param_hint="--model",
+            )
     sae, metrics = _train(
         m,
         model,
-        _texts(text, "train"),
+        [] if shards is not None else _texts(text, "train"),
         layer,
         head,
         n_atoms,
@@ -189,9 +393,14 @@ def train_cmd(
         context,
         seed,
         shards,
+        checkpoint=ckpt,
+        checkpoint_every=checkpoint_every or None,
+        resume=resume,
     )
-    sae.save(out)
-    (Path(out) / "training.json").write_text(json.dumps(metrics.final, indent=2))
+    with atomic_dir(out, overwrite, "SAE folder") as tmp:
+        sae._write(tmp)
+        (tmp / "training.json").write_text(json.dumps(metrics.final, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
     typer.echo(f"saved {out}: " + ", ".join(f"{a}={b:.4g}" for a, b in metrics.final.items()))
 
 
@@ -210,6 +419,7 @@ def _evaluate(
     rank_band: tuple[int, int] = (100, 1000),
     scale: str = "matched_norm",
     kl_position: str = "edited",
+    final: Path | None = None,
 ) -> dict[str, Any]:
     from writesae import report
     from writesae.evaluate import (
@@ -268,11 +478,12 @@ def _evaluate(
     results["top_atoms"] = report.top_atom_contexts(m, sae, tokens[:32])
     results["timings"] = timings
     path = report.write_report(out, results)
-    typer.echo(f"report: {path}")
+    typer.echo(f"report: {(final / path.name) if final is not None else path}")
     return results
 
 
 @app.command()
+@_one_line_errors
 def evaluate(
     sae: Path = typer.Option(..., help="Folder of a saved SAE."),
     out: Path = typer.Option(..., help="Folder for results.json, report.md and the plots."),
@@ -290,35 +501,41 @@ def evaluate(
     ),
     kl_position: str = typer.Option("edited", help="Substitution KL at: edited, end or mean."),
     seed: int = typer.Option(0, help="Seed for random controls and target choice."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out folder (whole)."
+    ),
+    allow_other_model: bool = typer.Option(
+        False,
+        "--allow-other-model",
+        help="Evaluate on a model other than the one the SAE was trained on.",
+    ),
 ) -> None:
     """Evaluate a saved SAE: JSON results plus a Markdown report with PNG plots."""
     from writesae import WriteSAE
 
+    _positive("--firings", firings)
+    _positive("--context", context, 2)
+    band = _rank_band(rank_band)
+    _check_text(text)
+    if not sae.is_dir():
+        raise typer.BadParameter(f"{sae} is not a folder", param_hint="--sae")
+    _out(out, overwrite, "report folder")
     s = WriteSAE.load(sae)
     name = model or s.cfg.model_name
     if not name:
         raise typer.BadParameter("the SAE records no model; pass --model")
     m = _model(name)
+    s.check_model(m, allow_other_model=allow_other_model)
     tokens = _blocks(m, _texts(text, "heldout"), context, None)
-    band = tuple(int(x) for x in rank_band.split(","))
-    _evaluate(
-        m,
-        s,
-        name,
-        tokens,
-        out,
-        substitution,
-        closed_form,
-        install,
-        firings,
-        seed,
-        rank_band=band,
-        scale=scale,
-        kl_position=kl_position,
-    )
+    with atomic_dir(out, overwrite, "report folder") as tmp:
+        _evaluate(
+            m, s, name, tokens, tmp, substitution, closed_form, install, firings, seed,
+            rank_band=band, scale=scale, kl_position=kl_position, final=out,
+        )  # fmt: skip
 
 
 @app.command()
+@_one_line_errors
 def demo(
     out: Path = typer.Option(Path("writesae-demo"), help="Output folder."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model (a shipped name, folder or Hub id)."),
@@ -335,8 +552,18 @@ def demo(
     steps: int = typer.Option(1500, help=_T["n_steps"]),
     firings: int = typer.Option(600, help="Firings for the substitution test (>= 500)."),
     seed: int = typer.Option(0, help="Seed for everything."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out folder (whole)."
+    ),
 ) -> None:
     """Stream states, train a WriteSAE, run the three evaluations, write the report."""
+    _positive("--steps", steps)
+    _positive("--firings", firings)
+    try:
+        WriteSAEConfig(d_k=1, d_v=1, n_atoms=n_atoms, k=k)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    _out(out, overwrite, "demo folder")
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -372,10 +599,18 @@ def demo(
         128,
         seed,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    sae.save(out / "sae")
+    cell = dict(layer=layer, head=head, median_decay=decay, how=how)
+    with atomic_dir(out, overwrite, "demo folder") as tmp:
+        _demo_outputs(m, sae, metrics, model, firings, seed, tmp, out, tokens, cell)
+    typer.echo(f"done in {time.time() - t0:.0f} s")
+
+
+def _demo_outputs(
+    m, sae, metrics, model, firings, seed, out: Path, final: Path, tokens, cell: dict
+) -> None:
     from writesae import report
 
+    sae.save(out / "sae")
     report.plot_training(metrics, out / "training.png")
     fin = metrics.final
     training = dict(
@@ -385,22 +620,16 @@ def demo(
         steps=metrics.n_steps,
         samples_per_s=metrics.samples_per_s,
     )
-    cell = dict(layer=layer, head=head, median_decay=decay, how=how)
     _evaluate(
-        m,
-        sae,
-        model,
-        tokens,
-        out,
-        True,
-        True,
-        True,
-        firings,
-        seed,
-        extra=dict(training=training, cell=cell),
-    )
-    typer.echo(f"done in {time.time() - t0:.0f} s")
+        m, sae, model, tokens, out, True, True, True, firings, seed,
+        extra=dict(training=training, cell=cell), final=final,
+    )  # fmt: skip
+
+
+def main() -> None:
+    """Entry point: the `writesae` app."""
+    app()
 
 
 if __name__ == "__main__":
-    app()
+    sys.exit(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,12 @@ class WriteSAEConfig:
         "Used by load() to pick the class.",
     )
     model_name: str | None = _f(None, "Name of the model the activations came from (metadata).")
+    model_fingerprint: str | None = _f(
+        None,
+        "Fingerprint of the weights of the model the SAE was trained on "
+        "(hooked_recurrent.validation.model_fingerprint); evaluating on a model with another "
+        "fingerprint is an error unless allow_other_model=True.",
+    )
     n_heads: int | None = _f(None, "Number of state heads of the model's layer (metadata/checks).")
     dtype: str = _f(
         "float32",
@@ -175,6 +182,45 @@ class TrainConfig:
     log_every: int = _f(100, "Record metrics (FVE, L0, dead fraction) every this many steps.")
     seed: int = _f(0, "Seed for sampling during resampling and for sources that shuffle.")
     progress: bool = _f(True, "Show a tqdm progress bar.")
+
+    def __post_init__(self) -> None:
+        def bad(name: str, accepted: str) -> ValueError:
+            return ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; expected {accepted}")
+
+        for name, lo in (
+            ("n_steps", 1),
+            ("batch_size", 1),
+            ("warmup_steps", 0),
+            ("aux_k", 1),
+            ("dead_steps", 1),
+            ("resample_every", 0),
+            ("log_every", 1),
+            ("seed", None),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | _np_integer()):
+                raise TypeError(f"TrainConfig.{name}={v!r}; expected an int")
+            if lo is not None and v < lo:
+                raise bad(name, f"an int >= {lo}")
+        for name, positive in (
+            ("lr", True),
+            ("min_lr", False),
+            ("aux_coef", False),
+            ("resample_enc_scale", False),
+            ("l1_coef", False),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise TypeError(f"TrainConfig.{name}={v!r}; expected a float")
+            if not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise bad(name, "a finite number " + ("> 0" if positive else ">= 0"))
+
+
+def _np_integer() -> type:
+    """numpy's integer base class (numpy ints are accepted wherever an int is)."""
+    import numpy as np
+
+    return np.integer
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -255,6 +255,7 @@ class BaseSAE(nn.Module):
         self, key: Float[Tensor, "... d_k"], value: Float[Tensor, "... d_v"]
     ) -> Float[Tensor, "... n_atoms"]:
         """Codes of the rank-1 input ``X = key value^T`` from its factors."""
+        self._check_factors(key, value)
         return self._encode(None, key, value).codes
 
     def decode(self, codes: Float[Tensor, "... n_atoms"]) -> Float[Tensor, "... d_k d_v"]:
@@ -281,6 +282,7 @@ class BaseSAE(nn.Module):
         self, key: Float[Tensor, "... d_k"], value: Float[Tensor, "... d_v"]
     ) -> SAEOutput:
         """Encode a rank-1 input from its factors (``recon`` stays ``None``)."""
+        self._check_factors(key, value)
         return self._encode(None, key, value)
 
     def forward(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... d_k d_v"]:
@@ -318,6 +320,23 @@ class BaseSAE(nn.Module):
         out = self.run_factors(key, value)
         return out, self.factor_sq_error(key, value, out)
 
+    def _check_factors(self, key: Any, value: Any) -> None:
+        for name, t, d in (("key", key, self.cfg.d_k), ("value", value, self.cfg.d_v)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor [..., {d}], not {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} has dtype {t.dtype}; expected a floating tensor")
+            if t.dim() == 0 or t.shape[-1] != d:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}; the SAE needs [..., {d}] "
+                    f"({'d_k' if name == 'key' else 'd_v'} = {d})"
+                )
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(
+                f"key {tuple(key.shape)} and value {tuple(value.shape)} have different leading "
+                "(batch) shapes"
+            )
+
     def _check_input(self, x: Tensor) -> Tensor:
         if x.shape[-2:] != (self.cfg.d_k, self.cfg.d_v):
             raise ValueError(
@@ -327,14 +346,54 @@ class BaseSAE(nn.Module):
         return x
 
     # ---------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> Path:
-        """Write ``cfg.json`` and ``sae_weights.safetensors`` into directory ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / CFG_FILE).write_text(self.cfg.to_json())
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write ``cfg.json`` and ``sae_weights.safetensors`` as the new folder ``path``.
+
+        The folder is written to a temporary sibling and renamed into place when complete, so an
+        interrupted save leaves no half-written SAE. An existing ``path`` is an error unless
+        ``overwrite=True`` (then it is replaced whole).
+        """
+        from writesae.fileio import atomic_dir
+
+        with atomic_dir(path, overwrite, what="SAE folder") as tmp:
+            self._write(tmp)
+        return Path(path)
+
+    def _write(self, folder: Path) -> None:
+        """The SAE's two files into an existing (temporary) folder."""
         tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
-        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"architecture": self.architecture})
-        return path
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"architecture": self.architecture})
+        (folder / CFG_FILE).write_text(self.cfg.to_json())
+
+    def check_model(self, model: Any, allow_other_model: bool = False) -> None:
+        """Raise unless ``model`` is the model this SAE was trained on.
+
+        Shapes (``d_k``, ``d_v``, heads, the hooked layer) must always agree. The weights must
+        have the fingerprint recorded in ``cfg.model_fingerprint`` (when recorded) unless
+        ``allow_other_model=True``: an SAE of the right shape on another model reads another
+        basis and its results mean nothing.
+        """
+        from hooked_recurrent.validation import model_fingerprint
+
+        c, m = self.cfg, model.cfg
+        if (c.d_k, c.d_v) != (m.d_k, m.d_v):
+            raise ValueError(
+                f"the SAE is for d_k x d_v = {c.d_k} x {c.d_v} states but the model has "
+                f"{m.d_k} x {m.d_v}"
+            )
+        if c.hook_name not in model.hook_dict:
+            raise ValueError(f"the model has no hook {c.hook_name!r} (the SAE's hook)")
+        if not 0 <= c.head < m.n_heads:
+            raise ValueError(f"the SAE's head {c.head} is out of range ({m.n_heads} heads)")
+        if c.model_fingerprint and not allow_other_model:
+            got = model_fingerprint(model)
+            if got != c.model_fingerprint:
+                raise ValueError(
+                    f"the SAE was trained on model {c.model_name!r} (weights fingerprint "
+                    f"{c.model_fingerprint}) but this model's weights have fingerprint {got} "
+                    f"({getattr(m, 'model_name', '')!r}); pass allow_other_model=True "
+                    "(--allow-other-model) to use it anyway"
+                )
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:

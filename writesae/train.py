@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +43,15 @@ from writesae.activations import WriteFactors
 from writesae.config import TrainConfig
 from writesae.sae import BaseSAE, SAEOutput, WriteSAE, _scratch
 
-__all__ = ["TrainMetrics", "train", "lr_at", "batch_fve", "StepResult", "training_step_loss"]
+__all__ = [
+    "TrainMetrics",
+    "train",
+    "lr_at",
+    "batch_fve",
+    "StepResult",
+    "training_step_loss",
+    "TrainingInterrupted",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -309,10 +321,136 @@ def _batches(source: Iterable[Any]) -> Iterator[Batch]:
             return
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM after a checkpoint was written.
+
+    Attributes:
+        step: the number of steps done (and saved).
+        checkpoint: the checkpoint folder; ``train(..., checkpoint=it, resume=True)`` continues.
+        signum: the signal received.
+    """
+
+    def __init__(self, step: int, checkpoint: Path, signum: int):
+        super().__init__(f"training interrupted at step {step}; checkpoint in {checkpoint}")
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
+
+
+CHECKPOINT_FILE = "train_state.pt"
+
+
+def _cfg_for_resume(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d.pop("progress")
+    return d
+
+
+def _save_checkpoint(
+    path: Path,
+    sae: BaseSAE,
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    step: int,
+    since_fired: Tensor,
+    gen: torch.Generator,
+    metrics: TrainMetrics,
+) -> None:
+    from writesae.fileio import atomic_dir
+
+    state = {
+        "step": step,
+        "sae_cfg": sae.cfg.to_dict(),
+        "train_cfg": _cfg_for_resume(cfg),
+        "sae": {k: v.detach().clone() for k, v in sae.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "since_fired": since_fired.clone(),
+        "generator": gen.get_state(),
+        "metrics": asdict(metrics),
+    }
+    with atomic_dir(path, overwrite=True, what="checkpoint") as tmp:
+        torch.save(state, tmp / CHECKPOINT_FILE)
+
+
+def _load_checkpoint(path: Path, sae: BaseSAE, cfg: TrainConfig) -> dict[str, Any]:
+    f = path / CHECKPOINT_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {f}; run without --resume to start")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{f}: cannot read the checkpoint ({e})") from e
+    if state["sae_cfg"] != sae.cfg.to_dict():
+        diff = sorted(k for k, v in sae.cfg.to_dict().items() if state["sae_cfg"].get(k) != v)
+        raise ValueError(f"{f}: the checkpoint is of another SAE config (differs in {diff})")
+    if state["train_cfg"] != _cfg_for_resume(cfg):
+        diff = sorted(k for k, v in _cfg_for_resume(cfg).items() if state["train_cfg"].get(k) != v)
+        raise ValueError(f"{f}: the checkpoint has other training settings (differs in {diff})")
+    return state
+
+
+def _source_cell(source: Any) -> dict[str, Any]:
+    """The (layer, head, input kind) a source says its samples come from, where it says."""
+    meta = getattr(source, "meta", None)
+    if isinstance(meta, dict):
+        out = {k: meta[k] for k in ("layer", "head") if k in meta}
+        kind = meta.get("input_kind", meta.get("kind"))
+        return {**out, "kind": kind} if kind else out
+    if all(hasattr(source, a) for a in ("layer", "head", "kind", "model")):
+        return {"layer": source.layer, "head": source.head, "kind": source.kind}
+    return {}
+
+
+def _check_source(sae: BaseSAE, source: Any) -> None:
+    """The source's cell and input kind are the SAE's."""
+    cell = _source_cell(source)
+    layer = re.fullmatch(r"blocks\.(\d+)\..*", sae.cfg.hook_prefix)
+    want = {
+        "layer": int(layer.group(1)) if layer else None,
+        "head": sae.cfg.head,
+        "kind": sae.cfg.input_kind,
+    }
+    for k, v in cell.items():
+        if want.get(k) is not None and v is not None and v != want[k]:
+            raise ValueError(
+                f"train: the source holds {k} {v!r} but the SAE is for {k} {want[k]!r} "
+                f"({sae.cfg.hook_name}, head {sae.cfg.head}, input_kind {sae.cfg.input_kind!r})"
+            )
+
+
+def _check_batch(sae: BaseSAE, b: Batch) -> None:
+    """The first batch has the SAE's input kind and shapes."""
+    c = sae.cfg
+    if isinstance(b, WriteFactors):
+        if c.input_kind != "write":
+            raise ValueError(
+                "train: the source gives write factors (key, value) but the SAE has "
+                f"input_kind={c.input_kind!r}; use input_kind='write'"
+            )
+        if b.key.shape[-1:] != (c.d_k,) or b.value.shape[-1:] != (c.d_v,):
+            raise ValueError(
+                f"train: factors of shapes {tuple(b.key.shape)}, {tuple(b.value.shape)}; the SAE "
+                f"needs [B, {c.d_k}] and [B, {c.d_v}]"
+            )
+    else:
+        if c.input_kind != "state":
+            raise ValueError(
+                "train: the source gives state matrices but the SAE has input_kind='write' "
+                "(write factors); use input_kind='state' or extract with kind='write'"
+            )
+        if b.ndim != 3 or tuple(b.shape[-2:]) != (c.d_k, c.d_v):
+            raise ValueError(
+                f"train: batch of shape {tuple(b.shape)}; the SAE needs [B, {c.d_k}, {c.d_v}]"
+            )
+
+
 def train(
     sae: BaseSAE,
     source: Iterable[Any],
     cfg: TrainConfig | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_every_s: float = 300.0,
+    resume: bool = False,
     **overrides: Any,
 ) -> TrainMetrics:
     """Train ``sae`` in place on batches from ``source``.
@@ -321,19 +459,39 @@ def train(
         sae: a :class:`WriteSAE` or :class:`FlatSAE`.
         source: iterable of batches: ``[B, d_k, d_v]`` tensors, :class:`WriteFactors`, or
             ``(key [B, d_k], value [B, d_v])`` pairs (see :mod:`writesae.activations`). It is
-            re-iterated when exhausted; a one-shot iterator ends training early.
+            re-iterated when exhausted; a one-shot iterator ends training early. A source that
+            records its cell (``ShardSource``, ``ModelSource``) must match the SAE's.
         cfg: hyper-parameters; ``overrides`` replace single fields, e.g.
             ``train(sae, src, n_steps=10)``.
+        checkpoint: a folder for training checkpoints (SAE, optimiser, RNG and step), written
+            whole (temporary sibling, then rename) every ``checkpoint_every`` steps, or every
+            ``checkpoint_every_s`` seconds when that is None, and on SIGINT / SIGTERM (then
+            :class:`TrainingInterrupted` is raised). None: no checkpoints, signals as usual.
+        resume: continue from ``checkpoint``: the source is replayed from its start and the done
+            steps' batches skipped, so a deterministic source (same seed) gives parameters
+            bit-identical to an uninterrupted run.
 
     Returns:
         :class:`TrainMetrics` with FVE, L0 and dead fraction every ``log_every`` steps.
     """
     cfg = replace(cfg or TrainConfig(), **overrides)
+    if checkpoint_every is not None and (
+        not isinstance(checkpoint_every, int)
+        or isinstance(checkpoint_every, bool)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(f"checkpoint_every={checkpoint_every!r}; expected None or an int >= 1")
+    if not (isinstance(checkpoint_every_s, int | float) and checkpoint_every_s > 0):
+        raise ValueError(f"checkpoint_every_s={checkpoint_every_s!r}; expected a number > 0")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint= (the folder to resume from)")
+    ckpt = Path(checkpoint) if checkpoint is not None else None
     if any(p.dtype == torch.float16 for p in sae.parameters()):
         raise ValueError(
             "train: float16 parameters do not train with Adam (its eps = 1e-8 and squared "
             "gradients underflow in float16; the first step gives NaN); use float32 or bfloat16"
         )
+    _check_source(sae, source)
     gen = torch.Generator().manual_seed(cfg.seed)
     # fused: one kernel per parameter instead of ~10 small ops (matters on busy CPUs)
     opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
@@ -343,57 +501,109 @@ def train(
     metrics = TrainMetrics()
     sae.normalize_decoder_()
     sae.train()
-    t0 = time.perf_counter()
-    bar = tqdm(total=cfg.n_steps, disable=not cfg.progress, desc="train SAE", unit="step")
     step = 0
-    for b in _batches(source):
-        if step >= cfg.n_steps:
-            break
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        dead = since_fired >= cfg.dead_steps
-        res = training_step_loss(sae, b, dead, cfg)
-        if not math.isfinite(float(res.loss.detach())):
-            raise FloatingPointError(
-                f"train: the loss is {float(res.loss.detach())} at step {step} (learning rate "
-                f"{lr:g}); lower the learning rate, or check the batch for inf/NaN"
-            )
-        opt.zero_grad(set_to_none=True)
-        res.loss.backward()
-        opt.step()
-        sae.normalize_decoder_()
+    if resume:
+        state = _load_checkpoint(ckpt, sae, cfg)
         with torch.no_grad():
-            fired = _fired(res.out, n)
-            since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + 1)
+            sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["optimizer"])
+        since_fired = state["since_fired"]
+        gen.set_state(state["generator"])
+        metrics = TrainMetrics(**state["metrics"])
+        step = state["step"]
+        logger.info("resuming from %s at step %d", ckpt, step)
+    done_before, elapsed_before = step, metrics.elapsed_s
+    t0 = time.perf_counter()
+    last_save = time.monotonic()
+    bar = tqdm(
+        total=cfg.n_steps, initial=step, disable=not cfg.progress, desc="train SAE", unit="step"
+    )
+    stop: list[int] = []
+    handlers: dict[int, Any] = {}
+    if ckpt is not None and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+
+    def save() -> None:
+        metrics.elapsed_s = elapsed_before + time.perf_counter() - t0
+        _save_checkpoint(ckpt, sae, opt, cfg, step, since_fired, gen, metrics)
+
+    try:
+        batches = _batches(source)
+        for i, b in enumerate(batches):
+            if i == 0:
+                _check_batch(sae, b)
+            if i < done_before:
+                continue  # replayed to reach the checkpoint's position in the source
+            if step >= cfg.n_steps:
+                break
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
             dead = since_fired >= cfg.dead_steps
-            if resample_every and (step + 1) % resample_every == 0 and bool(dead.any()):
-                nres = _resample(sae, opt, b, res.sq_err, dead, cfg, gen)
-                since_fired[dead] = 0
-                metrics.n_resampled += nres
-                logger.info("step %d: resampled %d dead atoms", step + 1, nres)
-        metrics.n_samples += _batch_size(b)
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.n_steps:
+            res = training_step_loss(sae, b, dead, cfg)
+            if not math.isfinite(float(res.loss.detach())):
+                raise FloatingPointError(
+                    f"train: the loss is {float(res.loss.detach())} at step {step} (learning rate "
+                    f"{lr:g}); lower the learning rate, or check the batch for inf/NaN"
+                )
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            opt.step()
+            sae.normalize_decoder_()
             with torch.no_grad():
-                fve = batch_fve(b, res.sq_err)
-                l0 = float((res.out.codes != 0).sum(-1).double().mean())
-            metrics.step.append(step)
-            metrics.fve.append(fve)
-            metrics.l0.append(l0)
-            metrics.dead_fraction.append(float(dead.double().mean()))
-            metrics.mse.append(float(res.mse.detach()))
-            metrics.aux_loss.append(float(res.aux.detach()))
-            metrics.lr.append(lr)
-            bar.set_postfix(
-                fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}"
-            )
-        bar.update(1)
-    bar.close()
-    _scratch.clear()  # memory the factor loss kept between steps
+                fired = _fired(res.out, n)
+                since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + 1)
+                dead = since_fired >= cfg.dead_steps
+                if resample_every and (step + 1) % resample_every == 0 and bool(dead.any()):
+                    nres = _resample(sae, opt, b, res.sq_err, dead, cfg, gen)
+                    since_fired[dead] = 0
+                    metrics.n_resampled += nres
+                    logger.info("step %d: resampled %d dead atoms", step + 1, nres)
+            metrics.n_samples += _batch_size(b)
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.n_steps:
+                with torch.no_grad():
+                    fve = batch_fve(b, res.sq_err)
+                    l0 = float((res.out.codes != 0).sum(-1).double().mean())
+                metrics.step.append(step)
+                metrics.fve.append(fve)
+                metrics.l0.append(l0)
+                metrics.dead_fraction.append(float(dead.double().mean()))
+                metrics.mse.append(float(res.mse.detach()))
+                metrics.aux_loss.append(float(res.aux.detach()))
+                metrics.lr.append(lr)
+                bar.set_postfix(
+                    fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}"
+                )
+            bar.update(1)
+            if ckpt is not None and step < cfg.n_steps:
+                if stop:
+                    save()
+                    raise TrainingInterrupted(step, ckpt, stop[0])
+                due = (
+                    step % checkpoint_every == 0
+                    if checkpoint_every is not None
+                    else time.monotonic() - last_save >= checkpoint_every_s
+                )
+                if due:
+                    save()
+                    last_save = time.monotonic()
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        bar.close()
+        _scratch.clear()  # memory the factor loss kept between steps
+    if step == 0:
+        raise ValueError(
+            f"train: the source gave no batch (batch_size {cfg.batch_size}): it holds fewer "
+            "samples than one batch; use more data or a smaller batch size"
+        )
     metrics.n_steps = step
-    metrics.elapsed_s = time.perf_counter() - t0
+    metrics.elapsed_s = elapsed_before + time.perf_counter() - t0
     if step < cfg.n_steps:
         logger.warning("source ran out after %d of %d steps", step, cfg.n_steps)
+    if stop:  # the signal came during the last step: the run is complete, say so and stop
+        logger.warning("signal %d received during the last step; training is complete", stop[0])
     sae.eval()
     return metrics

@@ -65,6 +65,7 @@ class Family:
     detect: Callable[[dict[str, Any]], bool] | None = None
     load_file: Callable[[Path], tuple[dict[str, Any], dict[str, Tensor], Any]] | None = None
     default_tokenizer: Callable[[dict[str, Any]], Any] | None = None
+    ignored_prefixes: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -126,28 +127,132 @@ def list_pretrained() -> list[str]:
     return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").exists())
 
 
-def _read_state_dict(folder: Path) -> dict[str, Tensor]:
+#: weight files read from a folder without an index, in this order (the first present is read)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _load_weights(f: Path) -> dict[str, Tensor]:
+    """One weight file; a corrupt or unreadable one is an error naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: weight file not found")
+    try:
+        if f.suffix == ".safetensors":
+            return load_file(str(f))
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as e:
+        raise ValueError(f"{f}: cannot read the weight file, corrupt or truncated? ({e})") from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"{f}: expected a state dict, got {type(sd).__name__}")
+    return sd
+
+
+def _read_state_dict(folder: Path) -> tuple[dict[str, Tensor], dict[str, Path]]:
+    """(state dict, file of each tensor): exactly the files named by
+    `model.safetensors.index.json`, else the first of `WEIGHT_FILES`; other weight files in the
+    folder are ignored with a warning."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd: dict[str, Tensor] = {}
-        for f in files:
-            sd.update(load_file(str(folder / f)))
-        return sd
-    single = sorted(folder.glob("*.safetensors"))
-    if single:
-        sd = {}
-        for f in single:
-            sd.update(load_file(str(f)))
-        return sd
-    for name in ("pytorch_model.bin", "model.pt", "model.pth"):
-        if (folder / name).exists():
-            return torch.load(folder / name, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"no weights in {folder}: expected model.safetensors (or an index) or pytorch_model.bin"
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e!r})") from e
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [n for n in WEIGHT_FILES if (folder / n).exists()][:1]
+        if not files:
+            raise FileNotFoundError(
+                f"no weights in {folder}: expected model.safetensors (or an index) or "
+                "pytorch_model.bin"
+            )
+    sd: dict[str, Tensor] = {}
+    origin: dict[str, Path] = {}
+    for name in files:
+        f = folder / name
+        part = _load_weights(f)
+        if index.exists():
+            stray = sorted(k for k in part if weight_map.get(k) != name)
+            if stray:
+                raise ValueError(f"{f}: tensors {stray[:5]} are not assigned to it by {index}")
+        sd.update(part)
+        origin.update(dict.fromkeys(part, f))
+    ignored = sorted(
+        p.name for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.name not in files
     )
+    if ignored:
+        logger.warning(
+            "%s: ignoring weight files %s (reading only %s)", folder, ignored, ", ".join(files)
+        )
+    return sd, origin
+
+
+class _Tracked(dict):
+    """A state dict that records which keys a conversion read (to find unexpected tensors)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+        self.by_id: dict[int, str] = {}
+
+    def __getitem__(self, key: str) -> Tensor:
+        t = super().__getitem__(key)
+        self.read.add(key)
+        self.by_id[id(t)] = key
+        return t
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
+def _check_converted(
+    fam: Family,
+    cfg: HookedRecurrentConfig,
+    raw: _Tracked,
+    sd: dict[str, Tensor],
+    origin: dict[str, Path],
+    where: Path,
+) -> None:
+    """Every checkpoint tensor used, and every converted tensor of the shape the config implies;
+    errors name the tensor and its file."""
+    import re
+
+    from hooked_recurrent.model import HookedRecurrentModel
+
+    def file_of(raw_key: str | None) -> str:
+        return str(origin.get(raw_key, where)) if raw_key else str(where)
+
+    unused = sorted(k for k in raw if k not in raw.read and not k.startswith(fam.ignored_prefixes))
+    if unused:
+        layers = sorted(
+            {int(m.group(1)) for k in unused if (m := re.search(r"layers\.(\d+)\.", k))}
+        )
+        extra = [n for n in layers if n >= cfg.n_layers]
+        why = (
+            f"; the weights have layer {extra[0]} but config.json gives {cfg.n_layers} layers"
+            if extra
+            else ""
+        )
+        raise ValueError(
+            f"{file_of(unused[0])}: unexpected tensor {unused[0]!r} ({len(unused)} unexpected in "
+            f"all, e.g. {unused[:5]}){why}"
+        )
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in HookedRecurrentModel(cfg).state_dict().items()}
+    for k, t in sd.items():
+        if k not in expected:
+            raise ValueError(f"{where}: converted tensor {k!r} is not a parameter of the model")
+        if tuple(t.shape) != expected[k]:
+            src = raw.by_id.get(id(t)) or raw.by_id.get(id(getattr(t, "_base", None)))
+            raise ValueError(
+                f"{file_of(src)}: tensor {src or k!r} has shape {tuple(t.shape)} but config.json "
+                f"implies {expected[k]} (as {k})"
+            )
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise ValueError(f"{where}: no weights for {missing[:5]}")
 
 
 def _read_tokenizer(folder: Path) -> Any:
@@ -204,14 +309,34 @@ def load_pretrained(
             raise FileNotFoundError(f"{path} has no config.json")
         config = json.loads(cfg_file.read_text())
         fam = family_for_config(config, str(path))
-        raw = _read_state_dict(path)
+        raw, origin = _read_state_dict(path)
         tokenizer = _read_tokenizer(path)
         if tokenizer is None and fam.default_tokenizer is not None:
             tokenizer = fam.default_tokenizer(config)
-    cfg = fam.config_from_hf(config)
+    where = path if path.is_file() else path / "config.json"
+    try:
+        cfg = fam.config_from_hf(config)
+    except KeyError as e:
+        raise ValueError(
+            f"{where}: the {fam.display} config lacks the field {e.args[0]!r}"
+        ) from None
     cfg.dtype = dtype
     cfg.model_name = name_or_path
-    sd = fam.convert_state_dict(raw, cfg)
+    if path.is_file():
+        sd = fam.convert_state_dict(raw, cfg)
+    else:
+        tracked = _Tracked(raw)
+        try:
+            sd = fam.convert_state_dict(tracked, cfg)
+        except KeyError as e:
+            files = ", ".join(sorted({str(f) for f in origin.values()})) or str(path)
+            msg = e.args[0] if e.args else repr(e)
+            untied = not getattr(cfg, "tie_word_embeddings", True)
+            raise ValueError(
+                f"{files}: {msg} (config.json gives {cfg.n_layers} layers"
+                f"{', an untied output layer' if untied else ''})"
+            ) from None
+        _check_converted(fam, cfg, tracked, sd, origin, path)
     return cfg, {k: v.to(dtype) for k, v in sd.items()}, tokenizer
 
 

@@ -173,9 +173,9 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: Qwen35Config) -> dict[str, Te
         logger.info("Qwen3.5: ignoring %d vision-tower / MTP tensors", len(dropped))
     out = {"embed.weight": sd[f"{p}embed_tokens.weight"], "ln_final.w": sd[f"{p}norm.weight"]}
     lm_head = sd.get("lm_head.weight")
-    out["unembed.weight"] = (
-        lm_head if lm_head is not None and not cfg.tie_word_embeddings else out["embed.weight"]
-    )
+    if lm_head is None and not cfg.tie_word_embeddings:
+        raise KeyError("untied Qwen3.5 checkpoint (tie_word_embeddings=false) lacks lm_head.weight")
+    out["unembed.weight"] = out["embed.weight"] if cfg.tie_word_embeddings else lm_head
     for layer in range(cfg.n_layers):
         mixer = _GDN_MAP if cfg.layer_types[layer] == "recurrent" else _ATTN_MAP
         for ours, theirs in {**_LAYER_MAP, **mixer}.items():
@@ -209,5 +209,6 @@ FAMILY = register_family(
         convert_state_dict=convert_state_dict,
         build_block=build_block,
         build_final_norm=lambda cfg: RMSNorm(cfg.d_model, cfg.eps, zero_centred=True),
+        ignored_prefixes=("model.visual.", "visual.", "mtp."),
     )
 )
