@@ -17,6 +17,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions, unknown_hook_error
 from hooked_recurrent.state import RecurrentState, RunContext
+from hooked_recurrent.tl_compat import HookedRecurrentCache, TLCompatMixin
 
 __all__ = ["HookedRecurrentModel", "MATRIX_HOOKS", "HOOK_ALIASES"]
 
@@ -40,7 +41,7 @@ def _resolve_alias(name: str) -> str:
     return name
 
 
-class HookedRecurrentModel(HookedRootModule):
+class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
     """A recurrent or hybrid language model with TransformerLens hooks on its write, state and read.
 
     Build one with `from_pretrained` (a Hub id, a local Hugging Face checkpoint folder, or the name
@@ -122,7 +123,7 @@ class HookedRecurrentModel(HookedRootModule):
         cfg, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype)
         model = cls(cfg, tokenizer)
         model.load_state_dict(state_dict, strict=True)
-        return model.to(device)
+        return model.to(device).eval()  # no dropout anywhere; eval mode for TL's analysis tools
 
     @classmethod
     def from_hf_model(cls, hf_model: nn.Module, tokenizer: Any = None) -> HookedRecurrentModel:
@@ -133,7 +134,7 @@ class HookedRecurrentModel(HookedRootModule):
         model = cls(cfg, tokenizer)
         model.load_state_dict(state_dict, strict=True)
         device = next(hf_model.parameters()).device
-        return model.to(device)
+        return model.to(device).eval()
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -142,15 +143,25 @@ class HookedRecurrentModel(HookedRootModule):
         state: RecurrentState | None = None,
         return_state: bool = False,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
+        *,
+        prepend_bos: bool | None = None,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
     ) -> Any:
         """Run the model on tokens `[batch, pos]` (or text), optionally continuing from `state`.
+
+        As in TransformerLens, `stop_at_layer=l` returns the residual before block `l` (`resid_pre`
+        of `l`) instead of logits, and `start_at_layer=l` takes that residual `[batch, pos,
+        d_model]` as `input` and runs blocks `l` onward. `prepend_bos` applies to text input.
 
         Returns logits `[batch, pos, d_vocab]` (or the next-token loss, or both), followed by the
         `RecurrentState` after the last token when `return_state=True`. Feeding a sequence in two
         pieces, passing the first call's state to the second, equals feeding it whole.
         """
         with self._exclusive():
-            return self._forward(input, state, return_state, return_type)
+            return self._forward(
+                input, state, return_state, return_type, prepend_bos, stop_at_layer, start_at_layer
+            )
 
     def _forward(
         self,
@@ -158,9 +169,28 @@ class HookedRecurrentModel(HookedRootModule):
         state: RecurrentState | None,
         return_state: bool,
         return_type: str | None,
+        prepend_bos: bool | None = None,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
     ) -> Any:
-        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
-        if tokens.dim() != 2:
+        if isinstance(input, (str, list)):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos)
+        else:
+            tokens = input
+        if start_at_layer is not None:
+            if return_type in ("loss", "both"):
+                raise ValueError(
+                    "start_at_layer takes a residual, so there are no tokens for a loss"
+                )
+            if tokens.dim() != 3:
+                raise ValueError("start_at_layer needs the residual [batch, pos, d_model] as input")
+            if self.cfg.architecture == "rwkv7" and start_at_layer % len(self.blocks) > 0:
+                raise ValueError(
+                    "RWKV-7's blocks after the first also read block 0's value (v_first), which "
+                    "the residual does not carry: start_at_layer must be 0 on RWKV-7 (patch "
+                    "blocks.{l}.hook_resid_pre with run_with_hooks instead)"
+                )
+        elif tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape [batch, pos], got {tuple(tokens.shape)}")
         if state is not None and state.batch_size not in (0, tokens.shape[0]):
             raise ValueError(
@@ -173,12 +203,22 @@ class HookedRecurrentModel(HookedRootModule):
             state_in=state,
             state_out=[{} for _ in self.blocks] if return_state else None,
         )
+        n = len(self.blocks)
+        first = 0 if start_at_layer is None else start_at_layer + n * (start_at_layer < 0)
+        last = n if stop_at_layer is None else stop_at_layer + n * (stop_at_layer < 0)
         with at_positions(positions):
-            x = self.hook_embed(self.embed(tokens))
-            if self.ln_embed is not None:
-                x = self.ln_embed(x)
-            for block in self.blocks:
+            if start_at_layer is None:
+                x = self.hook_embed(self.embed(tokens))
+                if self.ln_embed is not None:
+                    x = self.ln_embed(x)
+            else:
+                x = tokens
+            for block in self.blocks[first:last]:
                 x = block(x, run)
+            if stop_at_layer is not None:
+                return (
+                    (x, RecurrentState(offset + x.shape[1], run.state_out)) if return_state else x
+                )
             logits = self.unembed(self.ln_final(x))
 
         if return_type == "logits":
@@ -282,7 +322,7 @@ class HookedRecurrentModel(HookedRootModule):
                 k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()
             }
         if return_cache_object:
-            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            cache = HookedRecurrentCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ------------------------------------------------------------------ tokens
@@ -294,11 +334,19 @@ class HookedRecurrentModel(HookedRootModule):
             )
         return self.tokenizer
 
-    def to_tokens(self, input: str | list[str]) -> Int[Tensor, "batch pos"]:
-        """Tokenise text to `[batch, pos]`; a list of texts is right-padded with the pad token."""
+    def to_tokens(
+        self, input: str | list[str], prepend_bos: bool | None = None
+    ) -> Int[Tensor, "batch pos"]:
+        """Tokenise text to `[batch, pos]`; a list of texts is right-padded with the pad token.
+
+        `prepend_bos` (default `cfg.default_prepend_bos`, False) puts the BOS token first."""
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+        if prepend_bos if prepend_bos is not None else self.cfg.default_prepend_bos:
+            if tok.bos_token_id is None:
+                raise ValueError("prepend_bos=True, but the tokenizer has no BOS token")
+            ids = [[tok.bos_token_id, *i] for i in ids]
         width = max(len(i) for i in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         out = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -313,10 +361,23 @@ class HookedRecurrentModel(HookedRootModule):
             return [tok.decode(row.tolist()) for row in tokens]
         return tok.decode(tokens.tolist() if isinstance(tokens, Tensor) else tokens)
 
-    def to_str_tokens(self, input: str | Tensor) -> list[str]:
-        """The string of each token of a text or of a 1-D token tensor."""
+    def to_str_tokens(
+        self, input: str | list[str] | Tensor | list[int], prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """The string of each token of a text, of tokens `[pos]` or `[1, pos]`, or of a list of
+        ids; a list of texts or tokens `[batch, pos]` gives one list per sequence."""
         tok = self._need_tokenizer()
-        ids = self.to_tokens(input)[0] if isinstance(input, str) else input.reshape(-1)
+        if isinstance(input, list) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(t, prepend_bos=prepend_bos) for t in input]
+        if isinstance(input, Tensor) and input.dim() == 2 and input.shape[0] > 1:
+            return [self.to_str_tokens(row) for row in input]
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos=prepend_bos)[0]
+        else:
+            ids = torch.as_tensor(input)
+            if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+                raise ValueError(f"expected tokens [pos] or [batch, pos], got {tuple(ids.shape)}")
+            ids = ids.reshape(-1)
         return [tok.decode([i]) for i in ids.tolist()]
 
     # ------------------------------------------------------------------ generation
@@ -336,6 +397,9 @@ class HookedRecurrentModel(HookedRootModule):
         return_type: Literal["str", "tokens", "input"] = "input",
         verbose: bool | None = None,
         seed: int | None = None,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
     ) -> str | list[str] | Tensor:
         """Generate, one recurrent step per new token, with every hook live.
 
@@ -348,11 +412,20 @@ class HookedRecurrentModel(HookedRootModule):
         Batches must be of equal-length prompts (no padding inside the recurrence). Finished
         sequences (after `eos_token_id`) are padded with it.
 
+        Unlike TransformerLens (`do_sample=True`), decoding is greedy by default, so that a
+        generation is reproducible and comparable across hook edits; pass `do_sample=True` (and
+        `seed`) to sample. `freq_penalty` subtracts `freq_penalty * count` from the logit of each
+        token already in the sequence, as in TransformerLens. `use_past_kv_cache=False` re-runs the
+        whole sequence at every step instead of carrying the state (same tokens, slower).
+
         Returns:
             the full sequences (prompt + new tokens) as text if the input was text (or
             `return_type="str"`), else as tokens `[batch, pos]`.
         """
-        tokens = self.to_tokens(input) if isinstance(input, (str, list)) else input
+        if isinstance(input, (str, list)):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos)
+        else:
+            tokens = input
         if return_type == "input":
             return_type = "str" if isinstance(input, (str, list)) else "tokens"
         if eos_token_id is None and self.tokenizer is not None:
@@ -367,7 +440,13 @@ class HookedRecurrentModel(HookedRootModule):
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             logits, state = self(tokens, return_state=True)
             for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-                nxt = _sample(logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
+                last = logits[:, -1].float()
+                if freq_penalty:
+                    counts = torch.zeros_like(last).scatter_add_(
+                        1, out, torch.ones_like(out, dtype=last.dtype)
+                    )
+                    last = last - freq_penalty * counts
+                nxt = _sample(last, do_sample, temperature, top_k, top_p, gen)
                 if eos_token_id is not None and stop_at_eos:
                     nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                     finished |= nxt == eos_token_id
@@ -376,7 +455,10 @@ class HookedRecurrentModel(HookedRootModule):
                     break
                 if stop_at_eos and eos_token_id is not None and bool(finished.all()):
                     break
-                logits, state = self(nxt[:, None], state=state, return_state=True)
+                if use_past_kv_cache:
+                    logits, state = self(nxt[:, None], state=state, return_state=True)
+                else:
+                    logits = self(out)
         if return_type == "str":
             text = self.to_string(out)
             return text[0] if isinstance(input, str) else text
