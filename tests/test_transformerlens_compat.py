@@ -45,7 +45,7 @@ def run(model):
     wrong = model.to_single_token(" the") if right != model.to_single_token(" the") else 0
 
     def metric(lg: torch.Tensor) -> torch.Tensor:
-        return lg[0, -1, right] - lg[0, -1, wrong]
+        return (lg[0, -1, right] - lg[0, -1, wrong]).detach()
 
     return clean, corrupt, logits, cache, right, wrong, metric
 
