@@ -67,10 +67,7 @@ def _attn_result_input(cache: ActivationCache, model: Any, layer: int) -> Tensor
 
 
 def _mixer_W_O(mixer: Any) -> Float[Tensor, "head d_head d_model"]:
-    w = mixer.W_O
-    if isinstance(w, torch.nn.Linear):  # Qwen3.5 gated attention keeps its nn.Linear
-        return w.weight.T.reshape(mixer.n_heads, mixer.d_head, -1)
-    return w
+    return mixer.W_O
 
 
 class HookedRecurrentCache(ActivationCache):
@@ -325,19 +322,7 @@ class TLCompatMixin:
                 f"mixers' projections are at model.blocks[l].attn (see the hook reference); "
                 "W_O (every layer's output projection) is model.W_O"
             )
-        out = []
-        for l in self.cfg.attention_layers:
-            a = self.blocks[l].attn
-            H, Hkv, D = a.n_heads, a.n_kv_heads, a.d_head
-            if which == "W_Q":
-                w = a.W_Q.weight.view(H, 2 * D, -1)[:, :D]  # the query rows (the rest: the gate)
-            elif which == "W_O":
-                out.append(_mixer_W_O(a))
-                continue
-            else:
-                w = getattr(a, which).weight.view(Hkv, D, -1).repeat_interleave(H // Hkv, 0)
-            out.append(w.transpose(-1, -2))
-        return torch.stack(out)
+        return torch.stack([getattr(self.blocks[l].attn, which) for l in self.cfg.attention_layers])
 
     @property
     def W_Q(self) -> Float[Tensor, "attn_layer head d_model d_head"]:
@@ -390,11 +375,7 @@ class TLCompatMixin:
         """Qwen3.5 gated attention's output-gate weights (out = W_O(z * sigmoid(x W_gate_attn)))."""
         if self.cfg.architecture != "qwen3_5":
             raise NotApplicableError("only Qwen3.5's attention layers have an output gate")
-        out = []
-        for l in self.cfg.attention_layers:
-            a = self.blocks[l].attn
-            out.append(a.W_Q.weight.view(a.n_heads, 2 * a.d_head, -1)[:, a.d_head :].mT)
-        return torch.stack(out)
+        return self._attention_stack("W_gate")
 
     # ------------------------------------------------------------------ tokens
     def to_single_token(self, string: str) -> int:

@@ -89,9 +89,7 @@ def test_weights(model, run):
         z = cache[f"blocks.{l}.attn.hook_z"]
         if cfg.layer_types[l] == "attention":
             z = z * torch.sigmoid(cache[f"blocks.{l}.attn.hook_gate"])
-            W_O = block.attn.W_O.weight.T.reshape(z.shape[2], z.shape[3], -1)
-        else:
-            W_O = block.attn.W_O
+        W_O = block.attn.W_O
         torch.testing.assert_close(
             torch.einsum("bphd,hdm->bpm", z, W_O), cache["attn_out", l], atol=1e-5, rtol=0
         )
@@ -99,6 +97,11 @@ def test_weights(model, run):
         (l,) = cfg.attention_layers
         assert model.W_Q.shape == model.W_K.shape == model.W_V.shape == (1, 4, 128, 32)
         assert model.W_O.shape == (1, 4, 32, 128)
+        a = model.blocks[l].attn  # per block, as in TransformerLens
+        assert torch.equal(a.W_Q, model.W_Q[0]) and a._W_K.shape == (2, 128, 32)
+        x1 = cache["normalized", l, "ln1"]
+        gate = torch.einsum("bpm,hmd->bphd", x1, a.W_gate)
+        torch.testing.assert_close(gate, cache["gate", l, "attn"], atol=1e-5, rtol=0)
         # hook_v = x W_V (per kv head): W_V repeats kv heads over query heads (GQA)
         x = cache["normalized", l, "ln1"]
         v = cache["v", l, "attn"]
@@ -237,7 +240,7 @@ def test_direct_logit_attribution_per_head(model, run):
     attrs = stack @ direction
     bias = getattr(model.ln_final, "b", torch.zeros(model.cfg.d_model))
     total = attrs.sum(0)[0] + bias @ direction
-    err = abs(float(total - metric(logits)))
+    err = abs(float((total - metric(logits)).detach()))
     assert err < 1e-4, err
     # per-head results of one recurrent layer add up to its attn_out
     l = model.cfg.recurrent_layers[0]
@@ -272,7 +275,7 @@ def test_patching_heads_state_and_write(model, run):
         lg = model(short)
 
         def short_metric(x):
-            return x[0, -1, 0] - x[0, -1, 1]
+            return (x[0, -1, 0] - x[0, -1, 1]).detach()
 
         heads = patching.get_act_patch_attn_head_out_by_pos(model, short, short_cache, short_metric)
         assert heads.shape == (model.cfg.n_layers, 2, model.cfg.n_heads)
