@@ -12,6 +12,7 @@ import re
 MEANING = {
     "hook_embed": "token embedding",
     "hook_normalized": "output of the norm",
+    "hook_scale": "the norm's divisor sqrt(mean(x^2) + eps) (LN: of the centred x), as in TL",
     "hook_resid_pre": "residual stream entering the block",
     "hook_resid_mid": "residual stream after the token mixer",
     "hook_resid_post": "residual stream leaving the block",
@@ -37,7 +38,8 @@ MEANING = {
     "hook_rot_k": "key after RoPE",
     "hook_attn_scores": "attention logits (masked)",
     "hook_pattern": "attention probabilities",
-    "hook_z": "attention-weighted values per head",
+    "hook_z": "per head, what the output projection W_O reads (attention layers: the weighted "
+    "values, before the sigmoid gate); hook_out = sum_h z_h @ W_O[h]",
 }
 
 

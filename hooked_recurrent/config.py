@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["HookedRecurrentConfig"]
+__all__ = ["HookedRecurrentConfig", "NotApplicableError"]
+
+
+class NotApplicableError(AttributeError):
+    """A TransformerLens attribute with no meaning for this model; the message says what to use.
+
+    An `AttributeError`, so `getattr(obj, name, default)` and `hasattr` treat it as absent.
+    """
 
 
 @dataclass
@@ -50,3 +57,111 @@ class HookedRecurrentConfig:
     def recurrent_layers(self) -> list[int]:
         """Indices of the blocks whose mixer has a matrix state."""
         return [i for i, t in enumerate(self.layer_types) if t == "recurrent"]
+
+    # ------------------------------------------------------------------ TransformerLens fields
+    # Read-only views of the fields TransformerLens's tools (ActivationCache, patching, utilities)
+    # and users read; derived from the family and the source config, so nothing is duplicated.
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the blocks whose mixer is softmax attention (Qwen3.5's full-attention)."""
+        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
+
+    @property
+    def d_head(self) -> int:
+        """Width of one head's output (what `W_O` reads): the attention head size on Qwen3.5
+        (`head_dim`), the state head's value side `d_v` on Mamba-2 and RWKV-7."""
+        if self.architecture == "qwen3_5" and "head_dim" in self.hf_config:
+            return int(self.hf_config["head_dim"])
+        return self.d_v
+
+    @property
+    def n_key_value_heads(self) -> int | None:
+        """Key/value heads of the softmax-attention layers (GQA), None when there are none."""
+        if self.architecture == "qwen3_5":
+            return int(self.hf_config.get("num_key_value_heads", self.n_heads))
+        return None
+
+    @property
+    def n_ctx(self) -> int:
+        """The trained context length (Qwen3.5's `max_position_embeddings`).
+
+        Mamba-2 and RWKV-7 have no context window (the state carries any length): they raise
+        `NotApplicableError`."""
+        if "max_position_embeddings" in self.hf_config:
+            return int(self.hf_config["max_position_embeddings"])
+        raise NotApplicableError(
+            f"{self.architecture} has no context window: its recurrent state carries any number "
+            "of tokens (use RecurrentState to continue a sequence)"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters are; kept current by `model.to(...)`."""
+        return getattr(self, "_device", torch.device("cpu"))
+
+    @property
+    def d_mlp(self) -> int | None:
+        """Hidden width of the MLPs; None on Mamba-2 (no MLPs: `attn_only` is True)."""
+        if self.architecture == "mamba2":
+            return None
+        return int(self.hf_config["intermediate_size"])
+
+    @property
+    def attn_only(self) -> bool:
+        """True when blocks have no MLP (Mamba-2): TransformerLens then skips `mlp_out`."""
+        return self.architecture == "mamba2"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """True for Qwen3.5's SwiGLU MLP (it has `W_gate`)."""
+        return self.architecture == "qwen3_5"
+
+    @property
+    def act_fn(self) -> str | None:
+        """The MLP activation: "silu" (Qwen3.5, gated), "relu_squared" (RWKV-7), None (Mamba-2)."""
+        return {"qwen3_5": "silu", "rwkv7": "relu_squared"}.get(self.architecture)
+
+    @property
+    def normalization_type(self) -> str:
+        """ "RMS" (Qwen3.5, Mamba-2) or "LN" (RWKV-7), with weights (not folded, see the docs)."""
+        return "LN" if self.architecture == "rwkv7" else "RMS"
+
+    @property
+    def final_rms(self) -> bool:
+        """Whether the final norm is an RMSNorm."""
+        return self.normalization_type == "RMS"
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """ "rotary" (Qwen3.5's attention layers) or "none" (position lives in the recurrence)."""
+        return "rotary" if self.architecture == "qwen3_5" else "none"
+
+    @property
+    def default_prepend_bos(self) -> bool:
+        """False: none of the families was trained with a BOS token in front (as Qwen in TL)."""
+        return False
+
+    @property
+    def tokenizer_name(self) -> str:
+        """The name or path the tokenizer was loaded from (the model's)."""
+        return self.model_name
+
+    @property
+    def original_architecture(self) -> str:
+        """The family, as TransformerLens names this field."""
+        return self.architecture
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Width of the logits (= `d_vocab`)."""
+        return self.d_vocab
+
+    @property
+    def n_devices(self) -> int:
+        """1: the model is not split across devices."""
+        return 1
+
+    @property
+    def use_attn_result(self) -> bool:
+        """False: per-head results are computed from `hook_z` by `ActivationCache`."""
+        return False

@@ -17,6 +17,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions, unknown_hook_error
 from hooked_recurrent.state import RecurrentState, RunContext
+from hooked_recurrent.tl_compat import HookedRecurrentCache, TLCompatMixin
 from hooked_recurrent.validation import (
     check_forward_input,
     check_generate_args,
@@ -46,7 +47,7 @@ def _resolve_alias(name: str) -> str:
     return name
 
 
-class HookedRecurrentModel(HookedRootModule):
+class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
     """A recurrent or hybrid language model with TransformerLens hooks on its write, state and read.
 
     Build one with `from_pretrained` (a Hub id, a local Hugging Face checkpoint folder, or the name
@@ -129,7 +130,7 @@ class HookedRecurrentModel(HookedRootModule):
         cfg, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype)
         model = cls(cfg, tokenizer)
         model.load_state_dict(state_dict, strict=True)
-        return model.to(device)
+        return model.to(device).eval()  # no dropout anywhere; eval mode for TL's analysis tools
 
     @classmethod
     def from_hf_model(cls, hf_model: nn.Module, tokenizer: Any = None) -> HookedRecurrentModel:
@@ -140,7 +141,7 @@ class HookedRecurrentModel(HookedRootModule):
         model = cls(cfg, tokenizer)
         model.load_state_dict(state_dict, strict=True)
         device = next(hf_model.parameters()).device
-        return model.to(device)
+        return model.to(device).eval()
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -153,8 +154,15 @@ class HookedRecurrentModel(HookedRootModule):
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
         padding_side: Literal["right", "left"] = "right",
+        prepend_bos: bool | None = None,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
     ) -> Any:
         """Run the model on tokens `[batch, pos]` (or text), optionally continuing from `state`.
+
+        As in TransformerLens, `stop_at_layer=l` returns the residual before block `l` (`resid_pre`
+        of `l`) instead of logits, and `start_at_layer=l` takes that residual `[batch, pos,
+        d_model]` as `input` and runs blocks `l` onward. `prepend_bos` applies to text input.
 
         Returns logits `[batch, pos, d_vocab]` (or the next-token loss, or both), followed by the
         `RecurrentState` after the last token when `return_state=True`. Feeding a sequence in two
@@ -187,6 +195,9 @@ class HookedRecurrentModel(HookedRootModule):
                 attention_mask,
                 loss_per_token,
                 padding_side,
+                prepend_bos,
+                stop_at_layer,
+                start_at_layer,
             )
 
     def _forward(
@@ -198,14 +209,32 @@ class HookedRecurrentModel(HookedRootModule):
         attention_mask: Int[Tensor, "batch pos"] | None,
         loss_per_token: bool,
         padding_side: str,
+        prepend_bos: bool | None = None,
+        stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
     ) -> Any:
         if isinstance(input, (str, list)):
-            tokens, text_mask = self.to_tokens(input, padding_side=padding_side, return_mask=True)
+            tokens, text_mask = self.to_tokens(
+                input, prepend_bos=prepend_bos, padding_side=padding_side, return_mask=True
+            )
             if attention_mask is None and not isinstance(input, str):
                 attention_mask = text_mask
         else:
             tokens = input
-        if tokens.dim() != 2:
+        if start_at_layer is not None:
+            if return_type in ("loss", "both"):
+                raise ValueError(
+                    "start_at_layer takes a residual, so there are no tokens for a loss"
+                )
+            if tokens.dim() != 3:
+                raise ValueError("start_at_layer needs the residual [batch, pos, d_model] as input")
+            if self.cfg.architecture == "rwkv7" and start_at_layer % len(self.blocks) > 0:
+                raise ValueError(
+                    "RWKV-7's blocks after the first also read block 0's value (v_first), which "
+                    "the residual does not carry: start_at_layer must be 0 on RWKV-7 (patch "
+                    "blocks.{l}.hook_resid_pre with run_with_hooks instead)"
+                )
+        elif tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape [batch, pos], got {tuple(tokens.shape)}")
         if state is not None and state.batch_size not in (0, tokens.shape[0]):
             raise ValueError(
@@ -222,18 +251,28 @@ class HookedRecurrentModel(HookedRootModule):
         )
         past_mask = None if state is None else state.mask
         if mask is not None or past_mask is not None:
-            B, T = tokens.shape
+            B, T = tokens.shape[:2]
             cur = mask if mask is not None else tokens.new_ones(B, T, dtype=torch.bool)
             past = past_mask if past_mask is not None else cur.new_ones(B, offset)
             run.key_mask = torch.cat((past.to(cur.device), cur), dim=1)
             n_real = past.long().sum(-1, keepdim=True).to(cur.device)
             run.row_positions = (n_real + cur.long().cumsum(-1) - 1).clamp_min(0)
+        n = len(self.blocks)
+        first = 0 if start_at_layer is None else start_at_layer + n * (start_at_layer < 0)
+        last = n if stop_at_layer is None else stop_at_layer + n * (stop_at_layer < 0)
         with at_positions(positions):
-            x = self.hook_embed(self.embed(tokens))
-            if self.ln_embed is not None:
-                x = self.ln_embed(x)
-            for block in self.blocks:
+            if start_at_layer is None:
+                x = self.hook_embed(self.embed(tokens))
+                if self.ln_embed is not None:
+                    x = self.ln_embed(x)
+            else:
+                x = tokens
+            for block in self.blocks[first:last]:
                 x = block(x, run)
+            if stop_at_layer is not None:
+                return (
+                    (x, RecurrentState(offset + x.shape[1], run.state_out)) if return_state else x
+                )
             logits = self.unembed(self.ln_final(x))
 
         if return_type == "logits":
@@ -368,7 +407,7 @@ class HookedRecurrentModel(HookedRootModule):
                 k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()
             }
         if return_cache_object:
-            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+            cache = HookedRecurrentCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ------------------------------------------------------------------ tokens
@@ -383,7 +422,7 @@ class HookedRecurrentModel(HookedRootModule):
     def to_tokens(
         self,
         input: str | list[str],
-        prepend_bos: bool = False,
+        prepend_bos: bool | None = None,
         padding_side: Literal["right", "left"] = "right",
         *,
         return_mask: bool = False,
@@ -392,8 +431,8 @@ class HookedRecurrentModel(HookedRootModule):
 
         Args:
             input: a text or a list of texts.
-            prepend_bos: put the tokenizer's BOS token in front of every text (no special tokens
-                are added otherwise).
+            prepend_bos: put the tokenizer's BOS token in front of every text (default
+                `cfg.default_prepend_bos`, False; no special tokens are added otherwise).
             padding_side: pad shorter texts on the "right" (TransformerLens's default) or the
                 "left" (what `generate` does).
             return_mask: also return the attention mask `[batch, pos]` (1 = real token, 0 =
@@ -409,7 +448,7 @@ class HookedRecurrentModel(HookedRootModule):
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         ids = [tok.encode(t, add_special_tokens=False) for t in texts]
-        if prepend_bos:
+        if prepend_bos if prepend_bos is not None else self.cfg.default_prepend_bos:
             if tok.bos_token_id is None:
                 raise ValueError("prepend_bos=True, but the tokenizer has no BOS token")
             ids = [[tok.bos_token_id, *row] for row in ids]
@@ -431,10 +470,23 @@ class HookedRecurrentModel(HookedRootModule):
             return [tok.decode(row.tolist()) for row in tokens]
         return tok.decode(tokens.tolist() if isinstance(tokens, Tensor) else tokens)
 
-    def to_str_tokens(self, input: str | Tensor) -> list[str]:
-        """The string of each token of a text or of a 1-D token tensor."""
+    def to_str_tokens(
+        self, input: str | list[str] | Tensor | list[int], prepend_bos: bool | None = None
+    ) -> list[str] | list[list[str]]:
+        """The string of each token of a text, of tokens `[pos]` or `[1, pos]`, or of a list of
+        ids; a list of texts or tokens `[batch, pos]` gives one list per sequence."""
         tok = self._need_tokenizer()
-        ids = self.to_tokens(input)[0] if isinstance(input, str) else input.reshape(-1)
+        if isinstance(input, list) and input and isinstance(input[0], str):
+            return [self.to_str_tokens(t, prepend_bos=prepend_bos) for t in input]
+        if isinstance(input, Tensor) and input.dim() == 2 and input.shape[0] > 1:
+            return [self.to_str_tokens(row) for row in input]
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos=prepend_bos)[0]
+        else:
+            ids = torch.as_tensor(input)
+            if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+                raise ValueError(f"expected tokens [pos] or [batch, pos], got {tuple(ids.shape)}")
+            ids = ids.reshape(-1)
         return [tok.decode([i]) for i in ids.tolist()]
 
     # ------------------------------------------------------------------ generation
@@ -455,6 +507,9 @@ class HookedRecurrentModel(HookedRootModule):
         return_type: Literal["str", "tokens", "input"] = "input",
         verbose: bool | None = None,
         seed: int | None = None,
+        freq_penalty: float = 0.0,
+        use_past_kv_cache: bool = True,
+        prepend_bos: bool | None = None,
     ) -> str | list[str] | Tensor:
         """Generate, one recurrent step per new token, with every hook live.
 
@@ -475,6 +530,12 @@ class HookedRecurrentModel(HookedRootModule):
         `torch.manual_seed` makes it reproducible and successive calls differ; with `seed=` it
         uses a private generator seeded with it instead (the same result every call).
 
+        Unlike TransformerLens (`do_sample=True`), decoding is greedy by default, so that a
+        generation is reproducible and comparable across hook edits; pass `do_sample=True` (and
+        `seed`) to sample. `freq_penalty` subtracts `freq_penalty * count` from the logit of each
+        token already in the sequence, as in TransformerLens. `use_past_kv_cache=False` re-runs the
+        whole sequence at every step instead of carrying the state (same tokens, slower).
+
         Returns:
             the full sequences (prompt + new tokens) as text if the input was text (or
             `return_type="str"`; padding is left out of the text), else as tokens `[batch, pos]`
@@ -484,7 +545,9 @@ class HookedRecurrentModel(HookedRootModule):
                             eos_token_id, return_type, seed)  # fmt: skip
         check_forward_input(self, input)
         if isinstance(input, (str, list)):
-            tokens, text_mask = self.to_tokens(input, padding_side="left", return_mask=True)
+            tokens, text_mask = self.to_tokens(
+                input, prepend_bos=prepend_bos, padding_side="left", return_mask=True
+            )
             if attention_mask is None and not isinstance(input, str):
                 attention_mask = text_mask
         else:
@@ -508,7 +571,13 @@ class HookedRecurrentModel(HookedRootModule):
                 last = (mask * cols).argmax(-1)
                 logits = logits[torch.arange(len(last), device=last.device), last][:, None]
             for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-                nxt = _sample(logits[:, -1].float(), do_sample, temperature, top_k, top_p, gen)
+                last = logits[:, -1].float()
+                if freq_penalty:
+                    counts = torch.zeros_like(last).scatter_add_(
+                        1, out, torch.ones_like(out, dtype=last.dtype)
+                    )
+                    last = last - freq_penalty * counts
+                nxt = _sample(last, do_sample, temperature, top_k, top_p, gen)
                 if eos_token_id is not None and stop_at_eos:
                     nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
                     finished |= nxt == eos_token_id
@@ -517,7 +586,14 @@ class HookedRecurrentModel(HookedRootModule):
                     break
                 if stop_at_eos and eos_token_id is not None and bool(finished.all()):
                     break
-                logits, state = self(nxt[:, None], state=state, return_state=True)
+                if use_past_kv_cache:
+                    logits, state = self(nxt[:, None], state=state, return_state=True)
+                else:
+                    full = None
+                    if mask is not None:
+                        new = mask.new_ones(len(out), out.shape[1] - mask.shape[1])
+                        full = torch.cat((mask, new), 1)
+                    logits = self(out, attention_mask=full)
         if return_type == "str":
             if mask is None:
                 text = self.to_string(out)

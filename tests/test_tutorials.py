@@ -31,8 +31,8 @@ NEEDS = {
 DEFAULT_NEEDS = ["tiny-qwen3.5-shakespeare"]
 
 
-def test_there_are_four_tutorials():
-    assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_", "04_"]
+def test_there_are_five_tutorials():
+    assert [p.name[:3] for p in NOTEBOOKS] == ["01_", "02_", "03_", "04_", "05_"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

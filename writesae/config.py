@@ -134,6 +134,11 @@ class WriteSAEConfig:
         """Entries of one state matrix, ``d_k * d_v``."""
         return self.d_k * self.d_v
 
+    @property
+    def d_sae(self) -> int:
+        """Number of atoms (SAELens's name for ``n_atoms``)."""
+        return self.n_atoms
+
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain dict."""
         return dataclasses.asdict(self)

@@ -248,7 +248,16 @@ class BaseSAE(nn.Module):
         return self.sparsify(full())
 
     def encode(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
-        """Sparse codes ``c = sparsify(p(X))``."""
+        """Sparse codes ``c = sparsify(p(X))``.
+
+        An activation with all heads (``cache[hook]``, ``[batch, pos, head, d_k, d_v]``) is
+        refused: the SAE was trained on head ``cfg.head``; pass ``x[:, :, sae.cfg.head]``."""
+        if x.dim() == 5:
+            raise ValueError(
+                f"encode got {tuple(x.shape)}: a [batch, pos, head, d_k, d_v] activation with "
+                f"every head; this SAE was trained on head {self.cfg.head}: pass "
+                f"x[:, :, {self.cfg.head}]"
+            )
         return self._encode(self._check_input(x)).codes
 
     def encode_factors(
@@ -489,6 +498,21 @@ class WriteSAE(BaseSAE):
     def key_factors(self) -> Float[Tensor, "n_atoms d_k"]:
         """Key-side decoder factors ``u_i`` (rows), meeting the read query."""
         return self.W_dec_key
+
+    @property
+    def W_dec(self) -> Float[Tensor, "n_atoms d_k d_v"]:
+        """The decoder atoms ``A_i = u_i w_i^T`` (SAELens's ``W_dec``; ``W_dec.flatten(1)`` is
+        SAELens's ``[d_sae, d_in]`` layout). Computed from the factors; train those."""
+        return self.W_dec_key[:, :, None] * self.W_dec_value[:, None, :]
+
+    @property
+    def W_enc(self) -> Float[Tensor, "d_in n_atoms"]:
+        """The encoder as SAELens lays it out, ``pre = vec(X) @ W_enc + b_enc``: the dense
+        parameter, or for the bilinear encoder ``vec(e_i f_i^T)`` as columns (computed)."""
+        if "W_enc" in self._parameters:
+            return self._parameters["W_enc"]
+        e, f = self.W_enc_key, self.W_enc_value
+        return (e[:, :, None] * f[:, None, :]).reshape(self.cfg.n_atoms, -1).T
 
     @property
     def value_factors(self) -> Float[Tensor, "n_atoms d_v"]:

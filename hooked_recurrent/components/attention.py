@@ -1,9 +1,9 @@
 """Qwen3.5 gated attention: q/k RMSNorm, partial RoPE, GQA, causal softmax, sigmoid output gate.
 
-q_h, gate_h = split(W_Q x)             (per head: d_head query rows, then d_head gate rows)
-q = rope(qnorm(q)),  k = rope(knorm(W_K x)),  v = W_V x
+q_h, gate_h = split(q_proj x)          (per head: d_head query rows, then d_head gate rows)
+q = rope(qnorm(q)),  k = rope(knorm(k_proj x)),  v = v_proj x
 z = softmax(q k^T / sqrt(d_head) + causal) v
-out = W_O (z * sigmoid(gate))
+out = o_proj (z * sigmoid(gate))        (W_Q, W_K, W_V, W_O, W_gate: TransformerLens layout)
 """
 
 from __future__ import annotations
@@ -52,10 +52,11 @@ class GatedAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
-        self.W_Q = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)
-        self.W_K = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.W_V = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.W_O = nn.Linear(n_heads * d_head, d_model, bias=False)
+        # the projections as in Hugging Face; the TransformerLens layout is the W_* properties
+        self.q_proj = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
+        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=False)
         self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
         self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
         inv_freq = 1.0 / (
@@ -71,11 +72,11 @@ class GatedAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        qg = self.W_Q(x).view(B, T, H, 2 * D)
+        qg = self.q_proj(x).view(B, T, H, 2 * D)
         q, gate = qg[..., :D], qg[..., D:]
         q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(self.W_K(x).view(B, T, Hkv, D)))
-        v = self.hook_v(self.W_V(x).view(B, T, Hkv, D))
+        k = self.hook_k(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)))
+        v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
         gate = self.hook_gate(gate)
 
         if run.row_positions is None:
@@ -137,4 +138,42 @@ class GatedAttention(nn.Module):
             )
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, D]
         out = z.reshape(B, T, H * D) * torch.sigmoid(gate.reshape(B, T, H * D))
-        return self.W_O(out)
+        return self.o_proj(out)
+
+    # TransformerLens layout: [head, d_model, d_head] in, [head, d_head, d_model] out
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        """Query weights per head (before q-norm and RoPE): `x @ W_Q[h]`; the gate rows that
+        `q_proj` interleaves with them are `W_gate`."""
+        H, D = self.n_heads, self.d_head
+        return self.q_proj.weight.view(H, 2 * D, -1)[:, :D].transpose(-1, -2)
+
+    @property
+    def W_gate(self) -> Float[Tensor, "head d_model d_head"]:
+        """Output-gate weights per head: out = W_O(z * sigmoid(x @ W_gate[h]))."""
+        H, D = self.n_heads, self.d_head
+        return self.q_proj.weight.view(H, 2 * D, -1)[:, D:].transpose(-1, -2)
+
+    @property
+    def _W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self.k_proj.weight.view(self.n_kv_heads, self.d_head, -1).transpose(-1, -2)
+
+    @property
+    def _W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return self.v_proj.weight.view(self.n_kv_heads, self.d_head, -1).transpose(-1, -2)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        """Key weights per query head (kv heads repeated, as TransformerLens's GQA `W_K`; the
+        kv heads alone are `_W_K`)."""
+        return self._W_K.repeat_interleave(self.n_heads // self.n_kv_heads, 0)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        """Value weights per query head (kv heads repeated; the kv heads alone are `_W_V`)."""
+        return self._W_V.repeat_interleave(self.n_heads // self.n_kv_heads, 0)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        """Output weights per head: out = sum_h (z * sigmoid(gate))[h] @ W_O[h]."""
+        return self.o_proj.weight.T.reshape(self.n_heads, self.d_head, -1)

@@ -15,6 +15,9 @@ class Block(nn.Module):
     Blocks without an MLP (Mamba-2) have no `ln2`, `mlp`, `hook_resid_mid` or `hook_mlp_out`.
     """
 
+    #: read by TransformerLens's logit lens: `hook_resid_post` is the one stream the model unembeds
+    hook_out_is_single_residual_stream = True
+
     def __init__(
         self,
         layer: int,

@@ -120,7 +120,9 @@ class GatedDeltaNet(RecurrentMixer):
     by 1/sqrt(d_k)), `hook_v` `[batch, pos, head, d_v]`, `hook_beta`, `hook_decay` (alpha)
     `[batch, pos, head]`, `hook_write` (beta k v^T) and `hook_state` (S_t)
     `[batch, pos, head, d_k, d_v]`, `hook_read` (S_t^T q_t) `[batch, pos, head, d_v]`, `hook_gate`
-    (z, before its silu) `[batch, pos, head, d_v]`, `hook_out` `[batch, pos, d_model]`.
+    (z, before its silu) `[batch, pos, head, d_v]`, `hook_z` (what the output projection reads,
+    after the norm and gate; TransformerLens's z) `[batch, pos, head, d_v]`, `hook_out`
+    `[batch, pos, d_model]`.
     """
 
     write_strength_hook = "hook_beta"
@@ -152,7 +154,7 @@ class GatedDeltaNet(RecurrentMixer):
         self.A_log = nn.Parameter(torch.zeros(n_heads))
         self.norm_w = nn.Parameter(torch.ones(d_v))
         self.W_out = nn.Linear(n_heads * d_v, d_model, bias=False)
-        for name in ("q", "k", "v", "beta", "decay", "read", "gate", "out"):
+        for name in ("q", "k", "v", "beta", "decay", "read", "gate", "z", "out"):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
@@ -227,5 +229,11 @@ class GatedDeltaNet(RecurrentMixer):
         z = self.hook_gate(self.W_z(x).view(B, T, H, dv))
         of = o.float()
         n = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = ((self.norm_w * n.to(x.dtype)) * F.silu(z.float())).to(x.dtype)
+        y = self.hook_z(((self.norm_w * n.to(x.dtype)) * F.silu(z.float())).to(x.dtype))
         return self.hook_out(self.W_out(y.reshape(B, T, H * dv)))
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_v d_model"]:
+        """The output projection per head (TransformerLens layout):
+        hook_out = sum_h hook_z[h] @ W_O[h]."""
+        return self.W_out.weight.T.reshape(self.n_heads, self.d_v, -1)

@@ -18,7 +18,9 @@ Hooks (at `blocks.{l}.attn.`): `hook_q` = C_t and `hook_k` = B_t per head `[batc
 d_state]` (group-expanded), `hook_v` = x_t `[batch, pos, head, headdim]`, `hook_dt` and
 `hook_decay` = exp(dt_t A) `[batch, pos, head]`, `hook_write` = B_t (dt_t x_t)^T and `hook_state`
 = S_t `[batch, pos, head, d_state, headdim]`, `hook_read` = o_t (before the D skip), `hook_gate` =
-z (before its silu) `[batch, pos, head, headdim]`, `hook_out` `[batch, pos, d_model]`.
+z (before its silu) `[batch, pos, head, headdim]`, `hook_z` (what the output projection reads,
+after gate and norm; TransformerLens's z) `[batch, pos, head, headdim]`, `hook_out`
+`[batch, pos, d_model]`.
 
 Editing semantics: `hook_dt` fires before the decay is computed, so an edited dt changes both the
 write (B (dt x)^T) and the decay exp(dt A), as in the model; `hook_decay` fires after and can
@@ -160,7 +162,7 @@ class Mamba2Mixer(RecurrentMixer):
         self.D = nn.Parameter(torch.ones(n_heads))
         self.norm_w = nn.Parameter(torch.ones(self.d_inner))
         self.W_out = nn.Linear(self.d_inner, d_model, bias=use_bias)
-        for name in ("q", "k", "v", "dt", "decay", "read", "gate", "out"):
+        for name in ("q", "k", "v", "dt", "decay", "read", "gate", "z", "out"):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
@@ -236,5 +238,12 @@ class Mamba2Mixer(RecurrentMixer):
         gate = self.hook_gate(z.view(Bsz, T, H, P))
         y = (y * F.silu(gate.float())).reshape(Bsz, T, G, self.d_inner // G)
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = self.norm_w.float() * y.reshape(Bsz, T, self.d_inner)
-        return self.hook_out(self.W_out(y.to(u.dtype)))
+        y = (self.norm_w.float() * y.reshape(Bsz, T, self.d_inner)).to(u.dtype)
+        y = self.hook_z(y.view(Bsz, T, H, P))
+        return self.hook_out(self.W_out(y.reshape(Bsz, T, self.d_inner)))
+
+    @property
+    def W_O(self) -> Float[Tensor, "head headdim d_model"]:
+        """The output projection per head (TransformerLens layout): hook_out = sum_h z_h @ W_O[h]
+        (+ the bias, if any)."""
+        return self.W_out.weight.T.reshape(self.n_heads, self.head_dim, -1)

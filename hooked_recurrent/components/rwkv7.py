@@ -196,8 +196,9 @@ class TimeMix(RecurrentMixer):
     per key channel) `[batch, pos, head, d_k]`; `hook_v` (v after the value residual)
     `[batch, pos, head, d_v]`; `hook_write` (k v^T) and `hook_state` (S_t)
     `[batch, pos, head, d_k, d_v]`; `hook_read` (S_t^T r_t, before GroupNorm and bonus)
-    `[batch, pos, head, d_v]`; `hook_gate` (g) `[batch, pos, head, d_v]`; `hook_out`
-    `[batch, pos, d_model]`.
+    `[batch, pos, head, d_v]`; `hook_gate` (g) `[batch, pos, head, d_v]`; `hook_z` (what the
+    output projection reads: GroupNorm, bonus and gate applied; TransformerLens's z)
+    `[batch, pos, head, d_v]`; `hook_out` `[batch, pos, d_model]`.
 
     `hook_a` fires before the key update, so an edit of a changes both the write key k and the
     removal term. In layer 0 the (possibly edited) `hook_v` is the v_first of later layers. Edits of
@@ -248,7 +249,7 @@ class TimeMix(RecurrentMixer):
         self.W_o = nn.Linear(C, C, bias=False)
         self.ln_x_w = nn.Parameter(torch.ones(C))
         self.ln_x_b = nn.Parameter(torch.zeros(C))
-        for name in ("q", "k", "v", "a", "kappa", "decay", "read", "gate", "out"):
+        for name in ("q", "k", "v", "a", "kappa", "decay", "read", "gate", "z", "out"):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
     def propagate_edits(
@@ -396,7 +397,14 @@ class TimeMix(RecurrentMixer):
         ).view(B, T, H, N)
         o = o + (r * k * self.r_k.float()).sum(-1, keepdim=True) * v
         g = self.hook_gate(heads(g))
-        return self.hook_out(self.W_o((o * g).reshape(B, T, C).to(x.dtype)))
+        z = self.hook_z((o * g).to(x.dtype))
+        return self.hook_out(self.W_o(z.reshape(B, T, C)))
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_v d_model"]:
+        """The output projection per head (TransformerLens layout):
+        hook_out = sum_h hook_z[h] @ W_O[h]."""
+        return self.W_o.weight.T.reshape(self.n_heads, self.d_head, -1)
 
 
 class ChannelMix(nn.Module):

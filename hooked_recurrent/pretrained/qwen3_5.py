@@ -149,10 +149,10 @@ _GDN_MAP = {
     "attn.W_out.weight": "linear_attn.out_proj.weight",
 }
 _ATTN_MAP = {
-    "attn.W_Q.weight": "self_attn.q_proj.weight",
-    "attn.W_K.weight": "self_attn.k_proj.weight",
-    "attn.W_V.weight": "self_attn.v_proj.weight",
-    "attn.W_O.weight": "self_attn.o_proj.weight",
+    "attn.q_proj.weight": "self_attn.q_proj.weight",
+    "attn.k_proj.weight": "self_attn.k_proj.weight",
+    "attn.v_proj.weight": "self_attn.v_proj.weight",
+    "attn.o_proj.weight": "self_attn.o_proj.weight",
     "attn.q_norm.w": "self_attn.q_norm.weight",
     "attn.k_norm.w": "self_attn.k_norm.weight",
 }
