@@ -166,6 +166,23 @@ def test_loss_fn_and_layers(model, run):
 
 
 # ---------------------------------------------------------------- cache tools
+def test_padding_side_attention_mask_and_loss_per_token(model):
+    """`to_tokens(padding_side=)`, `attention_mask` and `loss_per_token`, as TransformerLens users
+    call them: a left-padded row equals its prompt alone, and the per-token loss equals
+    `loss_fn(per_token=True)` of the logits."""
+    texts = ["To be", "To be, or not to be, that is"]
+    toks, mask = model.to_tokens(texts, padding_side="left", return_mask=True)
+    assert mask[0].sum() < mask[1].sum() and mask[0, 0] == 0  # the short row is padded on the left
+    logits = model(toks, attention_mask=mask)
+    alone = model(model.to_tokens(texts[0]))
+    n = int(mask[0].sum())
+    assert (logits[0, -n:] - alone[0]).abs().max() <= 1e-4
+    long = model.to_tokens(texts[1])
+    per = model(long, return_type="loss", loss_per_token=True)
+    torch.testing.assert_close(per, model.loss_fn(model(long), long, per_token=True))
+    assert per.shape == (1, long.shape[1] - 1)
+
+
 def test_cache_shorthands(model, run):
     cache = run[3]
     assert isinstance(cache, HookedRecurrentCache)

@@ -420,6 +420,7 @@ def _evaluate(
     scale: str = "matched_norm",
     kl_position: str = "edited",
     final: Path | None = None,
+    allow_other_model: bool = False,
 ) -> dict[str, Any]:
     from writesae import report
     from writesae.evaluate import (
@@ -458,6 +459,7 @@ def _evaluate(
             sweep_scales=("matched_norm", "coefficient", 0.1),
             population=True,
             seed=seed,
+            allow_other_model=allow_other_model,
         )
         timings["substitution_s"] = round(time.time() - t0, 1)
         results["substitution"] = sub.to_dict()
@@ -465,13 +467,18 @@ def _evaluate(
         report.plot_calibration(sub, out / "calibration.png")
     if closed_form:
         t0 = time.time()
-        cf = evaluate_closed_form(m, sae, tokens[:64, :48], n_atoms=8, read_offset=0)
+        cf = evaluate_closed_form(
+            m, sae, tokens[:64, :48], n_atoms=8, read_offset=0, allow_other_model=allow_other_model
+        )
         timings["closed_form_s"] = round(time.time() - t0, 1)
         results["closed_form"] = cf.to_dict()
         report.plot_closed_form(cf, out / "closed_form.png")
     if install:
         t0 = time.time()
-        inst = evaluate_install(m, sae, tokens[:15, :32], rank_band=rank_band, seed=seed)
+        inst = evaluate_install(
+            m, sae, tokens[:15, :32], rank_band=rank_band, seed=seed,
+            allow_other_model=allow_other_model,
+        )  # fmt: skip
         timings["install_s"] = round(time.time() - t0, 1)
         results["install"] = inst.to_dict()
         report.plot_install(inst, out / "install.png")
@@ -531,6 +538,7 @@ def evaluate(
         _evaluate(
             m, s, name, tokens, tmp, substitution, closed_form, install, firings, seed,
             rank_band=band, scale=scale, kl_position=kl_position, final=out,
+            allow_other_model=allow_other_model,
         )  # fmt: skip
 
 

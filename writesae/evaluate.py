@@ -235,6 +235,7 @@ def evaluate_substitution(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> SubstitutionResult:
     """Single-write replacement test: at each firing, is the top atom a better write than none?
 
@@ -270,6 +271,7 @@ def evaluate_substitution(
             atom active there; atoms with at least `min_firings_per_atom` firings (at most
             `max_per_atom` each) enter the mean.
     """
+    sae.check_model(model, allow_other_model=allow_other_model)
     scale = _parse_scale(scale)
     sweep = [_parse_scale(s) for s in sweep_scales]
     sweep = [s for s in dict.fromkeys(sweep) if s != scale]
@@ -711,6 +713,7 @@ def evaluate_closed_form(
     read_offset: int = 0,
     propagator: str = "gate",
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> ClosedFormResult:
     """R^2 of `closed_form_logit_shift` against shifts measured by editing the write.
 
@@ -722,6 +725,7 @@ def evaluate_closed_form(
     `position + read_offset` with the model itself and compared with each method's prediction.
     Both predictions are linear in eps: the first-order one is computed once per atom.
     """
+    sae.check_model(model, allow_other_model=allow_other_model)
     from writesae.closed_form import EPS_SCALES, native_write_norm, prefix_state, run_from
 
     if eps_scale not in EPS_SCALES:
@@ -1018,6 +1022,7 @@ def evaluate_install(
     max_new_tokens: int = 20,
     seed: int = 0,
     progress: bool = True,
+    allow_other_model: bool = False,
 ) -> InstallResult:
     """Install a target direction during greedy decoding and count target inclusion.
 
@@ -1039,6 +1044,8 @@ def evaluate_install(
     target's rank is compared at the first edited position in both runs (same input tokens), and
     the logit gap to the top token there is reported beside the most this head can change it.
     """
+    if hasattr(sae_or_direction, "check_model"):  # an SAE, not a bare direction
+        sae_or_direction.check_model(model, allow_other_model=allow_other_model)
     if direction not in INSTALL_DIRECTIONS:
         raise ValueError(f"direction must be one of {INSTALL_DIRECTIONS}, not {direction!r}")
     if isinstance(sae_or_direction, Tensor):

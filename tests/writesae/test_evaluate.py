@@ -411,3 +411,29 @@ def test_install_raises_a_reachable_target_at_the_same_position():
     shifts = [t["native_rank_first_edit"] - t["edited_rank_first_edit"] for t in res.trials]
     assert res.median_rank_shift == float(np.median(shifts)) > 0
     assert all(math.isfinite(t["bound"]) and t["gap"] >= 0 for t in res.trials)
+
+
+def test_evaluations_refuse_an_sae_from_another_model():
+    """The library evaluations check the model as the CLI does: an SAE whose recorded weights
+    fingerprint differs is refused unless allow_other_model=True."""
+    from hooked_recurrent import HookedRecurrentModel
+    from hooked_recurrent.validation import model_fingerprint
+    from writesae.evaluate import evaluate_closed_form, evaluate_install
+
+    model = HookedRecurrentModel.from_pretrained("tiny-qwen3.5-shakespeare")
+    c = model.cfg
+    sae = WriteSAE(
+        WriteSAEConfig(
+            d_k=c.d_k, d_v=c.d_v, n_atoms=8, k=2, hook_name="blocks.1.attn.hook_write", head=1
+        )
+    )
+    sae.cfg.model_fingerprint = model_fingerprint(model)
+    other = HookedRecurrentModel.from_pretrained("tiny-qwen3.5-shakespeare")
+    with torch.no_grad():
+        other.blocks[0].attn.W_out.weight.mul_(1.5)
+    tokens = model.to_tokens("To be, or not to be, that is the question")
+    for run in (evaluate_substitution, evaluate_closed_form, evaluate_install):
+        with pytest.raises(ValueError, match="fingerprint"):
+            run(other, sae, tokens)
+    sae.check_model(model)  # its own model passes
+    sae.check_model(other, allow_other_model=True)
