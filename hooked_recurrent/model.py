@@ -185,7 +185,8 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
             padding_side: where a list of texts is padded ("right", TransformerLens's default, or
                 "left").
         """
-        check_forward_input(self, input, state, return_type)
+        if start_at_layer is None:  # else `input` is a residual, checked in _forward
+            check_forward_input(self, input, state, return_type)
         with self._exclusive():
             return self._forward(
                 input,
