@@ -51,6 +51,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _check_model(model: Any, sae: Any, allow_other_model: bool) -> None:
+    """`sae.check_model` for an SAE and a model with a config (not for bare directions or the
+    read-out stubs of the tests, which have neither a config nor a fingerprint)."""
+    if hasattr(sae, "check_model") and getattr(model, "cfg", None) is not None:
+        sae.check_model(model, allow_other_model=allow_other_model)
+
+
 def _layer(sae: Any) -> int:
     return int(sae.cfg.hook_prefix.split(".")[1])
 
@@ -271,7 +278,7 @@ def evaluate_substitution(
             atom active there; atoms with at least `min_firings_per_atom` firings (at most
             `max_per_atom` each) enter the mean.
     """
-    sae.check_model(model, allow_other_model=allow_other_model)
+    _check_model(model, sae, allow_other_model)
     scale = _parse_scale(scale)
     sweep = [_parse_scale(s) for s in sweep_scales]
     sweep = [s for s in dict.fromkeys(sweep) if s != scale]
@@ -725,7 +732,7 @@ def evaluate_closed_form(
     `position + read_offset` with the model itself and compared with each method's prediction.
     Both predictions are linear in eps: the first-order one is computed once per atom.
     """
-    sae.check_model(model, allow_other_model=allow_other_model)
+    _check_model(model, sae, allow_other_model)
     from writesae.closed_form import EPS_SCALES, native_write_norm, prefix_state, run_from
 
     if eps_scale not in EPS_SCALES:
@@ -1044,8 +1051,7 @@ def evaluate_install(
     target's rank is compared at the first edited position in both runs (same input tokens), and
     the logit gap to the top token there is reported beside the most this head can change it.
     """
-    if hasattr(sae_or_direction, "check_model"):  # an SAE, not a bare direction
-        sae_or_direction.check_model(model, allow_other_model=allow_other_model)
+    _check_model(model, sae_or_direction, allow_other_model)
     if direction not in INSTALL_DIRECTIONS:
         raise ValueError(f"direction must be one of {INSTALL_DIRECTIONS}, not {direction!r}")
     if isinstance(sae_or_direction, Tensor):
