@@ -100,6 +100,35 @@ class Transition:
         return Transition(self.decay, self.erase_b, self.erase_a)
 
 
+def _step(
+    S: Tensor,
+    d: Tensor,
+    ea: Tensor | None,
+    eb: Tensor | None,
+    wk: Tensor | None = None,
+    wv: Tensor | None = None,
+) -> Tensor:
+    """diag(d) S + ea (eb^T S) + wk wv^T for S `[..., d_k, d_v]`, d `[...]` or `[..., d_k]`.
+
+    The rank-1 terms are added in one batched product, so the step passes over the state's
+    memory twice (the decay, then the product).
+    """
+    K, V = S.shape[-2:]
+    out = S * (d[..., None, None] if d.dim() == S.dim() - 2 else d[..., None])
+    cols, rows = [], []
+    if ea is not None:
+        cols.append(ea[..., :, None])
+        rows.append(torch.matmul(eb[..., None, :], S))
+    if wk is not None:
+        cols.append(wk[..., :, None])
+        rows.append(wv[..., None, :])
+    if not cols:
+        return out
+    U = torch.cat(cols, -1).reshape(-1, K, len(cols))
+    R = torch.cat(rows, -2).reshape(-1, len(rows), V)
+    return torch.baddbmm(out.reshape(-1, K, V), U, R).view(out.shape)
+
+
 def _apply(S: Tensor, d: Tensor, ea: Tensor | None, eb: Tensor | None) -> Tensor:
     """diag(d) S + ea (eb^T S) for S `[..., d_k, d_v]`, d `[...]` or `[..., d_k]`."""
     out = S * (d[..., None, None] if d.dim() == S.dim() - 2 else d[..., None])
@@ -154,6 +183,7 @@ def chunked_states(
     S0: Float[Tensor, "batch head d_k d_v"] | None = None,
     writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
     chunk: int | None = None,
+    reverse: bool = False,
 ) -> Float[Tensor, "batch pos head d_k d_v"]:
     """Every state S_t of S_t = A_t(S_{t-1}) + W_t, in chunks of about sqrt(T) positions.
 
@@ -167,7 +197,9 @@ def chunked_states(
     3. C steps from the chunk starts, in every chunk at once, give every state.
 
     Only products and sums of the transitions: no division by a decay, so a zero transition (a
-    state assigned at t, see `Transition.masked`) is exact. Differentiable; float32.
+    state assigned at t, see `Transition.masked`) is exact. Differentiable; float32. With
+    `reverse`, the state after tau steps is returned at position T - 1 - tau (the inputs are given
+    in reversed time, as `adjoint_states` does).
     """
     B, T, H = transition.decay.shape[:3]
     K = transition.decay.shape[3] if transition.decay.dim() == 4 else None
@@ -194,15 +226,15 @@ def chunked_states(
     d, ea, eb = split(transition.decay, 1.0), split(transition.erase_a), split(transition.erase_b)
     W, k, v = split(writes), split(write_k), split(write_v)
 
-    def write(i: int) -> Tensor:
+    def step(S: Tensor, i: int, with_write: bool = True) -> Tensor:
+        """A_i(S) + W_i in every chunk at once (without the write when not `with_write`)."""
+        a = None if ea is None else ea[:, :, i]
+        b = None if eb is None else eb[:, :, i]
+        if not with_write:
+            return _step(S, d[:, :, i], a, b)
         if W is not None:
-            return W[:, :, i]
-        return k[:, :, i, :, :, None] * v[:, :, i, :, None, :]
-
-    def step(S: Tensor, i: int) -> Tensor:
-        return _apply(
-            S, d[:, :, i], None if ea is None else ea[:, :, i], None if eb is None else eb[:, :, i]
-        )
+            return _step(S, d[:, :, i], a, b) + W[:, :, i]
+        return _step(S, d[:, :, i], a, b, k[:, :, i], v[:, :, i])
 
     # 1. each chunk from zero, and its transition
     local = torch.zeros(B, n, H, K, V, device=dev)
@@ -211,9 +243,9 @@ def chunked_states(
     else:
         M = torch.eye(K, device=dev).expand(B, n, H, K, K)
     for i in range(C):
-        local = step(local, i) + write(i)
+        local = step(local, i)
         if ea is not None:
-            M = step(M, i)
+            M = step(M, i, with_write=False)
     # 2. the chunk starts
     S = torch.zeros(B, H, K, V, device=dev) if S0 is None else S0.float()
     starts = []
@@ -222,12 +254,21 @@ def chunked_states(
         if ea is None:
             S = _apply(S, M[:, c], None, None) + local[:, c]
         else:
-            S = M[:, c] @ S + local[:, c]
+            S = torch.baddbmm(
+                local[:, c].reshape(-1, K, V), M[:, c].reshape(-1, K, K), S.reshape(-1, K, V)
+            ).view(B, H, K, V)
     # 3. every state
     S = torch.stack(starts, 1)
+    if reverse:  # written straight to position T - 1 - tau (no flip of the result afterwards)
+        res = torch.empty(B, n * C, H, K, V, device=dev)
+        at = (n * C - 1) - torch.arange(n, device=dev) * C
+        for i in range(C):
+            S = step(S, i)
+            res.index_copy_(1, at - i, S)
+        return res[:, pad:]
     out = []
     for i in range(C):
-        S = step(S, i) + write(i)
+        S = step(S, i)
         out.append(S)
     return torch.stack(out, 2).reshape(B, n * C, H, K, V)[:, :T]
 
@@ -260,8 +301,7 @@ def adjoint_states(
         None if adj.erase_a is None else backwards(adj.erase_a, torch.zeros_like(ident.erase_a)),
         None if adj.erase_b is None else backwards(adj.erase_b, torch.zeros_like(ident.erase_b)),
     )
-    lam = chunked_states(rev, q.flip(1), grad_read.flip(1), grad_final)
-    return lam.flip(1)
+    return chunked_states(rev, q.flip(1), grad_read.flip(1), grad_final, reverse=True)
 
 
 @dataclass
