@@ -85,14 +85,19 @@ def hf_parity(hf, model) -> dict:
     toks = tokens(3, 50)
     with torch.no_grad():
         out = hf(toks, output_hidden_states=True, use_cache=True)
-        logits, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("resid_post"))
+        logits, cache = model.run_with_cache(
+            toks, names_filter=lambda n: n.endswith("resid_post") or n == "hook_embed"
+        )
         _, state = model(toks, return_state=True)
     L = hf.config.num_hidden_layers
-    # HF's hidden states: the output of each block (no embeddings), then norm_f(last)
-    assert len(out.hidden_states) == L + 1
+    # HF's hidden states, L + 1 of them: before transformers 5.25 the output of each block, then
+    # norm_f(last); from 5.25 the embeddings, the output of each block but the last, norm_f(last)
+    hs = out.hidden_states
+    assert len(hs) == L + 1
+    first = 1 if torch.equal(hs[0], cache["hook_embed"]) else 0
     resid = [
-        (cache[f"blocks.{layer}.hook_resid_post"] - out.hidden_states[layer]).abs().max().item()
-        for layer in range(L)
+        (cache[f"blocks.{layer}.hook_resid_post"] - hs[layer + first]).abs().max().item()
+        for layer in range(L - first)
     ]
     states = []
     for layer in range(L):
