@@ -448,3 +448,38 @@ def test_generation_with_a_state_hook_equals_one_forward_pass(fam):
         clean = model(out)
     assert torch.equal(logits[:, 5:-1].argmax(-1), out[:, 6:])
     assert (logits[:, 9:] - clean[:, 9:]).abs().max() > 1e-2  # the edits reach the new tokens
+
+
+def test_parameter_gradients_through_an_assigned_state(fam):
+    """Assigning S_p = x_p / 2 at `hook_state` is the same edit as adding -x_p / 2 to the write at
+    p (no earlier state edit), computed along another path (`hook.native_state()`, the write
+    propagation): outputs and the gradients of every parameter agree."""
+    _, model, layer, tokens = fam
+    p, h = 5, 1
+
+    def halve_state(x, hook):
+        x = x.clone()
+        x[:, p, h] = 0.5 * x[:, p, h]
+        return x
+
+    def subtract_from_write(w, hook):
+        S = hook.native_state()
+        w = w.clone()
+        w[:, p, h] = w[:, p, h] - 0.5 * S[:, p, h]
+        return w
+
+    outs, grads = [], []
+    for point, fn in (("hook_state", halve_state), ("hook_write", subtract_from_write)):
+        model.zero_grad(set_to_none=True)
+        out = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.{point}", fn)])
+        (out[:, -3:] ** 2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: q.grad for n, q in model.named_parameters() if q.grad is not None})
+    model.zero_grad(set_to_none=True)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-4
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        if grads[1][n].abs().max() == 0:  # a parameter the loss does not reach on either path
+            assert grads[0][n].abs().max() == 0, n
+        else:
+            assert rel(grads[0][n], grads[1][n]) <= 1e-4, n
