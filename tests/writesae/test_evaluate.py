@@ -169,16 +169,8 @@ def _tiny(family):
     )
 
 
-@pytest.mark.parametrize(
-    "family,kl_position",
-    [("qwen3_5", "edited"), ("mamba2", "edited"), ("rwkv7", "edited"), ("qwen3_5", "end"),
-     ("rwkv7", "mean")],
-)  # fmt: skip
-@torch.no_grad()
-def test_substitution_kls_equal_full_recomputation(family, kl_position):
-    """Every family: the prefix-reusing conditions equal a full forward with the edit by hand, at
-    the edited token, at the end of the prompt, or averaged over the rest of the prompt."""
-    model = _tiny(family)
+def _state_sae(model):
+    """(layer, head, a random 32-atom state SAE for head 1 of the last recurrent layer, tokens)."""
     layer, head = model.cfg.recurrent_layers[-1], 1
     sae = WriteSAE(
         WriteSAEConfig(
@@ -192,6 +184,20 @@ def test_substitution_kls_equal_full_recomputation(family, kl_position):
         seed=0,
     )
     tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    return layer, head, sae, tokens
+
+
+@pytest.mark.parametrize(
+    "family,kl_position",
+    [("qwen3_5", "edited"), ("mamba2", "edited"), ("rwkv7", "edited"), ("qwen3_5", "end"),
+     ("rwkv7", "mean")],
+)  # fmt: skip
+@torch.no_grad()
+def test_substitution_kls_equal_full_recomputation(family, kl_position):
+    """Every family: the prefix-reusing conditions equal a full forward with the edit by hand, at
+    the edited token, at the end of the prompt, or averaged over the rest of the prompt."""
+    model = _tiny(family)
+    layer, head, sae, tokens = _state_sae(model)
     res = evaluate_substitution(
         model,
         sae,
@@ -346,19 +352,7 @@ def test_substitution_controls_and_scales():
     norm is the matched-norm atom; the best dictionary atom is at least as aligned as the top one;
     the calibration bins count every firing."""
     model = _tiny("qwen3_5")
-    layer, head = model.cfg.recurrent_layers[-1], 1
-    sae = WriteSAE(
-        WriteSAEConfig(
-            d_k=model.cfg.d_k,
-            d_v=model.cfg.d_v,
-            n_atoms=32,
-            k=3,
-            hook_name=f"blocks.{layer}.attn.hook_state",
-            head=head,
-        ),
-        seed=0,
-    )
-    tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    layer, head, sae, tokens = _state_sae(model)
     res = evaluate_substitution(
         model,
         sae,
