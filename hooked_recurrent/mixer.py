@@ -10,7 +10,7 @@ state (`_assign`). `_AdjointTap` gives backward hooks on both points the adjoint
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -235,7 +235,8 @@ class _AdjointTap(torch.autograd.Function):
             if info.assigned is not None:
                 w_grad = lam.masked_fill(info.assigned[..., None, None], 0.0)
         mixer = info.mixer
-        with at_positions(info.positions) if info.positions is not None else _nullcontext():
+        positions = info.positions
+        with at_positions(positions) if positions is not None else contextlib.nullcontext():
             _call_backward_hooks(mixer.hook_state, lam)
             _call_backward_hooks(mixer.hook_write, w_grad)
         grad_w = grad_s = None
@@ -248,11 +249,6 @@ class _AdjointTap(torch.autograd.Function):
             if info.assigned is not None:
                 grad_s = lam.masked_fill(info.assigned[..., None, None], 0.0)
         return None, g_o, g_S, grad_w, grad_s
-
-
-@contextlib.contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
 
 
 def _call_backward_hooks(hp: RecurrentHookPoint, grad: Tensor) -> None:

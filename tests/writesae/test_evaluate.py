@@ -169,21 +169,21 @@ def _tiny(family):
     )
 
 
-def _state_sae(model):
-    """(layer, head, a random 32-atom state SAE for head 1 of the last recurrent layer, tokens)."""
+def _state_sae(model, n_atoms=32, k=3, shape=(3, 12)):
+    """(layer, head, a random state SAE for head 1 of the last recurrent layer, tokens)."""
     layer, head = model.cfg.recurrent_layers[-1], 1
     sae = WriteSAE(
         WriteSAEConfig(
             d_k=model.cfg.d_k,
             d_v=model.cfg.d_v,
-            n_atoms=32,
-            k=3,
+            n_atoms=n_atoms,
+            k=k,
             hook_name=f"blocks.{layer}.attn.hook_state",
             head=head,
         ),
         seed=0,
     )
-    tokens = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 97, shape, generator=torch.Generator().manual_seed(0))
     return layer, head, sae, tokens
 
 
@@ -382,19 +382,7 @@ def test_install_raises_a_reachable_target_at_the_same_position():
     from writesae.evaluate import evaluate_install
 
     model = _tiny("qwen3_5")
-    layer, head = model.cfg.recurrent_layers[-1], 1
-    sae = WriteSAE(
-        WriteSAEConfig(
-            d_k=model.cfg.d_k,
-            d_v=model.cfg.d_v,
-            n_atoms=8,
-            k=2,
-            hook_name=f"blocks.{layer}.attn.hook_state",
-            head=head,
-        ),
-        seed=0,
-    )
-    tokens = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(0))
+    layer, head, sae, tokens = _state_sae(model, n_atoms=8, k=2, shape=(6, 10))
     res = evaluate_install(
         model, sae, tokens, rank_band=(5, 40), n_targets=2, max_new_tokens=6, progress=False
     )
