@@ -1,4 +1,5 @@
-"""Short-range buffers under an attention mask: causal convolution and token shift.
+"""Short-range buffers under an attention mask: RWKV-7's token shift (the causal convolution under
+a mask is `hooked_recurrent.components.conv.causal_conv` with `mask=`).
 
 With an `attention_mask` (1 = real token, 0 = padding) a padded position must leave the model as if
 it were absent. The recurrent state is handled in the mixers (zero write, identity transition at
@@ -14,49 +15,10 @@ Only used when a mask with zeros is given: the unmasked path is untouched.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["masked_causal_conv", "masked_token_shift"]
-
-
-def masked_causal_conv(
-    x: Float[Tensor, "batch pos channels"],
-    weight: Float[Tensor, "channels kernel"],
-    bias: Tensor | None,
-    prev: Float[Tensor, "batch channels kernel_minus_1"] | None,
-    mask: Bool[Tensor, "batch pos"],
-) -> tuple[Float[Tensor, "batch pos channels"], Float[Tensor, "batch channels kernel_minus_1"]]:
-    """Depthwise causal convolution over the real tokens of each row only.
-
-    Each row's real inputs are gathered after its carried buffer `prev` (zeros if None), convolved,
-    and the outputs put back at the real positions. Outputs at masked positions are those of a
-    window of real inputs and mean nothing (the mixers zero them). The new buffer is the last K-1
-    real inputs of the row (with `prev` in front, so a row with fewer real tokens keeps part of it).
-
-    Returns:
-        the convolution `[batch, pos, channels]` (before any activation) and the new buffer.
-    """
-    B, T, C = x.shape
-    K = weight.shape[-1]
-    xt = x.transpose(1, 2)
-    if prev is None:
-        prev = xt.new_zeros(B, C, K - 1)
-    xp = torch.cat((prev.to(xt.dtype), xt), dim=-1)  # [B, C, K-1+T]
-    valid = torch.cat((mask.new_ones(B, K - 1), mask), dim=-1)
-    # real entries first, in order (a stable sort of "is padding"); padding last
-    order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
-    packed = xp.gather(-1, order[:, None, :].expand(B, C, -1))
-    # output j is the window packed[j .. j+K-1], ending at packed entry K-1+j: the j-th real token.
-    # Windows used below never reach the padding packed at the end of the row.
-    y = F.conv1d(packed, weight[:, None, :], bias, groups=C)  # [B, C, T]
-    rank = (mask.long().cumsum(-1) - 1).clamp_min(0)  # a real token's index among the real ones
-    y = y.gather(-1, rank[:, None, :].expand(B, C, T))
-    n_real = mask.long().sum(-1)
-    last = n_real[:, None] + torch.arange(K - 1, device=x.device)  # the last K-1 real entries
-    buf = packed.gather(-1, last[:, None, :].expand(B, C, K - 1))
-    return y.transpose(1, 2), buf
+__all__ = ["masked_token_shift"]
 
 
 def masked_token_shift(

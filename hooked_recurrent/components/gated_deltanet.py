@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from hooked_recurrent.components.conv import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
-from hooked_recurrent.padding import masked_causal_conv
 from hooked_recurrent.recurrence import Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
@@ -32,26 +32,6 @@ from hooked_recurrent.state import RunContext
 def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """x / sqrt(sum(x^2) + eps): the epsilon sits inside the square root (not F.normalize)."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
-
-
-def causal_conv(
-    x: Float[Tensor, "batch pos channels"],
-    weight: Float[Tensor, "channels kernel"],
-    bias: Tensor | None,
-    prev: Float[Tensor, "batch channels kernel_minus_1"] | None,
-) -> tuple[Tensor, Tensor]:
-    """Depthwise causal convolution continuing from the last K-1 inputs `prev` (zeros if None).
-
-    Returns the convolution `[batch, pos, channels]` (before any activation) and the new buffer.
-    """
-    B, T, C = x.shape
-    K = weight.shape[-1]
-    xt = x.transpose(1, 2)
-    if prev is None:
-        prev = xt.new_zeros(B, C, K - 1)
-    xp = torch.cat((prev.to(xt.dtype), xt), dim=-1)
-    y = F.conv1d(xp, weight[:, None, :], bias, groups=C)
-    return y.transpose(1, 2), xp[..., xp.shape[-1] - (K - 1) :]
 
 
 def chunk_gated_delta_rule(
@@ -181,10 +161,7 @@ class GatedDeltaNet(RecurrentMixer):
             x = x * m.to(x.dtype)
 
         prev = None if past is None else past["conv"]
-        if m is None:
-            conv, conv_buf = causal_conv(self.W_qkv(x), self.conv_w, None, prev)
-        else:
-            conv, conv_buf = masked_causal_conv(self.W_qkv(x), self.conv_w, None, prev, run.mask)
+        conv, conv_buf = causal_conv(self.W_qkv(x), self.conv_w, None, prev, run.mask)
         conv = F.silu(conv)
         if m is not None:
             conv = conv * m.to(conv.dtype)

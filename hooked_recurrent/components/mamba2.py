@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_recurrent.components.gated_deltanet import causal_conv
+from hooked_recurrent.components.conv import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
-from hooked_recurrent.padding import masked_causal_conv
 from hooked_recurrent.recurrence import Transition, zero_write_response
 from hooked_recurrent.state import RunContext
 
@@ -189,10 +188,7 @@ class Mamba2Mixer(RecurrentMixer):
 
         z, xBC, dt = self.W_in(u).split((self.d_inner, self.conv_dim, H), dim=-1)
         prev = None if past is None else past["conv"]
-        if m is None:
-            xBC, conv_buf = causal_conv(xBC, self.conv_w, self.conv_b, prev)
-        else:
-            xBC, conv_buf = masked_causal_conv(xBC, self.conv_w, self.conv_b, prev, run.mask)
+        xBC, conv_buf = causal_conv(xBC, self.conv_w, self.conv_b, prev, run.mask)
         xBC = F.silu(xBC)
         if m is not None:
             xBC = xBC * m.to(xBC.dtype)  # again after the conv (its bias), as Hugging Face does
