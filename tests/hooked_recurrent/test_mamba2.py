@@ -15,10 +15,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mamba_helpers import MAMBA_CONFIGS, brute_force_logits, mamba_hf
 
 from hooked_recurrent import HookedRecurrentModel, Transition, scan
 from hooked_recurrent.components.mamba2 import chunk_ssd
+from tests.hooked_recurrent.mamba_helpers import MAMBA_CONFIGS, brute_force_logits, mamba_hf
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 torch.set_num_threads(2)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mamba_helpers import mamba_hf
-from qwen_helpers import qwen_hf
-from rwkv_helpers import write_blinkdl
 
 from hooked_recurrent import HookedRecurrentModel, list_pretrained
+from tests.hooked_recurrent.mamba_helpers import mamba_hf
+from tests.hooked_recurrent.qwen_helpers import qwen_hf
+from tests.hooked_recurrent.rwkv_helpers import write_blinkdl
 
 LENGTHS = (3, 9, 17, 30)
 WIDTH = max(LENGTHS)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from qwen_helpers import qwen_hf
 
 from hooked_recurrent import HookedRecurrentModel
+from tests.hooked_recurrent.qwen_helpers import qwen_hf
 
 
 @pytest.fixture(scope="module")

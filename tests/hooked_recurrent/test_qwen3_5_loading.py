@@ -5,9 +5,9 @@ import logging
 
 import pytest
 import torch
-from qwen_helpers import qwen_hf, qwen_text_config, randomise
 
 from hooked_recurrent import HookedRecurrentModel
+from tests.hooked_recurrent.qwen_helpers import qwen_hf, qwen_text_config, randomise
 
 
 @torch.no_grad()

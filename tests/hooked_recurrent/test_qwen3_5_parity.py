@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from qwen_helpers import QWEN_CONFIGS, qwen_hf
 
 from hooked_recurrent import HookedRecurrentModel
+from tests.hooked_recurrent.qwen_helpers import QWEN_CONFIGS, qwen_hf
 
 T = 70  # chunk size 64: one full chunk plus a partial one
 

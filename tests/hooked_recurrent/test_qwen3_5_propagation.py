@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from qwen_helpers import qwen_hf
 
 from hooked_recurrent import HookedRecurrentModel
+from tests.hooked_recurrent.qwen_helpers import qwen_hf
 
 LAYER, T, POS, HEAD = 1, 40, 17, 1
 

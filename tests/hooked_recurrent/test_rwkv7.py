@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from rwkv_helpers import RWKV_CONFIGS, rwkv_package_model, write_blinkdl
 
 from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.components.rwkv7 import chunk_dplr_rule, kappa_normalize
 from hooked_recurrent.pretrained.rwkv7 import WorldTokenizer, blinkdl_to_fla, to_fla_state_dict
 from hooked_recurrent.recurrence import Transition, scan
+from tests.hooked_recurrent.rwkv_helpers import RWKV_CONFIGS, rwkv_package_model, write_blinkdl
 
 N = 64  # head size
 
@@ -561,7 +561,8 @@ def test_generation_with_hooks_equals_forward_with_hooks(c128):
 # --------------------------------------------------------------------------- tokenizer
 def test_world_tokenizer_with_a_pth_model(tmp_path):
     from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
-    from rwkv_helpers import random_blinkdl_state_dict
+
+    from tests.hooked_recurrent.rwkv_helpers import random_blinkdl_state_dict
 
     sd = random_blinkdl_state_dict(C=64, L=2, vocab=65536, Dw=8, Da=8, Dv=8, Dg=8, ffn=128)
     path = tmp_path / "RWKV-x070-World-tiny.pth"

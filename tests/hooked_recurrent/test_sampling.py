@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from qwen_helpers import qwen_hf
 
 from hooked_recurrent import HookedRecurrentModel
+from tests.hooked_recurrent.qwen_helpers import qwen_hf
 
 
 def test_sampling_follows_torch_manual_seed_and_seed_is_reproducible():

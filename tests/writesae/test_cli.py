@@ -11,9 +11,10 @@ from writesae.cli import app
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from qwen_helpers import qwen_hf
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from tests.hooked_recurrent.qwen_helpers import qwen_hf
 
     d = tmp_path_factory.mktemp("tiny")
     words = [f"w{i}" for i in range(90)]

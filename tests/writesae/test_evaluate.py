@@ -155,11 +155,11 @@ def _tiny(family):
     from hooked_recurrent import HookedRecurrentModel
 
     if family == "qwen3_5":
-        from qwen_helpers import qwen_hf
+        from tests.hooked_recurrent.qwen_helpers import qwen_hf
 
         return HookedRecurrentModel.from_hf_model(qwen_hf("gqa", seed=5))
     if family == "mamba2":
-        from mamba_helpers import mamba_hf
+        from tests.hooked_recurrent.mamba_helpers import mamba_hf
 
         return HookedRecurrentModel.from_hf_model(mamba_hf(seed=5))
     from hooked_recurrent.pretrained import rwkv7

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stub_model import StubModel, recurrence
 
+from tests.writesae.stub_model import StubModel, recurrence
 from writesae import WriteSAE, WriteSAEConfig
 
 HOOK = "blocks.0.attn.hook_write"

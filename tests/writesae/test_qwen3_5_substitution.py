@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("hooked_recurrent")
-from qwen_helpers import qwen_hf  # noqa: E402
-
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
+from tests.hooked_recurrent.qwen_helpers import qwen_hf  # noqa: E402
 from writesae import WriteSAE, WriteSAEConfig  # noqa: E402
 
 LAYER, HEAD, T = 1, 1, 24
