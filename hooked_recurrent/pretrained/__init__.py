@@ -52,6 +52,8 @@ class Family:
             state dict, tokenizer or None), or None if the family has no such format.
         default_tokenizer: config dict -> a tokenizer for a checkpoint folder whose own tokenizer
             files are missing or unreadable (RWKV-7 fla-hub folders ship remote-code tokenizers).
+        ignored_prefixes: source state-dict keys the conversion may leave unused (vision towers).
+        checkpoints, layout, bridge: documentation for the "Supported models" page.
     """
 
     architecture: str
@@ -66,6 +68,11 @@ class Family:
     load_file: Callable[[Path], tuple[dict[str, Any], dict[str, Tensor], Any]] | None = None
     default_tokenizer: Callable[[dict[str, Any]], Any] | None = None
     ignored_prefixes: tuple[str, ...] = ()
+    #: for the generated "Supported models" page: real checkpoints as "org/name (size)", the
+    #: layer layout in one line, and what TransformerLens's TransformerBridge offers for them
+    checkpoints: tuple[str, ...] = ()
+    layout: str = ""
+    bridge: str = ""
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -77,16 +84,13 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def _load_families() -> None:
-    # importing a family module registers it
-    from hooked_recurrent.pretrained import qwen3_5  # noqa: F401
+#: the modules that register a family when imported (add a new family's module here)
+FAMILY_MODULES = ("qwen3_5", "mamba2", "rwkv7")
 
-    for optional in ("mamba2", "rwkv7"):
-        try:
-            __import__(f"hooked_recurrent.pretrained.{optional}")
-        except ModuleNotFoundError as e:
-            if e.name != f"hooked_recurrent.pretrained.{optional}":
-                raise
+
+def _load_families() -> None:
+    for name in FAMILY_MODULES:
+        __import__(f"hooked_recurrent.pretrained.{name}")
 
 
 def supported() -> str:
