@@ -46,7 +46,7 @@ def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
                 _libc_madvise = libc.madvise
             except (OSError, AttributeError):
                 pass
-    if _libc_madvise:
+    if callable(_libc_madvise):
         start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
         end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
         if end > start:

@@ -157,7 +157,8 @@ class HookedRecurrentCache(ActivationCache):
             layer = n_layers
         incl_attn = mode != "mlp"
         incl_mlp = mode != "attn" and not self.model.cfg.attn_only
-        comps, labels = [], []
+        comps: list[Tensor] = []
+        labels: list[str] = []
         if incl_embeds:
             comps.append(self["blocks.0.hook_resid_pre"])
             labels.append("embed")

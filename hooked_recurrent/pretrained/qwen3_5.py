@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from hooked_recurrent.components.attention import GatedAttention
 from hooked_recurrent.components.block import Block
@@ -97,6 +97,7 @@ def config_from_hf(config: dict[str, Any]) -> Qwen35Config:
 
 def build_block(cfg: Qwen35Config, layer: int) -> Block:
     """The block of layer `layer`: Gated DeltaNet or gated attention, then the gated MLP."""
+    attn: nn.Module
     if cfg.layer_types[layer] == "recurrent":
         attn = GatedDeltaNet(
             layer,
