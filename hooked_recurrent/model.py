@@ -488,7 +488,7 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
     ) -> list[str] | list[list[str]]:
         """The string of each token of a text, of tokens `[pos]` or `[1, pos]`, or of a list of
         ids; a list of texts or tokens `[batch, pos]` gives one list per sequence."""
-        tok = self._need_tokenizer()
+        self._need_tokenizer()
         if isinstance(input, list) and input and isinstance(input[0], str):
             return [self._str_tokens(t, prepend_bos) for t in input]
         if isinstance(input, Tensor) and input.dim() == 2 and input.shape[0] > 1:
