@@ -47,7 +47,7 @@ def main() -> None:
     x = torch.randn(20, 6, 5, generator=torch.Generator().manual_seed(0))
     for sae in (
         WriteSAE(WriteSAEConfig(**cfg), seed=0),
-        FlatSAE(WriteSAEConfig(**cfg, architecture="flat"), seed=0),
+        FlatSAE(WriteSAEConfig(**cfg, kind="flat"), seed=0),
     ):
         with tempfile.TemporaryDirectory() as d:
             sae.save(d)

@@ -26,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from writesae.protocols import CacheLike, ModelLike
+
 __all__ = [
     "WriteFactors",
     "TensorSource",
@@ -33,6 +35,8 @@ __all__ = [
     "ShardSource",
     "save_shards",
     "extract_cell",
+    "write_factor_hooks",
+    "write_factors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -176,8 +180,36 @@ def _check_positions(positions: Any, p: int) -> None:
         )
 
 
+def write_factor_hooks(model: ModelLike, layer: int) -> list[str]:
+    """The hooks whose activations give layer ``layer``'s writes as factors: ``hook_k``,
+    ``hook_v`` and the mixer's write strength (``hook_beta``, ``hook_dt``) where it has one."""
+    prefix = f"blocks.{layer}.attn"
+    names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
+    strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
+    if strength is not None:
+        names.append(f"{prefix}.{strength}")
+    return names
+
+
+def write_factors(
+    model: ModelLike,
+    cache: CacheLike,
+    layer: int,
+    head: int,
+    positions: Tensor | slice = slice(None),
+) -> WriteFactors:
+    """One head's writes ``X_t = key_t value_t^T`` as factors, from a cache of
+    :func:`write_factor_hooks`: ``key = strength * hook_k``, ``value = hook_v``, each
+    ``[batch, len(positions), d]`` in the cache's dtype."""
+    names = write_factor_hooks(model, layer)
+    key = cache[names[0]][:, positions, head]
+    if len(names) == 3:
+        key = key * cache[names[2]][:, positions, head][..., None]
+    return WriteFactors(key, cache[names[1]][:, positions, head])
+
+
 def extract_cell(
-    model: Any,
+    model: ModelLike,
     tokens: Tensor,
     layer: int,
     head: int,
@@ -189,14 +221,10 @@ def extract_cell(
     Returns states ``[b * P, d_k, d_v]`` (kind ``state``) or write factors with
     ``key = strength * hook_k`` and ``value = hook_v`` (kind ``write``), P = selected positions.
     """
-    prefix = f"blocks.{layer}.attn"
     if kind == "state":
-        names = [f"{prefix}.hook_state"]
+        names = [f"blocks.{layer}.attn.hook_state"]
     elif kind == "write":
-        strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
-        names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
-        if strength is not None:
-            names.append(f"{prefix}.{strength}")
+        names = write_factor_hooks(model, layer)
     else:
         raise ValueError(f"kind must be 'state' or 'write', got {kind!r}")
     missing = [n for n in names if n not in model.hook_dict]
@@ -211,10 +239,7 @@ def extract_cell(
     if kind == "state":
         s = cache[names[0]][:, pos, head]
         return s.reshape(-1, *s.shape[-2:]).float()
-    k = cache[names[0]][:, pos, head]
-    v = cache[names[1]][:, pos, head]
-    if len(names) == 3:
-        k = k * cache[names[2]][:, pos, head][..., None]
+    k, v = write_factors(model, cache, layer, head, pos)
     return WriteFactors(k.reshape(-1, k.shape[-1]).float(), v.reshape(-1, v.shape[-1]).float())
 
 
@@ -228,7 +253,7 @@ class ModelSource:
     first half is emitted as batches.
 
     Args:
-        model: a hooked recurrent model (see the model contract in DESIGN.md).
+        model: a hooked recurrent model (:class:`writesae.protocols.ModelLike`).
         texts: iterable of strings (tokenised with ``model.to_tokens``) or token sequences.
         layer: the cell's layer (a recurrent layer).
         head: the cell's state head.
@@ -240,7 +265,7 @@ class ModelSource:
 
     def __init__(
         self,
-        model: Any,
+        model: ModelLike,
         texts: Iterable[Any],
         layer: int,
         head: int,
