@@ -1,4 +1,4 @@
-"""Print the WriteSAE numbers quoted in the notes (the tests assert the thresholds; this shows the
+"""Print the WriteSAE numbers behind the tests' thresholds (the tests assert them; this shows the
 values), computed by the helpers the tests themselves call, with their configs and seeds:
 
 * planted-dictionary recovery and the equal-size FlatSAE (tests/writesae/test_recovery.py),

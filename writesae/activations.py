@@ -26,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hooked_recurrent.validation import model_fingerprint
+from writesae.fileio import atomic_dir, check_target, partial_dir
 from writesae.protocols import CacheLike, ModelLike
 
 __all__ = [
@@ -303,8 +305,6 @@ class ModelSource:
 
     def provenance(self) -> dict[str, Any]:
         """Where the samples come from: model name and fingerprint, layer, head, input kind."""
-        from hooked_recurrent.validation import model_fingerprint
-
         cfg = getattr(self.model, "cfg", None)
         return {
             "model": getattr(cfg, "model_name", "") or type(self.model).__name__,
@@ -411,8 +411,6 @@ def save_shards(
     continues from the next one: the source is replayed and its first samples skipped (a
     deterministic source gives the same shards as an uninterrupted run).
     """
-    from writesae.fileio import atomic_dir, check_target, partial_dir
-
     if not _is_int(samples_per_shard) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard!r}; expected an int >= 1")
     if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
@@ -421,21 +419,7 @@ def save_shards(
     meta = {**getattr(source, "provenance", lambda: {})(), **(metadata or {})}
     settings = {"samples_per_shard": samples_per_shard, "max_samples": max_samples}
     part = partial_dir(directory)
-    progress_file = part / "progress.json"
-    done: dict[str, Any] = {"shards": [], "n_samples": 0, "kind": None}
-    if part.exists():
-        old = json.loads(progress_file.read_text()) if progress_file.is_file() else None
-        same = old is not None and old.get("settings") == settings and old.get("meta") == meta
-        if resume and same:
-            done = old
-            logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
-        else:
-            if resume:
-                logger.warning(
-                    "%s: the interrupted extract had other settings or provenance; starting over",
-                    part,
-                )
-            shutil.rmtree(part)
+    done = _resume_point(part, settings, meta, resume)
     paths = [directory / n for n in done["shards"]]
     pending: list[Tensor | WriteFactors] = []
     count, total, kind = 0, done["n_samples"], done["kind"]
@@ -446,25 +430,12 @@ def save_shards(
             nonlocal pending, count
             if not pending:
                 return
-            data = _cat(pending)
-            if isinstance(data, WriteFactors):
-                tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
-            else:
-                tensors = {"state": data.contiguous()}
             name = f"shard_{len(paths):05d}.safetensors"
-            save_file(tensors, str(tmp / (name + ".tmp")), metadata={"kind": kind})
-            os.replace(tmp / (name + ".tmp"), tmp / name)
+            _write_shard(tmp / name, _cat(pending), kind)
             paths.append(directory / name)
             pending, count = [], 0
-            state = {
-                "shards": [p.name for p in paths],
-                "n_samples": total,
-                "kind": kind,
-                "settings": settings,
-                "meta": meta,
-            }
-            (tmp / "progress.json.tmp").write_text(json.dumps(state))
-            os.replace(tmp / "progress.json.tmp", progress_file)
+            progress = dict(shards=[p.name for p in paths], n_samples=total, kind=kind)
+            _replace_json(tmp / _PROGRESS, {**progress, "settings": settings, "meta": meta})
 
         if max_samples is None or total < max_samples:
             for b in _skip(source, total):
@@ -481,18 +452,57 @@ def save_shards(
             flush()
         if total == 0:
             raise ValueError("save_shards: the source gave no samples; nothing to write")
-        full = {
-            "kind": kind,
-            "input_kind": kind,
-            "n_samples": total,
-            "shards": [p.name for p in paths],
-            **meta,
-        }
+        full = {"kind": kind, "input_kind": kind, "n_samples": total}
+        full = {**full, "shards": [p.name for p in paths], **meta}
         if hasattr(source, "tokens_seen") and "n_tokens" not in full:
             full["n_tokens"] = source.tokens_seen
         (tmp / SHARD_META).write_text(json.dumps(full, indent=2))
-        progress_file.unlink()
+        (tmp / _PROGRESS).unlink()
     return paths
+
+
+_PROGRESS = "progress.json"
+
+
+def _resume_point(
+    part: Path, settings: dict[str, Any], meta: dict[str, Any], resume: bool
+) -> dict[str, Any]:
+    """The progress of an interrupted extract in ``part`` when resuming it with the same settings
+    and provenance (else ``part`` is removed and the extract starts over)."""
+    progress_file = part / _PROGRESS
+    done: dict[str, Any] = {"shards": [], "n_samples": 0, "kind": None}
+    if part.exists():
+        old = json.loads(progress_file.read_text()) if progress_file.is_file() else None
+        same = old is not None and old.get("settings") == settings and old.get("meta") == meta
+        if resume and same:
+            done = old
+            logger.info("resuming %s after %d shard(s)", part, len(done["shards"]))
+        else:
+            if resume:
+                logger.warning(
+                    "%s: the interrupted extract had other settings or provenance; starting over",
+                    part,
+                )
+            shutil.rmtree(part)
+    return done
+
+
+def _write_shard(path: Path, data: Tensor | WriteFactors, kind: str | None) -> None:
+    """One shard file, complete or not at all (written beside, then renamed)."""
+    if isinstance(data, WriteFactors):
+        tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
+    else:
+        tensors = {"state": data.contiguous()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"kind": kind})
+    os.replace(tmp, path)
+
+
+def _replace_json(path: Path, data: dict[str, Any]) -> None:
+    """``path`` holds ``data`` as JSON, replaced whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 class ShardSource:

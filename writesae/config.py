@@ -17,7 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["WriteSAEConfig", "TrainConfig", "field_help"]
+import numpy as np
+
+__all__ = ["WriteSAEConfig", "TrainConfig", "field_help", "config_default"]
 
 ENCODERS = ("bilinear", "dense")
 ACTIVATIONS = ("topk", "batchtopk", "relu")
@@ -175,7 +177,7 @@ class WriteSAEConfig:
 class TrainConfig:
     """Optimisation hyper-parameters (paper Table 8 unless said otherwise)."""
 
-    n_steps: int = _f(2000, "Number of optimiser steps (one batch each).")
+    n_steps: int = _f(1500, "Number of optimiser steps (one batch each).")
     batch_size: int = _f(256, "Samples per step (used by sources that build batches).")
     lr: float = _f(
         1e-3,
@@ -221,7 +223,7 @@ class TrainConfig:
             ("seed", None),
         ):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | _np_integer()):
+            if isinstance(v, bool) or not isinstance(v, int | np.integer):
                 raise TypeError(f"TrainConfig.{name}={v!r}; expected an int")
             if lo is not None and v < lo:
                 raise bad(name, f"an int >= {lo}")
@@ -239,13 +241,14 @@ class TrainConfig:
                 raise bad(name, "a finite number " + ("> 0" if positive else ">= 0"))
 
 
-def _np_integer() -> type:
-    """numpy's integer base class (numpy ints are accepted wherever an int is)."""
-    import numpy as np
-
-    return np.integer
-
-
 def field_help(cls: type) -> dict[str, str]:
     """Help text of every field of a config dataclass, for CLIs and docs."""
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def config_default(cls: type) -> dict[str, Any]:
+    """Default of every field of a config dataclass that has one, for CLIs (so a command-line
+    default is the library's)."""
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }

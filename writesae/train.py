@@ -1,6 +1,7 @@
 """Training loop for WriteSAE / FlatSAE: Adam, warm-up + cosine, AuxK, dead-atom resampling.
 
-Objective per step (paper section 2, App. B; Gao et al. for AuxK), with ``d_in = d_k d_v``::
+Objective per step (the paper's training setup, Table 8, and its reference code; AuxK as in Gao
+et al.), with ``d_in = d_k d_v``::
 
     L = mean_b ||X_b - X_hat_b||_F^2 / d_in  +  aux_coef * L_aux  (+ l1_coef * mean_b ||c_b||_1)
     L_aux = mean_b ||e_b - sum_{j in TopK_aux(dead)} ReLU(p_bj) A_j||_F^2 / d_in,

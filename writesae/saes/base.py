@@ -307,11 +307,12 @@ class BaseSAE(nn.Module):
         ``overwrite=True`` (then it is replaced whole).
         """
         with atomic_dir(path, overwrite, what="SAE folder") as tmp:
-            self._write(tmp)
+            self.save_into(tmp)
         return Path(path)
 
-    def _write(self, folder: Path) -> None:
-        """The SAE's two files into an existing (temporary) folder."""
+    def save_into(self, folder: Path) -> None:
+        """Write the SAE's two files into the existing folder ``folder`` (a caller that writes
+        more files beside them, atomically, uses this inside its own ``atomic_dir``)."""
         tensors = {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items()}
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"kind": self.kind})
         (folder / CFG_FILE).write_text(self.cfg.to_json())
