@@ -29,7 +29,7 @@ from writesae.evaluate.closed_form import (
     closed_form_logit_shift,
     evaluate_closed_form,
 )
-from writesae.evaluate.common import check_model, kl, sae_codes, sae_layer, tile_state
+from writesae.evaluate.common import check_model, kl, sae_codes, sae_layer
 from writesae.evaluate.install import (
     InstallResult,
     evaluate_install,
@@ -55,5 +55,4 @@ __all__ = [
     "sae_layer",
     "check_model",
     "kl",
-    "tile_state",
 ]

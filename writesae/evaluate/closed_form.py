@@ -27,7 +27,7 @@ from writesae.closed_form import (
     read_response,
     run_from,
 )
-from writesae.evaluate.common import check_model, sae_layer, tile_state
+from writesae.evaluate.common import check_model, sae_layer
 from writesae.interventions import install_hook
 from writesae.protocols import CacheLike, RankOneSAELike, ReadoutModelLike
 from writesae.stats import r_squared
@@ -167,7 +167,7 @@ def closed_form_logit_shift(
     if method == "first_order":
         state = prefix_state(model, tokens, position)
         if state is not None and nA > 1:
-            state = tile_state(state, nA)
+            state = state.tile(nA)
     unit = _unit_shifts(
         model, cache, tokens[rows], layer, head, u, w, position, t, tok_b, method, propagator,
         state, rows,

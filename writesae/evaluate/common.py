@@ -5,11 +5,10 @@ from __future__ import annotations
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from hooked_recurrent.state import RecurrentState
 from writesae.activations import write_factor_hooks, write_factors
 from writesae.protocols import ModelLike, SAELike
 
-__all__ = ["check_model", "sae_layer", "kl", "sae_codes", "tile_state"]
+__all__ = ["check_model", "sae_layer", "kl", "sae_codes"]
 
 
 def check_model(model: ModelLike, sae: object, allow_other_model: bool) -> None:
@@ -43,14 +42,3 @@ def sae_codes(
     _, cache = model.run_with_cache(tokens, names_filter=write_factor_hooks(model, layer))
     key, value = write_factors(model, cache, layer, head)
     return sae.encode_factors(key.to(dtype), value)
-
-
-def tile_state(state: RecurrentState, n: int) -> RecurrentState:
-    """The state with the whole batch stacked n times (rows [batch] * n)."""
-    return RecurrentState(
-        state.offset,
-        [
-            {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in layer.items()}
-            for layer in state.layers
-        ],
-    )

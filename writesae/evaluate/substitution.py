@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from writesae.evaluate.common import check_model, kl, sae_codes, sae_layer, tile_state
+from writesae.evaluate.common import check_model, kl, sae_codes, sae_layer
 from writesae.interventions import random_rank1, scaled_atom
 from writesae.protocols import HookLike, ModelLike, SAELike
 from writesae.stats import bootstrap_mean_ci, wilson
@@ -298,7 +298,7 @@ def _step(
     write_hook = sae.cfg.write_hook_name
     logits = model.run_with_hooks(
         x[:, t:stop].repeat(R, 1),
-        state=None if state is None else tile_state(state, R),
+        state=None if state is None else state.tile(R),
         fwd_hooks=[(write_hook, conditions)],
     )
     lp = torch.log_softmax(logits.double(), -1).view(R, B, stop - t, -1)
