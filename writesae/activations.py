@@ -142,7 +142,7 @@ def _select_positions(p: int, positions: Any) -> Tensor:
     return pos
 
 
-def _check_cell(model: Any, layer: Any, head: Any, kind: Any) -> None:
+def _check_cell(model: ModelLike, layer: object, head: object, kind: object) -> None:
     """The cell (layer, head) and input kind exist in ``model``."""
     if kind not in ("state", "write"):
         raise ValueError(f"kind={kind!r}; expected 'state' or 'write'")

@@ -178,7 +178,7 @@ def _install_hooks(
 
         return fn
 
-    def install(w: Tensor, hook: Any) -> Tensor:
+    def install(w: Tensor, hook: Any) -> Tensor:  # a RecurrentHookPoint: reads hook.positions
         rel = hook.positions - start
         on = (rel >= 0) & (rel < positions)
         if not bool(on.any()):

@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_recurrent.state import RecurrentState
 from writesae.evaluate.common import check_model, kl, sae_codes, sae_layer
 from writesae.interventions import random_rank1, scaled_atom
 from writesae.protocols import HookLike, ModelLike, SAELike
@@ -277,7 +278,7 @@ def _step(
     sae: SAELike,
     x: Tensor,
     t: int,
-    state: Any,
+    state: RecurrentState | None,
     top: Tensor,
     top_c: Tensor,
     random_seed: int,
