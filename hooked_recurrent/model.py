@@ -397,7 +397,7 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
             names_filter = self._check_names(list(names_filter))
         keep = names_filter if callable(names_filter) else set(names_filter).__contains__
         names = [name for name in self.hook_dict if keep(name)]
-        cache: dict[str, Tensor] | HookedRecurrentCache = {}
+        cache: dict[str, Tensor] = {}
 
         def save_grad(grad: Tensor, hook: RecurrentHookPoint) -> None:
             cache[hook.name + "_grad"] = grad.detach()
@@ -411,7 +411,7 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
         ):
             for name in names:
                 stack.enter_context(self.hook_dict[name].caching(cache))
-            out = self(*model_args, **kwargs)
+            out: Any = self(*model_args, **kwargs)
             stack.close()
             if incl_bwd:
                 out.backward()
@@ -420,7 +420,7 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
                 k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()
             }
         if return_cache_object:
-            cache = HookedRecurrentCache(cache, self, has_batch_dim=not remove_batch_dim)
+            return out, HookedRecurrentCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ------------------------------------------------------------------ tokens
@@ -493,7 +493,7 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
             return [self._str_tokens(t, prepend_bos) for t in input]
         if isinstance(input, Tensor) and input.dim() == 2 and input.shape[0] > 1:
             return [self._str_tokens(row, prepend_bos) for row in input]
-        return self._str_tokens(input, prepend_bos)
+        return self._str_tokens(input, prepend_bos)  # type: ignore[arg-type]  (a str list is above)
 
     def _str_tokens(self, input: str | Tensor | list[int], prepend_bos: bool | None) -> list[str]:
         """The string of each token of one text or one sequence of ids."""

@@ -211,7 +211,8 @@ class HookedRecurrentCache(ActivationCache):
         if layer is None or layer == -1:
             layer = n_layers
         self.compute_head_results()
-        comps, labels = [], []
+        comps: list[Tensor] = []
+        labels: list[str] = []
         for l in range(layer):
             r = pos_slice.apply(self[f"blocks.{l}.attn.hook_result"], dim=-3)
             comps.append(r.movedim(-2, 0))

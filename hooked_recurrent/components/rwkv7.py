@@ -429,7 +429,7 @@ class TimeMix(RecurrentMixer):
         S0 = None if past is None else past["S"]
         erase_a = -(a * kappa)
         propagation = Propagation.from_rule(
-            lambda *x: chunk_dplr_rule(*x, chunk_size=self.chunk_size)[:2],
+            lambda q, w, k, v, a, b, S0: chunk_dplr_rule(q, w, k, v, a, b, S0, self.chunk_size)[:2],
             (r, w, k, v, erase_a, kappa),
             {2, 3},
             dense=self.dense_propagation,
