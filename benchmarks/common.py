@@ -19,11 +19,12 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1, grad: bool = False
-) -> dict[str, float]:
-    """Median seconds per function; each round runs every function once, in turn (under
-    `torch.no_grad()` unless `grad`)."""
+) -> dict[str, list[float]]:
+    """Seconds of every timed round per function; each round runs every function once, in turn
+    (under `torch.no_grad()` unless `grad`), after `warmup` untimed rounds. The one timing loop of
+    the benchmarks."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.set_grad_enabled(grad):
         for r in range(rounds + warmup):
@@ -34,6 +35,14 @@ def interleaved_medians(
                 del out
                 if r >= warmup:
                     times[name].append(dt)
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1, grad: bool = False
+) -> dict[str, float]:
+    """Median seconds per function of `interleaved_times`."""
+    times = interleaved_times(fns, rounds, warmup, grad)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
