@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -410,7 +410,8 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
             contextlib.ExitStack() as stack,
         ):
             for name in names:
-                stack.enter_context(self.hook_dict[name].caching(cache))
+                hp = cast(RecurrentHookPoint, self.hook_dict[name])
+                stack.enter_context(hp.caching(cache))
             out: Any = self(*model_args, **kwargs)
             stack.close()
             if incl_bwd:
@@ -493,7 +494,8 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
             return [self._str_tokens(t, prepend_bos) for t in input]
         if isinstance(input, Tensor) and input.dim() == 2 and input.shape[0] > 1:
             return [self._str_tokens(row, prepend_bos) for row in input]
-        return self._str_tokens(input, prepend_bos)  # type: ignore[arg-type]  (a str list is above)
+        # (a list of texts was handled above)
+        return self._str_tokens(input, prepend_bos)  # type: ignore[arg-type]
 
     def _str_tokens(self, input: str | Tensor | list[int], prepend_bos: bool | None) -> list[str]:
         """The string of each token of one text or one sequence of ids."""
