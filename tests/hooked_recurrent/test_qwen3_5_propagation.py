@@ -17,8 +17,25 @@ from tests.hooked_recurrent.qwen_helpers import qwen_hf
 LAYER, T, POS, HEAD = 1, 40, 17, 1
 
 
+def hf_gdn_projections(la, h):
+    """(q|k|v before the convolution, z, b, a, beta scale) of a `transformers` Gated DeltaNet
+    layer: Qwen3.5 / Qwen3.5-MoE (separate projections), Qwen3-Next (fused per key-head group,
+    split by the layer's own method) or OLMo hybrid (q/k/v/g/b/a projections, beta up to 2)."""
+    B, L, _ = h.shape
+    if hasattr(la, "in_proj_qkvz"):
+        q, k, v, z, b, a = la.fix_query_key_value_ordering(la.in_proj_qkvz(h), la.in_proj_ba(h))
+        qkv = torch.cat([t.reshape(B, L, -1) for t in (q, k, v)], -1)
+        return qkv, z.reshape(B, L, -1), b, a, 1.0
+    if hasattr(la, "q_proj"):
+        qkv = torch.cat((la.q_proj(h), la.k_proj(h), la.v_proj(h)), -1)
+        scale = 2.0 if la.allow_neg_eigval else 1.0
+        return qkv, la.g_proj(h), la.b_proj(h), la.a_proj(h), scale
+    return la.in_proj_qkv(h), la.in_proj_z(h), la.in_proj_b(h), la.in_proj_a(h), 1.0
+
+
 def brute_force_gdn(la, h, edit_name, edit):
-    """Qwen3.5 Gated DeltaNet, one token at a time, with `edit` applied to `edit_name`.
+    """A `transformers` Gated DeltaNet layer (see `hf_gdn_projections`), one token at a time,
+    with `edit` applied to `edit_name`.
 
     `edit` is a function of the batch-wide slice at POS, or a dict {position: function of the
     slice at that position} for edits at several positions.
@@ -27,8 +44,8 @@ def brute_force_gdn(la, h, edit_name, edit):
     B, L, _ = h.shape
     Hk, Hv = la.num_k_heads, la.num_v_heads
     dk, dv = la.head_k_dim, la.head_v_dim
-    qkv = la.in_proj_qkv(h).transpose(1, 2)
-    conv = F.silu(la.conv1d(qkv)[..., :L]).transpose(1, 2)
+    qkv, z, b, a, beta_scale = hf_gdn_projections(la, h)
+    conv = F.silu(la.conv1d(qkv.transpose(1, 2))[..., :L]).transpose(1, 2)
     q, k, v = conv.split((Hk * dk, Hk * dk, Hv * dv), dim=-1)
     r = Hv // Hk
 
@@ -38,8 +55,8 @@ def brute_force_gdn(la, h, edit_name, edit):
     q = unit(q.reshape(B, L, Hk, dk)).repeat_interleave(r, 2) / math.sqrt(dk)
     k = unit(k.reshape(B, L, Hk, dk)).repeat_interleave(r, 2)
     v = v.reshape(B, L, Hv, dv).clone()
-    beta = torch.sigmoid(la.in_proj_b(h))
-    alpha = torch.exp(-la.A_log.exp() * F.softplus(la.in_proj_a(h) + la.dt_bias))
+    beta = beta_scale * torch.sigmoid(b)
+    alpha = torch.exp(-la.A_log.exp() * F.softplus(a + la.dt_bias))
     for name, x in (("hook_k", k), ("hook_v", v), ("hook_beta", beta), ("hook_decay", alpha)):
         if edit_name == name:
             for t, f in edits.items():
@@ -68,9 +85,9 @@ def brute_force_gdn(la, h, edit_name, edit):
             S = torch.where((X != S_nat).flatten(2).any(-1)[..., None, None], X, S)
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
     o = torch.stack(outs, 1)
-    z = la.in_proj_z(h).reshape(B, L, Hv, dv)
-    y = la.norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(B, L, Hv * dv)
-    return la.out_proj(y)
+    norm, out_proj = (la.o_norm, la.o_proj) if hasattr(la, "o_norm") else (la.norm, la.out_proj)
+    y = norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(B, L, Hv * dv)
+    return out_proj(y)
 
 
 def _memo(make_delta):
