@@ -47,6 +47,22 @@ __all__ = ["MoE", "Experts"]
 _SCORINGS = ("softmax", "sigmoid")
 
 
+#: an expert's token rows are padded to a multiple of this many (see `_pad_rows`)
+ROW_BLOCK = 16
+
+
+def _pad_rows(x: Float[Tensor, "n d_model"]) -> Float[Tensor, "m d_model"]:
+    """`x` with zero rows appended up to a multiple of `ROW_BLOCK` (at least one block).
+
+    BLAS picks other kernels, with other rounding, for matrices of a few rows. Without the
+    padding, an edit that re-routes a later token changes how many rows an expert gets, and with
+    it the last bits of that expert's output at earlier tokens; with it, positions before an edit
+    stay bit-for-bit unchanged (a zero row costs little: small products are bound by reading the
+    expert's weights)."""
+    m = max(ROW_BLOCK, -(-len(x) // ROW_BLOCK) * ROW_BLOCK)
+    return F.pad(x, (0, 0, 0, m - len(x))) if m > len(x) else x
+
+
 class Experts(nn.Module):
     """`n_experts` MLPs with their weights stacked (nn.Linear layout: `[expert, out, in]`)."""
 
@@ -87,7 +103,7 @@ class Experts(nn.Module):
         out = flat.new_zeros(B * T, k, D)
         for e in fidx.unique().tolist():
             tok, slot = torch.where(fidx == e)
-            out[tok, slot] = self.expert(e, flat[tok])
+            out[tok, slot] = self.expert(e, _pad_rows(flat[tok]))[: len(tok)]
         return out.view(B, T, k, D)
 
 
