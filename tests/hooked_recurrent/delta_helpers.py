@@ -132,3 +132,57 @@ def assert_finite_substitution(fve: list, res) -> None:
     assert res.n > 0
     assert all(math.isfinite(v) for v in res.median_kl.values())
     assert 0.0 <= res.win_rate_vs_delete <= 1.0
+
+
+# ------------------------------------------------------------------ checks shared by the families
+T_PARITY = 70  # chunk size 64: one full chunk plus a partial one
+#: single-position edits and multi-position cases run on every family (the full grids run on
+#: Qwen3.5 in test_qwen3_5_propagation.py)
+SINGLE_CASES = ["hook_write:rank1", "hook_state:dense", "hook_beta:head"]
+MULTI_CASES = ["short_span", "long_span"]
+
+
+def check_parity(hf, model) -> None:
+    """Logits, every block's hook_resid_post, final and per-position states against HF."""
+    from tests.hooked_recurrent.test_qwen3_5_parity import (
+        parity_diffs,
+        per_position_state_diff,
+        tokens_for,
+    )
+
+    d = parity_diffs(hf, model, tokens_for(hf, T_PARITY))
+    assert d["logits"] <= 1e-4 and d["resid_post"] <= 1e-4, d
+    assert d["final_state"] <= 1e-5 and d["returned_state"] <= 1e-5, d
+    assert per_position_state_diff(hf, model, tokens_for(hf, 12)) <= 1e-5
+
+
+def check_single_edit(hf, model, case: str) -> None:
+    """An edit at one position equals the brute-force recurrence; earlier logits bit-equal."""
+    from tests.hooked_recurrent.test_qwen3_5_propagation import single_edit_result
+
+    diff, earlier, effect = single_edit_result(hf, model, case)
+    assert diff <= 1e-4 and earlier and effect > 1e-3, (diff, earlier, effect)
+
+
+def check_multi_edit(hf, model, hook_name: str, case: str) -> None:
+    """Edits at several (batch, position, head) triples equal the brute-force recurrence."""
+    from tests.hooked_recurrent.test_qwen3_5_propagation import multi_edit_result
+
+    diff, earlier, at_first, after = multi_edit_result(hf, model, hook_name, case, None, False)
+    assert diff <= 1e-4 and all(earlier), (diff, earlier)
+    assert min(at_first) > 1e-3 and after > 1e-3
+
+
+@torch.no_grad()
+def check_generation(hf, model, hooks: list) -> None:
+    """32 greedy tokens equal HF's `generate`; with `hooks`, each generated token is the argmax
+    of `run_with_hooks` on the final sequence (hooks live in generation)."""
+    from tests.hooked_recurrent.test_qwen3_5_generation import _argmax_rollout_check
+
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    prompt = torch.randint(2, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(3))
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert torch.equal(model.generate(prompt, 32, stop_at_eos=False), theirs)
+    out = _argmax_rollout_check(model, prompt, 10, hooks)
+    assert not torch.equal(out, theirs[:, : out.shape[1]])  # the hooks acted

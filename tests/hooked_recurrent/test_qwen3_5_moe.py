@@ -8,26 +8,20 @@ import torch
 
 from hooked_recurrent import HookedRecurrentModel
 from tests.hooked_recurrent.delta_helpers import (
+    MULTI_CASES,
+    SINGLE_CASES,
     assert_finite_substitution,
+    check_generation,
+    check_multi_edit,
+    check_parity,
+    check_single_edit,
     qwen3_5_moe_hf,
     qwen3_5_moe_text_config,
     randomise_moe,
     writesae_trains_and_evaluates,
 )
-from tests.hooked_recurrent.test_qwen3_5_generation import _argmax_rollout_check
-from tests.hooked_recurrent.test_qwen3_5_parity import (
-    parity_diffs,
-    per_position_state_diff,
-    tokens_for,
-)
-from tests.hooked_recurrent.test_qwen3_5_propagation import (
-    EDITS,
-    MULTI_EDITS,
-    multi_edit_result,
-    single_edit_result,
-)
+from tests.hooked_recurrent.test_qwen3_5_parity import tokens_for
 
-T = 70  # chunk size 64: one full chunk plus a partial one
 #: (Qwen3.5 shape, MoE shape): value heads = 2 x key heads with top-k 2 of 6; 4 x value heads,
 #: tied embeddings, top-k 3 of 5
 CONFIGS = {"gqa-k2": ("gqa", "k2"), "tied-k3": ("tied", "k3")}
@@ -49,11 +43,7 @@ def test_config_and_moe_blocks(pair):
 
 
 def test_logits_residuals_and_states(pair):
-    hf, model = pair
-    d = parity_diffs(hf, model, tokens_for(hf, T))
-    assert d["logits"] <= 1e-4 and d["resid_post"] <= 1e-4, d
-    assert d["final_state"] <= 1e-5 and d["returned_state"] <= 1e-5, d
-    assert per_position_state_diff(hf, model, tokens_for(hf, 12)) <= 1e-5
+    check_parity(*pair)
 
 
 @torch.no_grad()
@@ -80,31 +70,18 @@ def edit_models():
     return hf, HookedRecurrentModel.from_hf_model(hf)
 
 
-@pytest.mark.parametrize("case", ["hook_write:rank1", "hook_state:dense", "hook_beta:head"])
+@pytest.mark.parametrize("case", SINGLE_CASES)
 def test_single_edit_matches_brute_force(edit_models, case):
-    assert case in EDITS
-    diff, earlier, effect = single_edit_result(*edit_models, case)
-    assert diff <= 1e-4 and earlier and effect > 1e-3
+    check_single_edit(*edit_models, case)
 
 
-@pytest.mark.parametrize("case", ["short_span", "long_span"])
+@pytest.mark.parametrize("case", MULTI_CASES)
 @pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
 def test_multi_position_edits_match_brute_force(edit_models, hook_name, case):
-    assert case in MULTI_EDITS
-    diff, earlier, at_first, after = multi_edit_result(*edit_models, hook_name, case, None, False)
-    assert diff <= 1e-4
-    assert all(earlier) and min(at_first) > 1e-3 and after > 1e-3
+    check_multi_edit(*edit_models, hook_name, case)
 
 
-@torch.no_grad()
 def test_greedy_generation_and_hooks_in_generation(edit_models):
-    hf, model = edit_models
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    prompt = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(3))
-    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
-    assert torch.equal(model.generate(prompt, 32, stop_at_eos=False), theirs)
-
     def drop_expert(x, hook):  # zero the first chosen expert's weight at generated positions
         on = (hook.positions >= 9).view(1, -1, 1).to(x.dtype)
         return x * (1 - on * torch.tensor([1.0, 0.0], dtype=x.dtype))
@@ -113,7 +90,7 @@ def test_greedy_generation_and_hooks_in_generation(edit_models):
         ("blocks.1.attn.hook_write", lambda x, hook: 1.5 * x),
         ("blocks.2.mlp.hook_expert_weights", drop_expert),
     ]
-    _argmax_rollout_check(model, prompt, 10, hooks)
+    check_generation(*edit_models, hooks)
 
 
 @torch.no_grad()
