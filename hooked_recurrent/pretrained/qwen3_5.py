@@ -400,7 +400,8 @@ MOE_FAMILY = register_family(
         ),
         layout="3 Gated DeltaNet blocks then 1 gated-attention block, repeated; every MLP a "
         "sparse MoE with a sigmoid-gated shared expert",
-        bridge="TransformerBridge: residual, attention and MLP-module hooks; no hook on the "
-        "Gated DeltaNet state or write, no router hooks, none live in generation",
+        bridge="no TransformerLens 4.3 TransformerBridge adapter of its own (Qwen3.5 and "
+        "Qwen3-Next have one: Gated DeltaNet hooks on a cache-free prefill, the state only with "
+        "eager_scan, none live in generation); no router hooks",
     )
 )
