@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hooked_recurrent import HookedRecurrentModel
+from hooked_recurrent.config import NotApplicableError
 from tests.hooked_recurrent.delta_helpers import (
     MULTI_CASES,
     SINGLE_CASES,
@@ -64,6 +65,12 @@ def test_config_and_blocks(pair):
     assert model.cfg.positional_embedding_type == ("rotary" if hf.model.rotary_emb else "none")
     for block, t in zip(model.blocks, hf.config.layer_types, strict=True):
         assert (block.ln1_post is None) == (t == "linear_attention")
+    # TransformerLens weight views of the (ungated) attention layers
+    la = hf.model.layers[model.cfg.attention_layers[0]].self_attn
+    W_Q = la.q_proj.weight.view(model.cfg.attn_n_heads, model.cfg.d_head, -1).transpose(-1, -2)
+    assert torch.equal(model.W_Q[0], W_Q)
+    with pytest.raises(NotApplicableError, match="output gate"):
+        _ = model.W_gate_attn
 
 
 def test_logits_residuals_and_states(pair):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hooked_recurrent import HookedRecurrentModel
+from hooked_recurrent.config import NotApplicableError
 from tests.hooked_recurrent.delta_helpers import (
     MULTI_CASES,
     SINGLE_CASES,
@@ -40,6 +41,11 @@ def test_config_and_moe_blocks(pair):
     assert model.cfg.moe_layers == list(range(c.num_hidden_layers))
     moe = model.blocks[0].mlp
     assert (moe.n_experts, moe.top_k) == (c.num_experts, c.num_experts_per_tok)
+    # TransformerLens weight views: attention weights stack; MLP weights point to the experts
+    n_attn = len(model.cfg.attention_layers)
+    assert model.W_Q.shape == (n_attn, c.num_attention_heads, c.hidden_size, c.head_dim)
+    with pytest.raises(NotApplicableError, match="experts"):
+        _ = model.W_in
 
 
 def test_logits_residuals_and_states(pair):
