@@ -89,8 +89,7 @@ def test_single_edit_matches_brute_force(edit_models, case):
     check_single_edit(*edit_models, case)
 
 
-@pytest.mark.parametrize("case", MULTI_CASES)
-@pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
+@pytest.mark.parametrize("hook_name,case", MULTI_CASES)
 def test_multi_position_edits_match_brute_force(edit_models, hook_name, case):
     check_multi_edit(*edit_models, hook_name, case)
 
