@@ -219,7 +219,6 @@ def chunked_states(
     in reversed time, as `adjoint_states` does).
     """
     B, T, H = transition.decay.shape[:3]
-    K = transition.decay.shape[3] if transition.decay.dim() == 4 else None
     if writes is not None:
         K, V = writes.shape[-2:]
     else:
@@ -228,66 +227,89 @@ def chunked_states(
     if T == 0:
         return torch.zeros(B, 0, H, K, V, device=dev)
     C = chunk or max(1, math.isqrt(T - 1) + 1)
-    n = -(-T // C)
-    pad = n * C - T
-
-    def split(x: Tensor | None, fill: float = 0.0) -> Tensor | None:
-        """[B, T, H, ...] -> [B, n, C, H, ...] (float32), padded with `fill`."""
-        if x is None:
-            return None
-        x = x.float()
-        if pad:
-            x = torch.cat((x, x.new_full((B, pad, *x.shape[2:]), fill)), 1)
-        return x.view(B, n, C, *x.shape[2:])
-
-    d, ea, eb = split(transition.decay, 1.0), split(transition.erase_a), split(transition.erase_b)
-    W, k, v = split(writes), split(write_k), split(write_v)
-
-    def step(S: Tensor, i: int, with_write: bool = True) -> Tensor:
-        """A_i(S) + W_i in every chunk at once (without the write when not `with_write`)."""
-        a = None if ea is None else ea[:, :, i]
-        b = None if eb is None else eb[:, :, i]
-        if not with_write:
-            return _step(S, d[:, :, i], a, b)
-        if W is not None:
-            return _step(S, d[:, :, i], a, b) + W[:, :, i]
-        return _step(S, d[:, :, i], a, b, k[:, :, i], v[:, :, i])
-
+    chunks = _Chunks(transition, write_k, write_v, writes, C)
+    n = chunks.n
     # 1. each chunk from zero, and its transition
     local = torch.zeros(B, n, H, K, V, device=dev)
-    if ea is None:
-        M = d.prod(2)  # [B, n, H] or [B, n, H, K]
+    if chunks.ea is None:
+        M = chunks.d.prod(2)  # [B, n, H] or [B, n, H, K]
     else:
         M = torch.eye(K, device=dev).expand(B, n, H, K, K)
     for i in range(C):
-        local = step(local, i)
-        if ea is not None:
-            M = step(M, i, with_write=False)
+        local = chunks.step(local, i)
+        if chunks.ea is not None:
+            M = chunks.step(M, i, with_write=False)
     # 2. the chunk starts
     S = torch.zeros(B, H, K, V, device=dev) if S0 is None else S0.float()
     starts = []
     for c in range(n):
         starts.append(S)
-        if ea is None:
+        if chunks.ea is None:
             S = _apply(S, M[:, c], None, None) + local[:, c]
         else:
             S = torch.baddbmm(
                 local[:, c].reshape(-1, K, V), M[:, c].reshape(-1, K, K), S.reshape(-1, K, V)
             ).view(B, H, K, V)
     # 3. every state
-    S = torch.stack(starts, 1)
-    if reverse:  # written straight to position T - 1 - tau (no flip of the result afterwards)
-        res = torch.empty(B, n * C, H, K, V, device=dev)
-        at = (n * C - 1) - torch.arange(n, device=dev) * C
+    return chunks.every_state(torch.stack(starts, 1), T, reverse)
+
+
+class _Chunks:
+    """A transition and its writes cut into n chunks of C positions (`[B, n, C, H, ...]`,
+    float32; the padding at the end is an identity step with no write), stepped in every chunk at
+    once."""
+
+    def __init__(
+        self,
+        transition: Transition,
+        write_k: Tensor | None,
+        write_v: Tensor | None,
+        writes: Tensor | None,
+        C: int,
+    ) -> None:
+        B, T = transition.decay.shape[:2]
+        self.n = -(-T // C)
+        self.C, self.pad = C, self.n * C - T
+
+        def split(x: Tensor | None, fill: float = 0.0) -> Tensor | None:
+            if x is None:
+                return None
+            x = x.float()
+            if self.pad:
+                x = torch.cat((x, x.new_full((B, self.pad, *x.shape[2:]), fill)), 1)
+            return x.view(B, self.n, C, *x.shape[2:])
+
+        self.d = split(transition.decay, 1.0)
+        self.ea, self.eb = split(transition.erase_a), split(transition.erase_b)
+        self.W, self.k, self.v = split(writes), split(write_k), split(write_v)
+
+    def step(self, S: Tensor, i: int, with_write: bool = True) -> Tensor:
+        """A_i(S) + W_i in every chunk at once (without the write when not `with_write`)."""
+        a = None if self.ea is None else self.ea[:, :, i]
+        b = None if self.eb is None else self.eb[:, :, i]
+        if not with_write:
+            return _step(S, self.d[:, :, i], a, b)
+        if self.W is not None:
+            return _step(S, self.d[:, :, i], a, b) + self.W[:, :, i]
+        return _step(S, self.d[:, :, i], a, b, self.k[:, :, i], self.v[:, :, i])
+
+    def every_state(self, S: Tensor, T: int, reverse: bool) -> Tensor:
+        """Every state, stepping from the chunk starts `S` `[B, n, H, K, V]` in every chunk at
+        once; with `reverse`, the state after tau steps lands at position T - 1 - tau."""
+        B, n, H, K, V = S.shape
+        C = self.C
+        if reverse:  # written straight to position T - 1 - tau (no flip of the result afterwards)
+            res = torch.empty(B, n * C, H, K, V, device=S.device)
+            at = (n * C - 1) - torch.arange(n, device=S.device) * C
+            for i in range(C):
+                S = self.step(S, i)
+                res.index_copy_(1, at - i, S)
+            return res[:, self.pad :]
+        out = []
         for i in range(C):
-            S = step(S, i)
-            res.index_copy_(1, at - i, S)
-        return res[:, pad:]
-    out = []
-    for i in range(C):
-        S = step(S, i)
-        out.append(S)
-    return torch.stack(out, 2).reshape(B, n * C, H, K, V)[:, :T]
+            S = self.step(S, i)
+            out.append(S)
+        return torch.stack(out, 2).reshape(B, n * C, H, K, V)[:, :T]
 
 
 def adjoint_states(
@@ -342,9 +364,9 @@ class Edits:
     ) -> Edits:
         """edited - native where `changed` `[batch, pos, head]` is set; `native(index)` gives the
         native values at `index` (three index tensors), so nothing of full size is rebuilt."""
-        index = changed.nonzero(as_tuple=True)
-        delta = edited[index].float() - native(index).float()
-        return cls(*index, delta, tuple(edited.shape))
+        b, t, h = changed.nonzero(as_tuple=True)
+        delta = edited[b, t, h].float() - native((b, t, h)).float()
+        return cls(b, t, h, delta, tuple(edited.shape))
 
     @classmethod
     def from_dense(cls, delta: Float[Tensor, "batch pos head d_k d_v"]) -> Edits:

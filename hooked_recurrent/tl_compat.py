@@ -157,7 +157,8 @@ class HookedRecurrentCache(ActivationCache):
             layer = n_layers
         incl_attn = mode != "mlp"
         incl_mlp = mode != "attn" and not self.model.cfg.attn_only
-        comps, labels = [], []
+        comps: list[Tensor] = []
+        labels: list[str] = []
         if incl_embeds:
             comps.append(self["blocks.0.hook_resid_pre"])
             labels.append("embed")
@@ -210,7 +211,8 @@ class HookedRecurrentCache(ActivationCache):
         if layer is None or layer == -1:
             layer = n_layers
         self.compute_head_results()
-        comps, labels = [], []
+        comps: list[Tensor] = []
+        labels: list[str] = []
         for l in range(layer):
             r = pos_slice.apply(self[f"blocks.{l}.attn.hook_result"], dim=-3)
             comps.append(r.movedim(-2, 0))

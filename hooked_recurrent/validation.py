@@ -91,8 +91,8 @@ def check_tokens(model: Any, tokens: Any, name: str = "input") -> None:
         raise ValueError(
             f"{name} has shape {tuple(tokens.shape)}: an empty input; batch and pos must be >= 1"
         )
-    lo, hi = torch.aminmax(tokens)
-    lo, hi = int(lo), int(hi)
+    lo_t, hi_t = torch.aminmax(tokens)
+    lo, hi = int(lo_t), int(hi_t)
     vocab = model.cfg.d_vocab
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi

@@ -1,4 +1,4 @@
-"""Print the WriteSAE numbers quoted in the notes (the tests assert the thresholds; this shows the
+"""Print the WriteSAE numbers behind the tests' thresholds (the tests assert them; this shows the
 values), computed by the helpers the tests themselves call, with their configs and seeds:
 
 * planted-dictionary recovery and the equal-size FlatSAE (tests/writesae/test_recovery.py),
@@ -47,7 +47,7 @@ def main() -> None:
     x = torch.randn(20, 6, 5, generator=torch.Generator().manual_seed(0))
     for sae in (
         WriteSAE(WriteSAEConfig(**cfg), seed=0),
-        FlatSAE(WriteSAEConfig(**cfg, architecture="flat"), seed=0),
+        FlatSAE(WriteSAEConfig(**cfg, kind="flat"), seed=0),
     ):
         with tempfile.TemporaryDirectory() as d:
             sae.save(d)

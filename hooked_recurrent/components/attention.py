@@ -75,6 +75,7 @@ class GatedAttention(nn.Module):
         inv_freq = 1.0 / (
             rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / max(rotary_dim, 1))
         )
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
         self.hook_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]

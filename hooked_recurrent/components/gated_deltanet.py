@@ -193,7 +193,11 @@ class GatedDeltaNet(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
         propagation = Propagation.from_rule(
-            lambda *x: chunk_gated_delta_rule(*x, self.chunk_size), (q, k, v, beta, g), {2}
+            lambda q, k, v, beta, g, S0: chunk_gated_delta_rule(
+                q, k, v, beta, g, S0, self.chunk_size
+            ),
+            (q, k, v, beta, g),
+            {2},
         )
         o, S_T = self.recur(
             lambda: chunk_gated_delta_rule(q, k, v, beta, g, S0, self.chunk_size),

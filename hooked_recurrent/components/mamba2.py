@@ -204,7 +204,9 @@ class Mamba2Mixer(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
         propagation = Propagation.from_rule(
-            lambda *x: chunk_ssd(*x, self.chunk_size), (q, k, v, dt, log_decay), {2}
+            lambda q, k, v, dt, ld, S0: chunk_ssd(q, k, v, dt, ld, S0, self.chunk_size),
+            (q, k, v, dt, log_decay),
+            {2},
         )
         o, S_T = self.recur(
             lambda: chunk_ssd(q, k, v, dt, log_decay, S0, self.chunk_size),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hooked_recurrent.components.attention import GatedAttention
 from hooked_recurrent.components.block import Block
@@ -188,6 +188,7 @@ def build_mlp(cfg: Qwen35Config, layer: int) -> GatedMLP | MoE:
 
 def build_block(cfg: Qwen35Config, layer: int) -> Block:
     """The block of layer `layer`: Gated DeltaNet or gated attention, then the MLP."""
+    attn: nn.Module
     if cfg.layer_types[layer] == "recurrent":
         attn = GatedDeltaNet(
             layer,

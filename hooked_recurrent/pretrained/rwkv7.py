@@ -14,6 +14,7 @@ package) when their vocabulary has its 65536 entries.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -170,10 +171,11 @@ def _layer_names(cfg: RWKV7Config, layer: int) -> dict[str, tuple[str, str]]:
     return {k: v for k, v in _LAYER_MAP.items() if layer > 0 or not re.fullmatch("attn.v[012]", k)}
 
 
-def convert_state_dict(sd: dict[str, Tensor], cfg: RWKV7Config) -> dict[str, Tensor]:
-    """fla-named state dict -> ours. LoRA ranks and the channel-mix width come from the shapes."""
+def config_from_weights(sd: dict[str, Tensor], cfg: RWKV7Config) -> RWKV7Config:
+    """A copy of `cfg` with the LoRA ranks and the channel-mix width read from the weights'
+    shapes (fla configs may leave them out or give other values)."""
     p = "model.layers"
-    shapes = {
+    shapes: dict[str, Any] = {
         "d_decay_lora": sd[f"{p}.0.attn.w_lora.lora.0.weight"].shape[0],
         "d_a_lora": sd[f"{p}.0.attn.a_lora.lora.0.weight"].shape[0],
         "d_gate_lora": sd[f"{p}.0.attn.g_lora.lora.0.weight"].shape[0],
@@ -186,8 +188,12 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: RWKV7Config) -> dict[str, Ten
             logger.info(
                 "RWKV-7: %s = %d from the weights (config said %d)", name, value, getattr(cfg, name)
             )
-            setattr(cfg, name, value)
+    return dataclasses.replace(cfg, **shapes)
 
+
+def convert_state_dict(sd: dict[str, Tensor], cfg: RWKV7Config) -> dict[str, Tensor]:
+    """fla-named state dict -> ours (`cfg` as `config_from_weights` gives it)."""
+    p = "model.layers"
     C = cfg.d_model
     out: dict[str, Tensor] = {}
     for ours, theirs in _MODEL_MAP.items():
@@ -286,7 +292,7 @@ def blinkdl_to_fla(sd: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Ten
         parts[0], parts[2] = "model.layers", _BLINK_PART[parts[2]]
         leaf = parts[3]
         if re.fullmatch("[wvag][012]", leaf):
-            c, i = leaf
+            c, i = leaf[0], leaf[1]
             parts[3] = f"{c}_lora.lora." + {"0": "2.bias", "1": "0.weight", "2": "2.weight"}[i]
             t = t.t() if i in "12" else t.reshape(-1)
         elif parts[2] == "attn" and leaf in _BLINK_PROJ:
@@ -378,6 +384,7 @@ FAMILY = register_family(
         model_types=("rwkv7", "rwkv7_fla"),
         config_from_hf=config_from_hf,
         convert_state_dict=convert_state_dict,
+        config_from_weights=config_from_weights,
         build_block=build_block,
         build_final_norm=lambda cfg: LayerNorm(cfg.d_model, cfg.norm_eps),
         build_embed_norm=lambda cfg: (
