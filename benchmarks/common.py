@@ -117,3 +117,37 @@ def bench_qwen(vocab: int = 512):
         bos_token_id=None,
     )
     return Qwen3_5ForCausalLM(cfg).eval()
+
+
+def bench_qwen3_next(vocab: int = 512):
+    """The Qwen3-Next of the benchmarks: `bench_qwen`'s shapes, every MLP a sparse MoE (16
+    experts of width 128, 4 per token, a shared expert of width 256), random routers."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3NextConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=256,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    model = Qwen3NextForCausalLM(cfg).eval()
+    with torch.no_grad():  # routers start at zero, where every token would tie
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    return model

@@ -2,10 +2,11 @@
 
     python benchmarks/forward.py [--rounds 15] [--only FAMILY]
 
-Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention),
-batch 4, seq 256, float32, median of interleaved rounds after one warm-up round. The write edit
-is timed with the hook editing in place and returning its input (the TransformerLens idiom) and,
-for comparison, with a hook that returns an edited copy.
+Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention;
+Qwen3-Next the same with sparse MoE MLPs, `common.bench_qwen3_next`), batch 4, seq 256, float32,
+median of interleaved rounds after one warm-up round. The write edit is timed with the hook
+editing in place and returning its input (the TransformerLens idiom) and, for comparison, with a
+hook that returns an edited copy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import (  # noqa: E402
     bench_qwen,
+    bench_qwen3_next,
     bridge_for,
     interleaved_medians,
     rank1_write_edit,
@@ -29,6 +31,7 @@ from common import (  # noqa: E402
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
 
 B, T, VOCAB = 4, 256, 512
+WRITE_HOOK = "blocks.1.attn.hook_write"
 
 
 def inplace_write_edit(position: int, head: int = 0, scale: float = 0.1):
@@ -45,13 +48,23 @@ def inplace_write_edit(position: int, head: int = 0, scale: float = 0.1):
 
 def qwen_rows(rounds: int) -> list[dict]:
     hf = bench_qwen(VOCAB)
-    ours = HookedRecurrentModel.from_hf_model(hf)
-    bridge = bridge_for(hf, VOCAB)
     tokens = torch.randint(0, VOCAB - 3, (B, T))
-    name = "blocks.1.attn.hook_write"
-    in_place = [(name, inplace_write_edit(T // 2))]
-    clone = [(name, rank1_write_edit(T // 2))]
-    base = "HF `Qwen3_5ForCausalLM` forward"
+    rows = gdn_rows(hf, "Qwen3.5", tokens, rounds, bridge=bridge_for(hf, VOCAB))
+    return rows + backward_rows(HookedRecurrentModel.from_hf_model(hf), tokens, rounds)
+
+
+def qwen3_next_rows(rounds: int) -> list[dict]:
+    hf = bench_qwen3_next(VOCAB)
+    return gdn_rows(hf, "Qwen3-Next (MoE)", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
+def gdn_rows(hf, label: str, tokens, rounds: int, bridge=None) -> list[dict]:
+    """Forward, run_with_cache and one write edit of ours against the HF model (and the
+    TransformerBridge, when given)."""
+    ours = HookedRecurrentModel.from_hf_model(hf)
+    in_place = [(WRITE_HOOK, inplace_write_edit(T // 2))]
+    clone = [(WRITE_HOOK, rank1_write_edit(T // 2))]
+    base = f"HF `{type(hf).__name__}` forward"
     runs = {
         base: (lambda: hf(tokens, use_cache=False).logits, None),
         "ours, forward": (lambda: ours(tokens), 1.1),
@@ -64,16 +77,17 @@ def qwen_rows(rounds: int) -> list[dict]:
             lambda: ours.run_with_hooks(tokens, fwd_hooks=clone),
             None,
         ),
-        "TransformerBridge forward": (lambda: bridge(tokens, return_type="logits"), None),
-        "TransformerBridge `run_with_cache()` (its state hooks silent)": (
+    }
+    if bridge is not None:
+        runs["TransformerBridge forward"] = (lambda: bridge(tokens, return_type="logits"), None)
+        runs["TransformerBridge `run_with_cache()` (its state hooks silent)"] = (
             lambda: bridge.run_with_cache(tokens),
             None,
-        ),
-    }
+        )
     meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
-    rows = [
+    return [
         dict(
-            model="Qwen3.5",
+            model=label,
             run=k,
             ms=1e3 * meds[k],
             against=None if k == base else "HF",
@@ -82,10 +96,9 @@ def qwen_rows(rounds: int) -> list[dict]:
         )
         for k in runs
     ]
-    return rows + backward_rows(ours, tokens, name, rounds)
 
 
-def backward_rows(ours, tokens, name: str, rounds: int) -> list[dict]:
+def backward_rows(ours, tokens, rounds: int, name: str = "blocks.1.attn.hook_write") -> list:
     """backward() of one logit, with a backward hook on one `hook_write` (it gets the adjoint
     state dL/dS_t of every position) against the same backward without hooks."""
     got = []
@@ -179,14 +192,20 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--only", choices=["qwen3_5", "mamba2", "rwkv7"], default=None)
+    ap.add_argument("--only", choices=["qwen3_5", "qwen3_next", "mamba2", "rwkv7"], default=None)
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}, "
         f"load average {os.getloadavg()[0]:.2f}\n"
     )
     rows: list[dict] = []
-    for fam, fn in (("qwen3_5", qwen_rows), ("mamba2", mamba2_rows), ("rwkv7", rwkv7_rows)):
+    families = (
+        ("qwen3_5", qwen_rows),
+        ("qwen3_next", qwen3_next_rows),
+        ("mamba2", mamba2_rows),
+        ("rwkv7", rwkv7_rows),
+    )
+    for fam, fn in families:
         if args.only in (None, fam):
             rows += fn(args.rounds)
     print(markdown(rows))

@@ -318,7 +318,7 @@ class TLCompatMixin:
         )
 
     def _attention_stack(self, which: str) -> Tensor:
-        if self.cfg.architecture != "qwen3_5":
+        if not self.cfg.attention_layers:
             raise NotApplicableError(
                 f"{self.cfg.architecture} has no softmax attention, so no {which}; the recurrent "
                 f"mixers' projections are at model.blocks[l].attn (see the hook reference); "
@@ -346,13 +346,18 @@ class TLCompatMixin:
     def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
         """Output projections per head: of the attention layers on Qwen3.5, of every layer
         (the recurrent mixers') on Mamba-2 and RWKV-7."""
-        if self.cfg.architecture == "qwen3_5":
+        if self.cfg.attention_layers:
             return self._attention_stack("W_O")
         return torch.stack([_mixer_W_O(b.attn) for b in self.blocks])
 
     def _mlp_stack(self, name: str) -> Tensor:
         if self.cfg.attn_only:
             raise NotApplicableError(f"{self.cfg.architecture} blocks have no MLP, so no {name}")
+        if any(not hasattr(b.mlp, name) for b in self.blocks):
+            raise NotApplicableError(
+                f"{self.cfg.architecture} has sparse MoE MLPs: the experts' {name} are "
+                f"model.blocks[l].mlp.experts.{name} [expert, out, in], per layer"
+            )
         return torch.stack([getattr(b.mlp, name).weight.T for b in self.blocks])
 
     @property
@@ -375,8 +380,11 @@ class TLCompatMixin:
     @property
     def W_gate_attn(self) -> Float[Tensor, "attn_layer head d_model d_head"]:
         """Qwen3.5 gated attention's output-gate weights (out = W_O(z * sigmoid(x W_gate_attn)))."""
-        if self.cfg.architecture != "qwen3_5":
-            raise NotApplicableError("only Qwen3.5's attention layers have an output gate")
+        if (
+            not self.cfg.attention_layers
+            or not self.blocks[self.cfg.attention_layers[0]].attn.gated
+        ):
+            raise NotApplicableError("only Qwen-family attention layers have an output gate")
         return self._attention_stack("W_gate")
 
     # ------------------------------------------------------------------ tokens

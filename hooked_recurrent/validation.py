@@ -29,6 +29,12 @@ __all__ = [
 _STATE_KEYS = {
     ("qwen3_5", "recurrent"): {"S", "conv"},
     ("qwen3_5", "attention"): {"k", "v"},
+    ("qwen3_5_moe", "recurrent"): {"S", "conv"},
+    ("qwen3_5_moe", "attention"): {"k", "v"},
+    ("qwen3_next", "recurrent"): {"S", "conv"},
+    ("qwen3_next", "attention"): {"k", "v"},
+    ("olmo_hybrid", "recurrent"): {"S", "conv"},
+    ("olmo_hybrid", "attention"): {"k", "v"},
     ("mamba2", "recurrent"): {"S", "conv"},
     ("rwkv7", "recurrent"): {"S", "shift", "mlp_shift"},
 }

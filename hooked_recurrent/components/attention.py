@@ -4,6 +4,10 @@ q_h, gate_h = split(q_proj x)          (per head: d_head query rows, then d_head
 q = rope(qnorm(q)),  k = rope(knorm(k_proj x)),  v = v_proj x
 z = softmax(q k^T / sqrt(d_head) + causal) v
 out = o_proj (z * sigmoid(gate))        (W_Q, W_K, W_V, W_O, W_gate: TransformerLens layout)
+
+OLMo hybrid's attention is the same module with `gated=False` (no gate rows, out = o_proj z),
+`qk_norm="all"` (one RMSNorm over all heads' channels together, weight applied as is) and
+`rotary_dim=0` for its released checkpoints without position encoding (NoPE).
 """
 
 from __future__ import annotations
@@ -48,19 +52,28 @@ class GatedAttention(nn.Module):
         rotary_dim: int,
         rope_theta: float,
         eps: float,
+        gated: bool = True,
+        qk_norm: str = "head",
     ) -> None:
         super().__init__()
+        if qk_norm not in ("head", "all"):
+            raise ValueError(f"qk_norm must be 'head' or 'all', not {qk_norm!r}")
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.gated, self.qk_norm = gated, qk_norm
         # the projections as in Hugging Face; the TransformerLens layout is the W_* properties
-        self.q_proj = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)
+        self.q_proj = nn.Linear(d_model, (2 if gated else 1) * n_heads * d_head, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
         self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
-        self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        if qk_norm == "head":  # Qwen: per head, scale (1 + w)
+            self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
+            self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        else:  # OLMo: over all heads' channels, scale w
+            self.q_norm = RMSNorm(n_heads * d_head, eps)
+            self.k_norm = RMSNorm(n_kv_heads * d_head, eps)
         inv_freq = 1.0 / (
-            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
+            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / max(rotary_dim, 1))
         )
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -72,7 +85,12 @@ class GatedAttention(nn.Module):
         self.hook_attn_scores = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_pattern = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
-        self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        if gated:
+            self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
+
+    def _norm(self, norm: RMSNorm, x: Tensor) -> Tensor:
+        """q or k `[batch, pos, heads, d_head]` through its norm (per head, or over all heads)."""
+        return norm(x) if self.qk_norm == "head" else norm(x.flatten(2)).view_as(x)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run`;
@@ -80,12 +98,12 @@ class GatedAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        qg = self.q_proj(x).view(B, T, H, 2 * D)
-        q, gate = qg[..., :D], qg[..., D:]
-        q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)))
+        q = self.q_proj(x).view(B, T, H, -1)
+        if self.gated:
+            q, gate = q[..., :D], self.hook_gate(q[..., D:])
+        q = self.hook_q(self._norm(self.q_norm, q))
+        k = self.hook_k(self._norm(self.k_norm, self.k_proj(x).view(B, T, Hkv, D)))
         v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
-        gate = self.hook_gate(gate)
 
         if run.row_positions is None:
             freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
@@ -145,7 +163,9 @@ class GatedAttention(nn.Module):
                 q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
             )
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, D]
-        out = z.reshape(B, T, H * D) * torch.sigmoid(gate.reshape(B, T, H * D))
+        out = z.reshape(B, T, H * D)
+        if self.gated:
+            out = out * torch.sigmoid(gate.reshape(B, T, H * D))
         return self.o_proj(out)
 
     # TransformerLens layout: [head, d_model, d_head] in, [head, d_head, d_model] out
@@ -154,11 +174,13 @@ class GatedAttention(nn.Module):
         """Query weights per head (before q-norm and RoPE): `x @ W_Q[h]`; the gate rows that
         `q_proj` interleaves with them are `W_gate`."""
         H, D = self.n_heads, self.d_head
-        return self.q_proj.weight.view(H, 2 * D, -1)[:, :D].transpose(-1, -2)
+        return self.q_proj.weight.view(H, -1, self.q_proj.in_features)[:, :D].transpose(-1, -2)
 
     @property
     def W_gate(self) -> Float[Tensor, "head d_model d_head"]:
         """Output-gate weights per head: out = W_O(z * sigmoid(x @ W_gate[h]))."""
+        if not self.gated:
+            raise AttributeError("this attention has no output gate (gated=False)")
         H, D = self.n_heads, self.d_head
         return self.q_proj.weight.view(H, 2 * D, -1)[:, D:].transpose(-1, -2)
 

@@ -1,6 +1,7 @@
 """Brute-force references shared by the tests: the recurrence one token at a time, in the
-precision of its inputs (the tests pass float64), and the Gated DeltaNet layer of a Hugging Face
-Qwen3.5 model written out from its equations with that layer's own weights.
+precision of its inputs (the tests pass float64), and the Gated DeltaNet layers of `transformers`
+(Qwen3.5, Qwen3.5-MoE, Qwen3-Next, OLMo hybrid) written out from their equations with the layer's
+own weights.
 
 Nothing here calls `hooked_recurrent`: these are the independent side of the comparisons.
 """
@@ -57,12 +58,29 @@ def brute_force_states(
     return torch.stack(states, 1), torch.stack(reads, 1)
 
 
+def hf_gdn_projections(la, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """(q|k|v before the convolution, z, b, a, beta scale) of a `transformers` Gated DeltaNet
+    layer: Qwen3.5 / Qwen3.5-MoE (separate projections), Qwen3-Next (fused per key-head group,
+    split by the layer's own method) or OLMo hybrid (q/k/v/g/b/a projections, beta up to 2)."""
+    B, L, _ = h.shape
+    if hasattr(la, "in_proj_qkvz"):
+        q, k, v, z, b, a = la.fix_query_key_value_ordering(la.in_proj_qkvz(h), la.in_proj_ba(h))
+        qkv = torch.cat([t.reshape(B, L, -1) for t in (q, k, v)], -1)
+        return qkv, z.reshape(B, L, -1), b, a, 1.0
+    if hasattr(la, "q_proj"):
+        qkv = torch.cat((la.q_proj(h), la.k_proj(h), la.v_proj(h)), -1)
+        scale = 2.0 if la.allow_neg_eigval else 1.0
+        return qkv, la.g_proj(h), la.b_proj(h), la.a_proj(h), scale
+    return la.in_proj_qkv(h), la.in_proj_z(h), la.in_proj_b(h), la.in_proj_a(h), 1.0
+
+
 def hf_gdn_inputs(la, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """q (normalised and scaled), k (normalised), v, beta, alpha of a Hugging Face Qwen3.5
-    `GatedDeltaNet` layer `la` on hidden states `h` `[batch, pos, d_model]`, per value head."""
+    """q (normalised and scaled), k (normalised), v, beta, alpha of a `transformers` Gated
+    DeltaNet layer `la` (any of `hf_gdn_projections`') on hidden states `h`, per value head."""
     b, L, _ = h.shape
     hk, hv, dk, dv = la.num_k_heads, la.num_v_heads, la.head_k_dim, la.head_v_dim
-    qkv = F.silu(la.conv1d(la.in_proj_qkv(h).transpose(1, 2))[..., :L]).transpose(1, 2)
+    qkv, _, b_raw, a_raw, beta_scale = hf_gdn_projections(la, h)
+    qkv = F.silu(la.conv1d(qkv.transpose(1, 2))[..., :L]).transpose(1, 2)
     q, k, v = qkv.split((hk * dk, hk * dk, hv * dv), dim=-1)
 
     def unit(x: Tensor) -> Tensor:
@@ -72,8 +90,8 @@ def hf_gdn_inputs(la, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor
     q = unit(q.reshape(b, L, hk, dk)).repeat_interleave(r, 2) / math.sqrt(dk)
     k = unit(k.reshape(b, L, hk, dk)).repeat_interleave(r, 2)
     v = v.reshape(b, L, hv, dv)
-    beta = torch.sigmoid(la.in_proj_b(h))
-    alpha = torch.exp(-la.A_log.exp() * F.softplus(la.in_proj_a(h) + la.dt_bias))
+    beta = beta_scale * torch.sigmoid(b_raw)
+    alpha = torch.exp(-la.A_log.exp() * F.softplus(a_raw + la.dt_bias))
     return q, k, v, beta, alpha
 
 
@@ -84,8 +102,9 @@ def gdn_transition(k: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tens
 
 def hf_gdn_output(la, h: Tensor, o: Tensor) -> Tensor:
     """The layer's output from its reads `o` `[batch, pos, head, d_v]`: the gated RMSNorm with
-    z = W_z h, then the output projection."""
+    the layer's z, then the output projection."""
     dv = la.head_v_dim
-    z = la.in_proj_z(h).reshape(*o.shape)
-    y = la.norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(*h.shape[:2], -1)
-    return la.out_proj(y)
+    z = hf_gdn_projections(la, h)[1].reshape(*o.shape)
+    norm, out_proj = (la.o_norm, la.o_proj) if hasattr(la, "o_norm") else (la.norm, la.out_proj)
+    y = norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(*h.shape[:2], -1)
+    return out_proj(y)

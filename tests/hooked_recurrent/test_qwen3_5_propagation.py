@@ -21,7 +21,9 @@ LAYER, T, POS, HEAD = 1, 40, 17, 1
 
 
 def brute_force_gdn(la, h, edit_name, edit):
-    """Qwen3.5 Gated DeltaNet, one token at a time, with `edit` applied to `edit_name`.
+    """A `transformers` Gated DeltaNet layer (see `references.hf_gdn_projections`), one token at
+    a time,
+    with `edit` applied to `edit_name`.
 
     `edit` is a function of the batch-wide slice at POS, or a dict {position: function of the
     slice at that position} for edits at several positions.
