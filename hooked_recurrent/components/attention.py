@@ -4,6 +4,9 @@ q_h, gate_h = split(q_proj x)          (per head: d_head query rows, then d_head
 q = rope(qnorm(q)),  k = rope(knorm(k_proj x)),  v = v_proj x
 z = softmax(q k^T / sqrt(d_head) + causal) v
 out = o_proj (z * sigmoid(gate))        (W_Q, W_K, W_V, W_O, W_gate: TransformerLens layout)
+
+With `gated=False` and `qk_norm=False` it is plain GQA attention with RoPE (MiniMax's softmax
+layers): no gate rows in `q_proj`, no q/k norms, out = o_proj z.
 """
 
 from __future__ import annotations
@@ -48,22 +51,26 @@ class GatedAttention(nn.Module):
         rotary_dim: int,
         rope_theta: float,
         eps: float,
+        gated: bool = True,
+        qk_norm: bool = True,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.gated = gated
         # the projections as in Hugging Face; the TransformerLens layout is the W_* properties
-        self.q_proj = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)
+        self.q_proj = nn.Linear(d_model, (1 + gated) * n_heads * d_head, bias=False)
         self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
         self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
         self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
-        self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        self.q_norm = RMSNorm(d_head, eps, zero_centred=True) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d_head, eps, zero_centred=True) if qk_norm else nn.Identity()
         inv_freq = 1.0 / (
             rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "gate"):
+        names = ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z")
+        for name in names + (("gate",) if gated else ()):
             setattr(self, f"hook_{name}", RecurrentHookPoint())
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
@@ -72,12 +79,11 @@ class GatedAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        qg = self.q_proj(x).view(B, T, H, 2 * D)
-        q, gate = qg[..., :D], qg[..., D:]
-        q = self.hook_q(self.q_norm(q))
+        qg = self.q_proj(x).view(B, T, H, -1)
+        q = self.hook_q(self.q_norm(qg[..., :D]))
         k = self.hook_k(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)))
         v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
-        gate = self.hook_gate(gate)
+        gate = self.hook_gate(qg[..., D:]) if self.gated else None
 
         if run.row_positions is None:
             freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
@@ -137,7 +143,9 @@ class GatedAttention(nn.Module):
                 q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
             )
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, D]
-        out = z.reshape(B, T, H * D) * torch.sigmoid(gate.reshape(B, T, H * D))
+        out = z.reshape(B, T, H * D)
+        if self.gated:
+            out = out * torch.sigmoid(gate.reshape(B, T, H * D))
         return self.o_proj(out)
 
     # TransformerLens layout: [head, d_model, d_head] in, [head, d_head, d_model] out
@@ -146,11 +154,13 @@ class GatedAttention(nn.Module):
         """Query weights per head (before q-norm and RoPE): `x @ W_Q[h]`; the gate rows that
         `q_proj` interleaves with them are `W_gate`."""
         H, D = self.n_heads, self.d_head
-        return self.q_proj.weight.view(H, 2 * D, -1)[:, :D].transpose(-1, -2)
+        return self.q_proj.weight.view(H, (1 + self.gated) * D, -1)[:, :D].transpose(-1, -2)
 
     @property
     def W_gate(self) -> Float[Tensor, "head d_model d_head"]:
         """Output-gate weights per head: out = W_O(z * sigmoid(x @ W_gate[h]))."""
+        if not self.gated:
+            raise AttributeError("this attention has no output gate (gated=False)")
         H, D = self.n_heads, self.d_head
         return self.q_proj.weight.view(H, 2 * D, -1)[:, D:].transpose(-1, -2)
 

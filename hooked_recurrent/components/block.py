@@ -13,6 +13,11 @@ class Block(nn.Module):
     """resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid)).
 
     Blocks without an MLP (Mamba-2) have no `ln2`, `mlp`, `hook_resid_mid` or `hook_mlp_out`.
+
+    With `scales` = (a_attn, b_attn, a_mlp, b_mlp) (MiniMax) the residual carried past each
+    sub-layer is its *normalised* input, scaled: resid_mid = a_attn ln1(resid_pre) + b_attn
+    attn(ln1(resid_pre)), resid_post = a_mlp ln2(resid_mid) + b_mlp mlp(ln2(resid_mid));
+    `hook_attn_out` / `hook_mlp_out` are the sub-layer outputs before their b factor.
     """
 
     #: read by TransformerLens's logit lens: `hook_resid_post` is the one stream the model unembeds
@@ -25,9 +30,11 @@ class Block(nn.Module):
         attn: nn.Module,
         ln2: nn.Module | None = None,
         mlp: nn.Module | None = None,
+        scales: tuple[float, float, float, float] | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
+        self.scales = scales
         self.ln1, self.attn = ln1, attn
         self.hook_resid_pre = RecurrentHookPoint()
         self.hook_attn_out = RecurrentHookPoint()
@@ -44,6 +51,12 @@ class Block(nn.Module):
         d_model]`.
         """
         resid = self.hook_resid_pre(resid)
+        if self.scales is not None:
+            a1, b1, a2, b2 = self.scales
+            h = self.ln1(resid)
+            resid = self.hook_resid_mid(a1 * h + b1 * self.hook_attn_out(self.attn(h, run)))
+            h = self.ln2(resid)
+            return self.hook_resid_post(a2 * h + b2 * self.hook_mlp_out(self.mlp(h, run)))
         resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), run))
         if self.mlp is not None:
             resid = self.hook_resid_mid(resid)
