@@ -45,6 +45,11 @@ from hooked_recurrent.hook_points import RecurrentHookPoint
 __all__ = ["MoE", "Experts"]
 
 _SCORINGS = ("softmax", "sigmoid")
+#: an expert's batch of tokens is padded to at least this many rows: CPU matrix products of fewer
+#: rows take other kernels (matrix-vector, small-matrix) that round differently, so without it a
+#: token's expert output would change in its last bits when other tokens' routing changes (an
+#: edit at a later position would then move earlier positions' logits)
+_MIN_ROWS = 4
 
 
 class Experts(nn.Module):
@@ -87,7 +92,10 @@ class Experts(nn.Module):
         out = flat.new_zeros(B * T, k, D)
         for e in fidx.unique().tolist():
             tok, slot = torch.where(fidx == e)
-            out[tok, slot] = self.expert(e, flat[tok])
+            rows = flat[tok]
+            if len(tok) < _MIN_ROWS:
+                rows = torch.cat((rows, rows.new_zeros(_MIN_ROWS - len(tok), D)))
+            out[tok, slot] = self.expert(e, rows)[: len(tok)]
         return out.view(B, T, k, D)
 
 
