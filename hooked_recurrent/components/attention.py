@@ -32,6 +32,78 @@ def rotate_partial(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated, xp), dim=-1)
 
 
+def rope_angles(inv_freq: Float[Tensor, " half"], run: RunContext) -> Tensor:
+    """The RoPE angles position * inv_freq: `[pos, half]`, or `[batch, pos, half]` with padding
+    (positions counted over each row's real tokens)."""
+    if run.row_positions is None:
+        return run.positions.float()[:, None] * inv_freq[None, :]
+    return run.row_positions.float()[..., None] * inv_freq
+
+
+def attend(
+    mod: nn.Module,
+    q: Float[Tensor, "batch pos head d_qk"],
+    k: Float[Tensor, "batch pos kv_head d_qk"],
+    v: Float[Tensor, "batch pos kv_head d_v"],
+    run: RunContext,
+) -> Float[Tensor, "batch pos head d_v"]:
+    """softmax(q k^T / sqrt(d_qk) + causal mask) v, continuing the KV cache of `mod.layer` in
+    `run` (and saving it there), with padding masks; the scores and the pattern go through
+    `mod.hook_attn_scores` / `mod.hook_pattern` (then computed explicitly, else fused).
+    Key/value heads are shared by consecutive query heads (GQA)."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+    past = run.layer_in(mod.layer)
+    if past is not None and "k" in past:
+        k_all = torch.cat((past["k"], k_all), dim=2)
+        v_all = torch.cat((past["v"], v_all), dim=2)
+    run.save(mod.layer, k=k_all, v=v_all)
+    rep = H // Hkv
+    k_rep = k_all.repeat_interleave(rep, dim=1)
+    v_rep = v_all.repeat_interleave(rep, dim=1)
+
+    n_past = k_all.shape[2] - T
+    allowed = None
+    if run.key_mask is not None:  # padding: no padded key, except a padded query's own
+        Tk = k_all.shape[2]
+        causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(n_past)
+        keys = torch.arange(Tk, device=q.device)
+        own = keys[None, :] == keys[n_past:, None]  # query t's own key, [T, Tk]
+        allowed = causal & (run.key_mask[:, None, None, :] | own)  # [B, 1, T, Tk]
+    if mod.hook_attn_scores.active or mod.hook_pattern.active:
+        Tk = k_all.shape[2]
+        if allowed is None:
+            future = torch.ones(T, Tk, dtype=torch.bool, device=q.device).triu(n_past + 1)
+            mask = torch.zeros(T, Tk, dtype=q.dtype, device=q.device).masked_fill_(
+                future, -math.inf
+            )
+            mask = mask.expand(B * H, T, Tk)
+        else:
+            mask = torch.zeros(B, H, T, Tk, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill_(~allowed, -math.inf).view(B * H, T, Tk)
+        # q k^T / sqrt(d) + mask in one batched GEMM: one [batch, head, query, key] tensor
+        scores = torch.baddbmm(
+            mask,
+            q.transpose(1, 2).reshape(B * H, T, D),
+            k_rep.reshape(B * H, Tk, D).transpose(1, 2),
+            alpha=1 / math.sqrt(D),
+        ).view(B, H, T, Tk)
+        scores = mod.hook_attn_scores(scores)
+        pattern = mod.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+        z = torch.matmul(pattern, v_rep)
+    elif allowed is not None:
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed)
+    else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
+        mask = None
+        if n_past and T > 1:
+            mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=q.device).tril(n_past)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
+        )
+    return z.transpose(1, 2)
+
+
 class GatedAttention(nn.Module):
     """Gated multi-head attention with a KV cache for stepwise decoding.
 
@@ -85,64 +157,14 @@ class GatedAttention(nn.Module):
         v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
         gate = self.hook_gate(qg[..., D:]) if self.gated else None
 
-        if run.row_positions is None:
-            freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
-        else:  # padding: positions counted over each row's real tokens, [B, T, rd / 2]
-            freqs = run.row_positions.float()[..., None] * self.inv_freq
+        freqs = rope_angles(self.inv_freq, run)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
         q = self.hook_rot_q(rotate_partial(q, cos, sin))
         k = self.hook_rot_k(rotate_partial(k, cos, sin))
 
-        k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
-        past = run.layer_in(self.layer)
-        if past is not None and "k" in past:
-            k_all = torch.cat((past["k"], k_all), dim=2)
-            v_all = torch.cat((past["v"], v_all), dim=2)
-        run.save(self.layer, k=k_all, v=v_all)
-        rep = H // Hkv
-        k_rep = k_all.repeat_interleave(rep, dim=1)
-        v_rep = v_all.repeat_interleave(rep, dim=1)
-
-        n_past = k_all.shape[2] - T
-        allowed = None
-        if run.key_mask is not None:  # padding: no padded key, except a padded query's own
-            Tk = k_all.shape[2]
-            causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(n_past)
-            keys = torch.arange(Tk, device=x.device)
-            own = keys[None, :] == keys[n_past:, None]  # query t's own key, [T, Tk]
-            allowed = causal & (run.key_mask[:, None, None, :] | own)  # [B, 1, T, Tk]
-        if self.hook_attn_scores.active or self.hook_pattern.active:
-            Tk = k_all.shape[2]
-            if allowed is None:
-                future = torch.ones(T, Tk, dtype=torch.bool, device=x.device).triu(n_past + 1)
-                mask = torch.zeros(T, Tk, dtype=q.dtype, device=x.device).masked_fill_(
-                    future, -math.inf
-                )
-                mask = mask.expand(B * H, T, Tk)
-            else:
-                mask = torch.zeros(B, H, T, Tk, dtype=q.dtype, device=x.device)
-                mask = mask.masked_fill_(~allowed, -math.inf).view(B * H, T, Tk)
-            # q k^T / sqrt(d) + mask in one batched GEMM: one [batch, head, query, key] tensor
-            scores = torch.baddbmm(
-                mask,
-                q.transpose(1, 2).reshape(B * H, T, D),
-                k_rep.reshape(B * H, Tk, D).transpose(1, 2),
-                alpha=1 / math.sqrt(D),
-            ).view(B, H, T, Tk)
-            scores = self.hook_attn_scores(scores)
-            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
-            z = torch.matmul(pattern, v_rep)
-        elif allowed is not None:
-            z = F.scaled_dot_product_attention(q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed)
-        else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
-            mask = None
-            if n_past and T > 1:
-                mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
-            z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
-            )
-        z = self.hook_z(z.transpose(1, 2))  # [B, T, H, D]
+        z = attend(self, q, k, v, run)
+        z = self.hook_z(z)  # [B, T, H, D]
         out = z.reshape(B, T, H * D)
         if self.gated:
             out = out * torch.sigmoid(gate.reshape(B, T, H * D))

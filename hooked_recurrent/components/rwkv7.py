@@ -37,7 +37,14 @@ from hooked_recurrent.padding import masked_token_shift
 from hooked_recurrent.recurrence import Transition, scan, zero_write_response
 from hooked_recurrent.state import RunContext
 
-__all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]
+__all__ = [
+    "TimeMix",
+    "ChannelMix",
+    "DplrMixer",
+    "chunk_dplr_rule",
+    "token_shift",
+    "kappa_normalize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -188,69 +195,14 @@ def chunk_dplr_rule(
     return o, S, states.reshape(B, H, n * C, K, V)[:, :, :T].transpose(1, 2)
 
 
-class TimeMix(RecurrentMixer):
-    """RWKV-7 time mix, the token mixer at `blocks.{l}.attn` (equations in the module docstring).
+class DplrMixer(RecurrentMixer):
+    """A recurrent mixer whose transition is a per-key-channel decay plus a rank-1 removal
+    (RWKV-7, Kimi Delta Attention): its states and edit responses run on `chunk_dplr_rule`.
 
-    Hooks (per head, float32): `hook_q` (r), `hook_k` (k after its a-update), `hook_a` (a),
-    `hook_kappa` (the removal key, normalised) `[batch, pos, head, d_k]`; `hook_decay` (exp(w),
-    per key channel) `[batch, pos, head, d_k]`; `hook_v` (v after the value residual)
-    `[batch, pos, head, d_v]`; `hook_write` (k v^T) and `hook_state` (S_t)
-    `[batch, pos, head, d_k, d_v]`; `hook_read` (S_t^T r_t, before GroupNorm and bonus)
-    `[batch, pos, head, d_v]`; `hook_gate` (g) `[batch, pos, head, d_v]`; `hook_z` (what the
-    output projection reads: GroupNorm, bonus and gate applied; TransformerLens's z)
-    `[batch, pos, head, d_v]`; `hook_out` `[batch, pos, d_model]`.
-
-    `hook_a` fires before the key update, so an edit of a changes both the write key k and the
-    removal term. In layer 0 the (possibly edited) `hook_v` is the v_first of later layers. Edits of
-    `hook_k`, `hook_v`, `hook_a`, `hook_kappa`, `hook_decay`, `hook_write` and `hook_state` reach
-    the later tokens of the layer.
+    Subclasses set `chunk_size`.
     """
 
-    write_strength_hook = None
-
-    def __init__(
-        self,
-        layer: int,
-        d_model: int,
-        n_heads: int,
-        d_head: int,
-        d_decay_lora: int,
-        d_a_lora: int,
-        d_v_lora: int,
-        d_gate_lora: int,
-        norm_eps: float = 1e-5,
-        fuse_norm: bool = False,
-        chunk_size: int = 16,
-    ) -> None:
-        super().__init__()
-        self.layer, self.n_heads, self.d_head = layer, n_heads, d_head
-        self.fuse_norm, self.chunk_size = fuse_norm, chunk_size
-        self.group_norm_eps = d_head * norm_eps
-        C = d_model
-
-        def vec() -> nn.Parameter:
-            return nn.Parameter(torch.zeros(C))
-
-        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
-        self.w0, self.w1 = vec(), nn.Parameter(torch.zeros(C, d_decay_lora))
-        self.w2 = nn.Parameter(torch.zeros(d_decay_lora, C))
-        self.a0, self.a1 = vec(), nn.Parameter(torch.zeros(C, d_a_lora))
-        self.a2 = nn.Parameter(torch.zeros(d_a_lora, C))
-        if layer > 0:  # layer 0 has no value residual (it defines v_first)
-            self.v0, self.v1 = vec(), nn.Parameter(torch.zeros(C, d_v_lora))
-            self.v2 = nn.Parameter(torch.zeros(d_v_lora, C))
-        self.g1 = nn.Parameter(torch.zeros(C, d_gate_lora))
-        self.g2 = nn.Parameter(torch.zeros(d_gate_lora, C))
-        self.k_k, self.k_a = vec(), vec()
-        self.r_k = nn.Parameter(torch.zeros(n_heads, d_head))
-        self.W_r = nn.Linear(C, C, bias=False)
-        self.W_k = nn.Linear(C, C, bias=False)
-        self.W_v = nn.Linear(C, C, bias=False)
-        self.W_o = nn.Linear(C, C, bias=False)
-        self.ln_x_w = nn.Parameter(torch.ones(C))
-        self.ln_x_b = nn.Parameter(torch.zeros(C))
-        for name in ("q", "k", "v", "a", "kappa", "decay", "read", "gate", "z", "out"):
-            setattr(self, f"hook_{name}", RecurrentHookPoint())
+    chunk_size: int = 16
 
     def propagate_edits(
         self,
@@ -313,6 +265,71 @@ class TimeMix(RecurrentMixer):
             writes=writes,
             keep_states=True,
         )[2]
+
+
+class TimeMix(DplrMixer):
+    """RWKV-7 time mix, the token mixer at `blocks.{l}.attn` (equations in the module docstring).
+
+    Hooks (per head, float32): `hook_q` (r), `hook_k` (k after its a-update), `hook_a` (a),
+    `hook_kappa` (the removal key, normalised) `[batch, pos, head, d_k]`; `hook_decay` (exp(w),
+    per key channel) `[batch, pos, head, d_k]`; `hook_v` (v after the value residual)
+    `[batch, pos, head, d_v]`; `hook_write` (k v^T) and `hook_state` (S_t)
+    `[batch, pos, head, d_k, d_v]`; `hook_read` (S_t^T r_t, before GroupNorm and bonus)
+    `[batch, pos, head, d_v]`; `hook_gate` (g) `[batch, pos, head, d_v]`; `hook_z` (what the
+    output projection reads: GroupNorm, bonus and gate applied; TransformerLens's z)
+    `[batch, pos, head, d_v]`; `hook_out` `[batch, pos, d_model]`.
+
+    `hook_a` fires before the key update, so an edit of a changes both the write key k and the
+    removal term. In layer 0 the (possibly edited) `hook_v` is the v_first of later layers. Edits of
+    `hook_k`, `hook_v`, `hook_a`, `hook_kappa`, `hook_decay`, `hook_write` and `hook_state` reach
+    the later tokens of the layer.
+    """
+
+    write_strength_hook = None
+
+    def __init__(
+        self,
+        layer: int,
+        d_model: int,
+        n_heads: int,
+        d_head: int,
+        d_decay_lora: int,
+        d_a_lora: int,
+        d_v_lora: int,
+        d_gate_lora: int,
+        norm_eps: float = 1e-5,
+        fuse_norm: bool = False,
+        chunk_size: int = 16,
+    ) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.d_head = layer, n_heads, d_head
+        self.fuse_norm, self.chunk_size = fuse_norm, chunk_size
+        self.group_norm_eps = d_head * norm_eps
+        C = d_model
+
+        def vec() -> nn.Parameter:
+            return nn.Parameter(torch.zeros(C))
+
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
+        self.w0, self.w1 = vec(), nn.Parameter(torch.zeros(C, d_decay_lora))
+        self.w2 = nn.Parameter(torch.zeros(d_decay_lora, C))
+        self.a0, self.a1 = vec(), nn.Parameter(torch.zeros(C, d_a_lora))
+        self.a2 = nn.Parameter(torch.zeros(d_a_lora, C))
+        if layer > 0:  # layer 0 has no value residual (it defines v_first)
+            self.v0, self.v1 = vec(), nn.Parameter(torch.zeros(C, d_v_lora))
+            self.v2 = nn.Parameter(torch.zeros(d_v_lora, C))
+        self.g1 = nn.Parameter(torch.zeros(C, d_gate_lora))
+        self.g2 = nn.Parameter(torch.zeros(d_gate_lora, C))
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.W_r = nn.Linear(C, C, bias=False)
+        self.W_k = nn.Linear(C, C, bias=False)
+        self.W_v = nn.Linear(C, C, bias=False)
+        self.W_o = nn.Linear(C, C, bias=False)
+        self.ln_x_w = nn.Parameter(torch.ones(C))
+        self.ln_x_b = nn.Parameter(torch.zeros(C))
+        for name in ("q", "k", "v", "a", "kappa", "decay", "read", "gate", "z", "out"):
+            setattr(self, f"hook_{name}", RecurrentHookPoint())
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
         """W_O^(h): the columns of the output projection that read state head `head`."""

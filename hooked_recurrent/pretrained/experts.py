@@ -15,20 +15,29 @@ from torch import Tensor
 
 __all__ = ["read_experts", "moe_prefix"]
 
+#: our names of the stacked expert tensors (`components.moe.Experts`)
+_OURS = ("W_gate", "W_in", "W_out")
 #: per-expert names (gate, up, down) of the published layouts
 _PER_EXPERT = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 
 
 def moe_prefix(sd: dict[str, Tensor], p: str) -> str:
-    """`p + "mlp."` or, for Mixtral-style checkpoints, `p + "block_sparse_moe."`."""
-    return p + ("block_sparse_moe." if (p + "block_sparse_moe.gate.weight") in sd else "mlp.")
+    """`p + "mlp."` or, for Mixtral-style checkpoints, `p + "block_sparse_moe."` (which Kimi
+    Linear's published layout uses for its dense MLPs too)."""
+    mixtral = any(f"{p}block_sparse_moe.{n}.weight" in sd for n in ("gate", "gate_proj"))
+    return p + ("block_sparse_moe." if mixtral else "mlp.")
 
 
 def read_experts(
-    sd: dict[str, Tensor], prefix: str, n_experts: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(W_gate, W_in `[expert, d_mlp, d_model]`, W_out `[expert, d_model, d_mlp]`) of the experts
-    under `prefix` (e.g. "model.layers.3.mlp."), in any of the layouts of the module docstring."""
+    sd: dict[str, Tensor], prefix: str, n_experts: int, ours: str
+) -> dict[str, Tensor]:
+    """Our `ours + "W_gate"`, `"W_in"` `[expert, d_mlp, d_model]` and `"W_out"` `[expert, d_model,
+    d_mlp]` from the experts under `prefix` (e.g. "model.layers.3.mlp."), in any of the layouts
+    of the module docstring."""
+    return dict(zip((ours + n for n in _OURS), _read(sd, prefix, n_experts), strict=True))
+
+
+def _read(sd: dict[str, Tensor], prefix: str, n_experts: int) -> tuple[Tensor, ...]:
     fused = prefix + "experts.gate_up_proj"
     if fused in sd:
         gate_up = sd[fused]
@@ -43,8 +52,10 @@ def read_experts(
     raise KeyError(f"no expert weights under {prefix}experts (fused or per expert)")
 
 
-def write_experts(W_gate: Tensor, W_in: Tensor, W_out: Tensor, prefix: str) -> dict[str, Tensor]:
-    """Our expert tensors in the stacked in-memory layout of `transformers` under `prefix`."""
+def write_experts(sd: dict[str, Tensor], ours: str, prefix: str) -> dict[str, Tensor]:
+    """Our expert tensors `ours + "W_gate"` etc. in the stacked in-memory layout of
+    `transformers` under `prefix`."""
+    W_gate, W_in, W_out = (sd[ours + n] for n in _OURS)
     return {
         prefix + "experts.gate_up_proj": torch.cat((W_gate, W_in), 1),
         prefix + "experts.down_proj": W_out,

@@ -160,9 +160,7 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: MiniMaxConfig) -> dict[str, T
             out[f"blocks.{layer}.{ours}"] = sd[p + theirs]
         moe = moe_prefix(sd, p)
         out[f"blocks.{layer}.mlp.W_router.weight"] = sd[moe + "gate.weight"]
-        experts = read_experts(sd, moe, cfg.n_experts)
-        for name, t in zip(("W_gate", "W_in", "W_out"), experts, strict=True):
-            out[f"blocks.{layer}.mlp.experts.{name}"] = t
+        out.update(read_experts(sd, moe, cfg.n_experts, f"blocks.{layer}.mlp.experts."))
         if linear and (p + "self_attn.slope_rate") in sd:
             slopes = lightning_slopes(cfg.n_heads, layer, cfg.n_layers)
             theirs = sd[p + "self_attn.slope_rate"].flatten().float()
@@ -185,8 +183,7 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: MiniMaxConfig) -> dict[str, Ten
         for ours, theirs in {**_LAYER_MAP, **(_LINEAR_MAP if linear else _ATTN_MAP)}.items():
             out[p + theirs] = sd[q + ours]
         out[p + "mlp.gate.weight"] = sd[q + "mlp.W_router.weight"]
-        experts = (sd[q + f"mlp.experts.{n}"] for n in ("W_gate", "W_in", "W_out"))
-        out.update(write_experts(*experts, p + "mlp."))
+        out.update(write_experts(sd, q + "mlp.experts.", p + "mlp."))
     return out
 
 
