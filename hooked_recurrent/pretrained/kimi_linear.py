@@ -9,6 +9,7 @@ Reads `KimiLinearForCausalLM` checkpoints in the published layout (`block_sparse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,62 +154,85 @@ def build_block(cfg: KdaHybridConfig, layer: int) -> Block:
     )
 
 
-#: our name -> the in-memory Hugging Face name, then the published one where it differs
+#: our mixer names (after "blocks.{l}.attn.") -> the in-memory Hugging Face names (after
+#: "model.layers.{l}."); a family's `published` function gives the checkpoint name of each
 _KDA = {
-    "W_q.weight": ("self_attn.q_proj.weight",),
-    "W_k.weight": ("self_attn.k_proj.weight",),
-    "W_v.weight": ("self_attn.v_proj.weight",),
-    "W_b.weight": ("self_attn.b_proj.weight",),
-    "W_f.0.weight": ("self_attn.forget_gate.f_a_proj.weight", "self_attn.f_a_proj.weight"),
-    "W_f.1.weight": ("self_attn.forget_gate.f_b_proj.weight", "self_attn.f_b_proj.weight"),
-    "dt_bias": ("self_attn.forget_gate.dt_bias", "self_attn.dt_bias"),
-    "A_log": ("self_attn.forget_gate.A_log", "self_attn.A_log"),
-    "W_g.0.weight": ("self_attn.g_a_proj.weight",),
-    "W_g.1.weight": ("self_attn.g_b_proj.weight",),
-    "norm_w": ("self_attn.o_norm.weight",),
-    "W_out.weight": ("self_attn.o_proj.weight",),
+    "W_q.weight": "self_attn.q_proj.weight",
+    "W_k.weight": "self_attn.k_proj.weight",
+    "W_v.weight": "self_attn.v_proj.weight",
+    "W_b.weight": "self_attn.b_proj.weight",
+    "W_f.0.weight": "self_attn.forget_gate.f_a_proj.weight",
+    "W_f.1.weight": "self_attn.forget_gate.f_b_proj.weight",
+    "dt_bias": "self_attn.forget_gate.dt_bias",
+    "A_log": "self_attn.forget_gate.A_log",
+    "W_g.0.weight": "self_attn.g_a_proj.weight",
+    "W_g.1.weight": "self_attn.g_b_proj.weight",
+    "norm_w": "self_attn.o_norm.weight",
+    "W_out.weight": "self_attn.o_proj.weight",
 }
 _MLA = {
-    "W_q.weight": ("self_attn.q_proj.weight",),
-    "W_qa.weight": ("self_attn.q_a_proj.weight",),
-    "W_qa.bias": ("self_attn.q_a_proj.bias",),
-    "q_norm.w": ("self_attn.q_a_layernorm.weight",),
-    "W_qb.weight": ("self_attn.q_b_proj.weight",),
-    "W_kva.weight": ("self_attn.kv_a_proj_with_mqa.weight",),
-    "W_kva.bias": ("self_attn.kv_a_proj_with_mqa.bias",),
-    "kv_norm.w": ("self_attn.kv_a_layernorm.weight",),
-    "W_kvb.weight": ("self_attn.kv_b_proj.weight",),
-    "o_proj.weight": ("self_attn.o_proj.weight",),
-    "o_proj.bias": ("self_attn.o_proj.bias",),
+    "W_q.weight": "self_attn.q_proj.weight",
+    "W_qa.weight": "self_attn.q_a_proj.weight",
+    "W_qa.bias": "self_attn.q_a_proj.bias",
+    "q_norm.w": "self_attn.q_a_layernorm.weight",
+    "W_qb.weight": "self_attn.q_b_proj.weight",
+    "W_kva.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "W_kva.bias": "self_attn.kv_a_proj_with_mqa.bias",
+    "kv_norm.w": "self_attn.kv_a_layernorm.weight",
+    "W_kvb.weight": "self_attn.kv_b_proj.weight",
+    "o_proj.weight": "self_attn.o_proj.weight",
+    "o_proj.bias": "self_attn.o_proj.bias",
 }
 _DENSE = {"W_gate.weight": "gate_proj.weight", "W_in.weight": "up_proj.weight",
           "W_out.weight": "down_proj.weight"}  # fmt: skip
 _NORMS = {"ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight"}
 
 
-def _first(sd: dict[str, Tensor], p: str, names: tuple[str, ...]) -> Tensor | None:
-    for n in names:
+def _kimi_published(name: str) -> str:
+    """The name in Moonshot's checkpoints (the MoE prefix is `moe_prefix`'s business)."""
+    return name.replace("self_attn.forget_gate.", "self_attn.")
+
+
+@dataclass
+class WeightNames:
+    """A KDA hybrid's weight names: the mixer maps (ours -> in-memory name), the function from an
+    in-memory name to the published one, and the shape the reference gives `A_log`."""
+
+    kda: dict[str, str]
+    mla: dict[str, str]
+    published: Callable[[str], str]
+    a_log_shape: Callable[[int], tuple[int, ...]]
+
+
+KIMI_NAMES = WeightNames(_KDA, _MLA, _kimi_published, lambda h: (1, 1, h, 1))
+
+
+def _first(sd: dict[str, Tensor], p: str, name: str, names: WeightNames) -> Tensor | None:
+    """sd[p + name] or sd[p + its published name], None when neither is there."""
+    for n in (name, names.published(name)):
         if p + n in sd:
             return sd[p + n]
     return None
 
 
 def convert_layer(
-    sd: dict[str, Tensor], cfg: KdaHybridConfig, layer: int, kda: dict, mla: dict
+    sd: dict[str, Tensor], cfg: KdaHybridConfig, layer: int, names: WeightNames
 ) -> dict[str, Tensor]:
-    """One block's tensors in our names; `kda` / `mla` map our mixer names to the candidate
-    source names (the first present is read; missing optional ones are skipped)."""
+    """One block's tensors in our names, read from either layout (optional tensors that are
+    absent, such as biases, are skipped; the loader reports any that the model needs)."""
     p, q = f"model.layers.{layer}.", f"blocks.{layer}."
     out = {q + ours: sd[p + theirs] for ours, theirs in _NORMS.items()}
     recurrent = cfg.layer_types[layer] == "recurrent"
-    for ours, names in (kda if recurrent else mla).items():
-        t = _first(sd, p, names)
+    for ours, theirs in (names.kda if recurrent else names.mla).items():
+        t = _first(sd, p, theirs, names)
         if t is not None:
             out[q + "attn." + ours] = t
     if recurrent:
-        conv = _first(sd, p, ("self_attn.conv1d.weight",))
+        conv = _first(sd, p, "self_attn.conv1d.weight", names)
         if conv is None:  # the published layout: one convolution each for q, k, v
-            conv = torch.cat([sd[f"{p}self_attn.{n}_conv1d.weight"] for n in "qkv"])
+            conv = torch.cat(
+                [sd[p + names.published(f"self_attn.{n}_conv1d.weight")] for n in "qkv"]
+            )
         out[q + "attn.conv_w"] = conv[:, 0]
         out[q + "attn.A_log"] = out[q + "attn.A_log"].reshape(-1)
     m = moe_prefix(sd, p)
@@ -216,7 +240,7 @@ def convert_layer(
         out.update({f"{q}mlp.{o}": sd[m + t] for o, t in _DENSE.items()})
         return out
     out[q + "mlp.W_router.weight"] = sd[m + "gate.weight"]
-    out[q + "mlp.score_bias"] = sd[m + "gate.e_score_correction_bias"]
+    out[q + "mlp.score_bias"] = _first(sd, m, "gate.e_score_correction_bias", names)
     out.update(read_experts(sd, m, cfg.n_experts, q + "mlp.experts."))
     if cfg.d_shared:
         out.update({f"{q}mlp.shared_expert.{o}": sd[f"{m}shared_experts.{t}"]
@@ -229,12 +253,15 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: KdaHybridConfig) -> dict[str,
     out = {"embed.weight": sd["model.embed_tokens.weight"], "ln_final.w": sd["model.norm.weight"]}
     out["unembed.weight"] = out["embed.weight"] if cfg.tie_word_embeddings else sd["lm_head.weight"]
     for layer in range(cfg.n_layers):
-        out.update(convert_layer(sd, cfg, layer, _KDA, _MLA))
+        out.update(convert_layer(sd, cfg, layer, KIMI_NAMES))
     return out
 
 
-def to_hf_state_dict(sd: dict[str, Tensor], cfg: KdaHybridConfig) -> dict[str, Tensor]:
-    """Our state dict in `KimiLinearForCausalLM`'s in-memory names."""
+def to_hf_state_dict(
+    sd: dict[str, Tensor], cfg: KdaHybridConfig, names: WeightNames = KIMI_NAMES
+) -> dict[str, Tensor]:
+    """Our state dict in `KimiLinearForCausalLM`'s (or with Bailing's `names`,
+    `BailingHybridForCausalLM`'s) in-memory names."""
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["ln_final.w"]}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["unembed.weight"]
@@ -242,12 +269,13 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: KdaHybridConfig) -> dict[str, T
         p, q = f"model.layers.{layer}.", f"blocks.{layer}."
         out.update({p + t: sd[q + o] for o, t in _NORMS.items()})
         recurrent = cfg.layer_types[layer] == "recurrent"
-        for ours, names in (_KDA if recurrent else _MLA).items():
+        for ours, theirs in (names.kda if recurrent else names.mla).items():
             if q + "attn." + ours in sd:
-                out[p + names[0]] = sd[q + "attn." + ours]
+                out[p + theirs] = sd[q + "attn." + ours]
         if recurrent:
             out[p + "self_attn.conv1d.weight"] = sd[q + "attn.conv_w"][:, None]
-            out[p + _KDA["A_log"][0]] = sd[q + "attn.A_log"].view(1, 1, -1, 1)
+            A_log = sd[q + "attn.A_log"]
+            out[p + names.kda["A_log"]] = A_log.view(names.a_log_shape(len(A_log)))
         if layer in cfg.dense_layers:
             out.update({f"{p}mlp.{t}": sd[f"{q}mlp.{o}"] for o, t in _DENSE.items()})
             continue
