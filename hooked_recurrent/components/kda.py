@@ -30,7 +30,7 @@ from hooked_recurrent.components.conv import causal_conv
 from hooked_recurrent.components.gated_deltanet import l2norm
 from hooked_recurrent.components.rwkv7 import DplrMixer, chunk_dplr_rule
 from hooked_recurrent.hook_points import RecurrentHookPoint
-from hooked_recurrent.recurrence import Transition, zero_write_response
+from hooked_recurrent.recurrence import Propagation, Transition
 from hooked_recurrent.state import RunContext
 
 __all__ = ["KimiDeltaAttention"]
@@ -107,17 +107,12 @@ class KimiDeltaAttention(DplrMixer):
         self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_v]
         self.hook_out = RecurrentHookPoint()  # [batch, pos, d_model]
 
-    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
-        """W_O^(h): the columns of the output projection that read state head `head`."""
-        return self.W_out.weight[:, head * self.d_head : (head + 1) * self.d_head]
+    transition_hooks = ("hook_decay", "hook_beta", "hook_k")
 
-    def transition_from_cache(self, cache, head: int) -> Transition:
-        """One head's transitions A_t, rebuilt from cached `hook_decay`, `hook_beta`, `hook_k`."""
-        p = self.hook_k.name.rsplit(".", 1)[0]
-        d = cache[f"{p}.hook_decay"][:, :, head].double()
-        beta = cache[f"{p}.hook_beta"][:, :, head].double()
-        k = cache[f"{p}.hook_k"][:, :, head].double()
-        return Transition(d, -beta[..., None] * k, d * k)
+    @staticmethod
+    def make_transition(decay: Tensor, beta: Tensor, k: Tensor) -> Transition:
+        """A_t(S) = (I - beta_t k_t k_t^T) diag(d_t) S = diag(d_t) S - beta_t k_t (d_t k_t)^T S."""
+        return Transition(decay, -beta[..., None] * k, decay * k)
 
     def log_decay(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
         """g `[batch, pos, head, d_k]` (float32), the log of the decay."""
@@ -153,29 +148,27 @@ class KimiDeltaAttention(DplrMixer):
         if m is not None:
             beta, g = beta * m, g * m[..., None]  # beta 0, decay 1 at padded positions
         beta = self.hook_beta(beta)
-        d = g.exp()
-        if self.hook_decay.active:
-            native = d.clone()  # a hook may edit in place
-            d = self.hook_decay(d)
-            g = torch.where(d == native, g, d.log())  # g kept bit-exact where not edited
+        d, g = self.hooked_decay(g.exp(), g)
 
         S0 = None if past is None else past["S"]
         k_w = beta[..., None] * k
-        erase_a, erase_b = -k_w, d * k
-        response = zero_write_response(
+        tr = self.make_transition(d, beta, k)
+        rule_inputs = (q, g, k_w, v, tr.erase_a, tr.erase_b)
+        propagation = Propagation.from_rule(
             lambda *a: chunk_dplr_rule(*a, self.chunk_size)[:2],
-            (q, g, k_w, v, erase_a, erase_b),
+            rule_inputs,
             {2, 3},
+            dense=self.dense_propagation,
         )
         o, S_T = self.recur(
-            lambda: chunk_dplr_rule(q, g, k_w, v, erase_a, erase_b, S0, self.chunk_size)[:2],
-            Transition(d, erase_a, erase_b),
+            lambda: chunk_dplr_rule(*rule_inputs, S0, self.chunk_size)[:2],
+            tr,
             q,
             k_w,
             v,
             S0,
-            response=response,
-            run=run,
+            propagation,
+            run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o)

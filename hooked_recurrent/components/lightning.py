@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from hooked_recurrent.components.mamba2 import chunk_ssd
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
-from hooked_recurrent.recurrence import Transition, zero_write_response
+from hooked_recurrent.recurrence import Propagation
 from hooked_recurrent.state import RunContext
 
 __all__ = ["LightningAttention", "lightning_slopes"]
@@ -75,15 +75,6 @@ class LightningAttention(RecurrentMixer):
         self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
         self.hook_out = RecurrentHookPoint()  # [batch, pos, d_model]
 
-    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
-        """W_O^(h): the columns of the output projection that read state head `head`."""
-        return self.W_out.weight[:, head * self.d_head : (head + 1) * self.d_head]
-
-    def transition_from_cache(self, cache, head: int) -> Transition:
-        """One head's transitions A_t (pure decay), rebuilt from the cached `hook_decay`."""
-        p = self.hook_decay.name.rsplit(".", 1)[0]
-        return Transition(cache[f"{p}.hook_decay"][:, :, head].double())
-
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Run the mixer on `x` `[batch, pos, d_model]` from the state in `run` (if any); returns
         `[batch, pos, d_model]` and saves the final state to `run`.
@@ -99,26 +90,22 @@ class LightningAttention(RecurrentMixer):
         log_decay = -self.slopes.float().expand(B, T, H)
         if run.mask is not None:
             log_decay = log_decay * run.mask[..., None]
-        decay = log_decay.exp()
-        if self.hook_decay.active:
-            native = decay.clone()  # a hook may edit in place
-            decay = self.hook_decay(decay)
-            log_decay = torch.where(decay == native, log_decay, decay.log())
+        decay, log_decay = self.hooked_decay(log_decay.exp(), log_decay)
         ones = q.new_ones(B, T, H)  # chunk_ssd's write strength
 
         S0 = None if past is None else past["S"]
-        response = zero_write_response(
+        propagation = Propagation.from_rule(
             lambda *a: chunk_ssd(*a, self.chunk_size), (q, k, v, ones, log_decay), {2}
         )
         o, S_T = self.recur(
             lambda: chunk_ssd(q, k, v, ones, log_decay, S0, self.chunk_size),
-            Transition(decay),
+            self.make_transition(decay),
             q,
             k,
             v,
             S0,
-            response=response,
-            run=run,
+            propagation,
+            run,
         )
         run.save(self.layer, S=S_T)
         o = self.hook_read(o).reshape(B, T, H * D)
