@@ -2,10 +2,10 @@
 
     python benchmarks/forward.py [--rounds 15] [--only FAMILY]
 
-Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention),
-batch 4, seq 256, float32, median of interleaved rounds after one warm-up round. The write edit
-is timed with the hook editing in place and returning its input (the TransformerLens idiom) and,
-for comparison, with a hook that returns an edited copy.
+Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention;
+Kimi Linear: 3 KDA + 1 MLA, MoE), batch 4, seq 256, float32, median of interleaved rounds after
+one warm-up round. The write edit is timed with the hook editing in place and returning its input
+(the TransformerLens idiom) and, for comparison, with a hook that returns an edited copy.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    bench_kimi,
     bench_qwen,
     bridge_for,
     interleaved_medians,
@@ -70,10 +71,16 @@ def qwen_rows(rounds: int) -> list[dict]:
             None,
         ),
     }
+    rows = against_hf("Qwen3.5", runs, base, rounds)
+    return rows + backward_rows(ours, tokens, name, rounds)
+
+
+def against_hf(model: str, runs: dict, base: str, rounds: int) -> list[dict]:
+    """Rows of `runs` ({label: (fn, target ratio or None)}) timed together, as ratios to `base`."""
     meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
-    rows = [
+    return [
         dict(
-            model="Qwen3.5",
+            model=model,
             run=k,
             ms=1e3 * meds[k],
             against=None if k == base else "HF",
@@ -82,7 +89,25 @@ def qwen_rows(rounds: int) -> list[dict]:
         )
         for k in runs
     ]
-    return rows + backward_rows(ours, tokens, name, rounds)
+
+
+def kimi_rows(rounds: int) -> list[dict]:
+    """Kimi Linear: HF's model (its CPU fallbacks for KDA) against ours on the same weights."""
+    hf = bench_kimi(VOCAB)
+    ours = HookedRecurrentModel.from_hf_model(hf)
+    tokens = torch.randint(0, VOCAB - 3, (B, T))
+    edit = [("blocks.1.attn.hook_write", inplace_write_edit(T // 2))]
+    base = "HF `KimiLinearForCausalLM` forward"
+    runs = {
+        base: (lambda: hf(tokens, use_cache=False).logits, None),
+        "ours, forward": (lambda: ours(tokens), 1.1),
+        "ours, `run_with_cache()`": (lambda: ours.run_with_cache(tokens), 1.3),
+        "ours, rank-1 `hook_write` edit, 1 layer, 1 position (in place)": (
+            lambda: ours.run_with_hooks(tokens, fwd_hooks=edit),
+            1.5,
+        ),
+    }
+    return against_hf("Kimi Linear", runs, base, rounds)
 
 
 def backward_rows(ours, tokens, name: str, rounds: int) -> list[dict]:
@@ -179,14 +204,20 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--only", choices=["qwen3_5", "mamba2", "rwkv7"], default=None)
+    families = {
+        "qwen3_5": qwen_rows,
+        "mamba2": mamba2_rows,
+        "rwkv7": rwkv7_rows,
+        "kimi_linear": kimi_rows,
+    }
+    ap.add_argument("--only", choices=list(families), default=None)
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}, "
         f"load average {os.getloadavg()[0]:.2f}\n"
     )
     rows: list[dict] = []
-    for fam, fn in (("qwen3_5", qwen_rows), ("mamba2", mamba2_rows), ("rwkv7", rwkv7_rows)):
+    for fam, fn in families.items():
         if args.only in (None, fam):
             rows += fn(args.rounds)
     print(markdown(rows))
