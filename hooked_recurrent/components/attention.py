@@ -32,7 +32,7 @@ def rotate_partial(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated, xp), dim=-1)
 
 
-def rope_angles(inv_freq: Float[Tensor, " half"], run: RunContext) -> Tensor:
+def rope_angles(inv_freq: Float[Tensor, " half"], run: RunContext) -> Float[Tensor, "*pos half"]:
     """The RoPE angles position * inv_freq: `[pos, half]`, or `[batch, pos, half]` with padding
     (positions counted over each row's real tokens)."""
     if run.row_positions is None:

@@ -110,11 +110,17 @@ class KimiDeltaAttention(DplrMixer):
     transition_hooks = ("hook_decay", "hook_beta", "hook_k")
 
     @staticmethod
-    def make_transition(decay: Tensor, beta: Tensor, k: Tensor) -> Transition:
+    def make_transition(
+        decay: Float[Tensor, "*lead d_k"],
+        beta: Float[Tensor, " *lead"],
+        k: Float[Tensor, "*lead d_k"],
+    ) -> Transition:
         """A_t(S) = (I - beta_t k_t k_t^T) diag(d_t) S = diag(d_t) S - beta_t k_t (d_t k_t)^T S."""
         return Transition(decay, -beta[..., None] * k, decay * k)
 
-    def log_decay(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
+    def log_decay(
+        self, x: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos head d_k"]:
         """g `[batch, pos, head, d_k]` (float32), the log of the decay."""
         B, T, _ = x.shape
         f = (self.W_f(x).float() + self.dt_bias.float()).view(B, T, self.n_heads, self.d_head)

@@ -27,7 +27,11 @@ from hooked_recurrent.state import RunContext
 __all__ = ["LatentAttention", "rotate_interleaved"]
 
 
-def rotate_interleaved(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rotate_interleaved(
+    x: Float[Tensor, "*lead d_rope"],
+    cos: Float[Tensor, "*bcast half"],
+    sin: Float[Tensor, "*bcast half"],
+) -> Float[Tensor, "*lead d_rope"]:
     """RoPE on interleaved pairs (x0, x1), (x2, x3), ...; the rotated pairs come out split in
     halves ([x_even', x_odd']), as DeepSeek's checkpoints were trained."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
