@@ -151,3 +151,33 @@ def bench_qwen3_next(vocab: int = 512):
         for layer in model.model.layers:
             layer.mlp.gate.weight.normal_(0.0, 0.5)
     return model
+
+
+def bench_kimi(vocab: int = 512):
+    """The Kimi Linear of the benchmarks: d_model 256, 3 KDA (4 heads of 64) + 1 MLA layer, a
+    dense first block, then MoE (top-2 of 8 experts of width 128, one shared expert)."""
+    from transformers import KimiLinearConfig, KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    cfg = KimiLinearConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=128,
+        q_lora_rank=None,
+        qk_rope_head_dim=32,
+        qk_nope_head_dim=64,
+        v_head_dim=64,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        linear_attn_config={"head_dim": 64, "num_heads": 4, "short_conv_kernel_size": 4},
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    return KimiLinearForCausalLM(cfg).eval()

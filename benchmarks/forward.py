@@ -3,7 +3,8 @@
     python benchmarks/forward.py [--rounds 15] [--only FAMILY]
 
 Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention;
-Qwen3-Next the same with sparse MoE MLPs, `common.bench_qwen3_next`), batch 4, seq 256, float32,
+Qwen3-Next the same with sparse MoE MLPs, `common.bench_qwen3_next`; Kimi Linear: 3 KDA + 1 MLA,
+MoE, `common.bench_kimi`), batch 4, seq 256, float32,
 median of interleaved rounds after one warm-up round. The write edit is timed with the hook
 editing in place and returning its input (the TransformerLens idiom) and, for comparison, with a
 hook that returns an edited copy.
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    bench_kimi,
     bench_qwen,
     bench_qwen3_next,
     bridge_for,
@@ -56,6 +58,11 @@ def qwen_rows(rounds: int) -> list[dict]:
 def qwen3_next_rows(rounds: int) -> list[dict]:
     hf = bench_qwen3_next(VOCAB)
     return gdn_rows(hf, "Qwen3-Next (MoE)", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
+def kimi_rows(rounds: int) -> list[dict]:
+    hf = bench_kimi(VOCAB)
+    return gdn_rows(hf, "Kimi Linear", torch.randint(0, VOCAB - 3, (B, T)), rounds)
 
 
 def gdn_rows(hf, label: str, tokens, rounds: int, bridge=None) -> list[dict]:
@@ -192,7 +199,9 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--only", choices=["qwen3_5", "qwen3_next", "mamba2", "rwkv7"], default=None)
+    ap.add_argument(
+        "--only", choices=["qwen3_5", "qwen3_next", "kimi_linear", "mamba2", "rwkv7"], default=None
+    )
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}, "
@@ -202,6 +211,7 @@ def main() -> None:
     families = (
         ("qwen3_5", qwen_rows),
         ("qwen3_next", qwen3_next_rows),
+        ("kimi_linear", kimi_rows),
         ("mamba2", mamba2_rows),
         ("rwkv7", rwkv7_rows),
     )

@@ -17,6 +17,11 @@ class Block(nn.Module):
     outputs instead, with TransformerLens's Gemma-2 names: resid_mid = resid_pre +
     ln1_post(attn(resid_pre)), resid_post = resid_mid + ln2_post(mlp(resid_mid)); `hook_attn_out`
     and `hook_mlp_out` are after those norms.
+
+    With `scales` = (a_attn, b_attn, a_mlp, b_mlp) (MiniMax) the residual carried past each
+    sub-layer is its *normalised* input, scaled: resid_mid = a_attn ln1(resid_pre) + b_attn
+    attn(ln1(resid_pre)), resid_post = a_mlp ln2(resid_mid) + b_mlp mlp(ln2(resid_mid));
+    `hook_attn_out` / `hook_mlp_out` are the sub-layer outputs before their b factor.
     """
 
     #: read by TransformerLens's logit lens: `hook_resid_post` is the one stream the model unembeds
@@ -31,6 +36,7 @@ class Block(nn.Module):
         mlp: nn.Module | None = None,
         ln1_post: nn.Module | None = None,
         ln2_post: nn.Module | None = None,
+        scales: tuple[float, float, float, float] | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
@@ -38,6 +44,7 @@ class Block(nn.Module):
         self.attn = attn
         self.ln1_post = ln1_post
         self.ln2_post = ln2_post
+        self.scales = scales
         self.hook_resid_pre = RecurrentHookPoint()
         self.hook_attn_out = RecurrentHookPoint()
         self.hook_resid_post = RecurrentHookPoint()
@@ -53,6 +60,12 @@ class Block(nn.Module):
         d_model]`.
         """
         resid = self.hook_resid_pre(resid)
+        if self.scales is not None:
+            a1, b1, a2, b2 = self.scales
+            h = self.ln1(resid)
+            resid = self.hook_resid_mid(a1 * h + b1 * self.hook_attn_out(self.attn(h, run)))
+            h = self.ln2(resid)
+            return self.hook_resid_post(a2 * h + b2 * self.hook_mlp_out(self.mlp(h, run)))
         out = self.attn(self.ln1(resid), run)
         if self.ln1_post is not None:
             out = self.ln1_post(out)

@@ -37,7 +37,14 @@ from hooked_recurrent.padding import masked_token_shift
 from hooked_recurrent.recurrence import Propagation, Transition, scan
 from hooked_recurrent.state import RunContext
 
-__all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]
+__all__ = [
+    "TimeMix",
+    "ChannelMix",
+    "DplrMixer",
+    "chunk_dplr_rule",
+    "token_shift",
+    "kappa_normalize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +249,79 @@ def _chunk_states(
     return G.exp()[..., None] * starts[:, :, :, None] + inside
 
 
-class TimeMix(RecurrentMixer):
+class DplrMixer(RecurrentMixer):
+    """A recurrent mixer whose transition is a per-key-channel decay plus a rank-1 removal
+    (RWKV-7, Kimi Delta Attention): its states and edit responses run on `chunk_dplr_rule`.
+
+    Subclasses set `chunk_size`.
+    """
+
+    chunk_size: int = 16
+
+    def dense_propagation(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        delta: Float[Tensor, "batch pos head d_k d_v"],
+    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+        """E_t = A_t(E_{t-1}) + delta_t, dO_t = E_t^T q_t, by `chunk_dplr_rule` with dense writes.
+
+        Only the (batch, head) pairs with an edit run, from the first edited position on; the
+        outputs before it are exactly zero.
+        """
+        B, T, H, K, V = delta.shape
+        d_o, E_T = delta.new_zeros(B, T, H, V), delta.new_zeros(B, H, K, V)
+        flat = delta.flatten(3)
+        touched = (flat.amax(-1) != 0) | (flat.amin(-1) != 0)  # [B, T, H], without a bool copy
+        first = touched.any(-1).any(0).nonzero()
+        if len(first) == 0:
+            return d_o, E_T
+        t0 = int(first[0])
+        bi, hi = touched.any(1).nonzero(as_tuple=True)
+
+        def pick(x: Tensor) -> Tensor:
+            return x[bi, t0:, hi].unsqueeze(2)  # [pairs, T - t0, 1, ...]
+
+        o, E, _ = chunk_dplr_rule(
+            pick(q),
+            pick(transition.decay).log(),
+            None,
+            None,
+            pick(transition.erase_a),
+            pick(transition.erase_b),
+            None,
+            self.chunk_size,
+            writes=pick(delta),
+        )
+        d_o[bi, t0:, hi] = o[:, :, 0]
+        E_T[bi, hi] = E[:, 0]
+        return d_o, E_T
+
+    def state_trajectory(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        write_k: Float[Tensor, "batch pos head d_k"] | None,
+        write_v: Float[Tensor, "batch pos head d_v"] | None,
+        S0: Float[Tensor, "batch head d_k d_v"] | None,
+        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
+    ) -> Float[Tensor, "batch pos head d_k d_v"]:
+        """S_t at every position, by `chunk_dplr_rule(keep_states=True)`."""
+        return chunk_dplr_rule(
+            q,
+            transition.decay.log(),
+            write_k,
+            write_v,
+            transition.erase_a,
+            transition.erase_b,
+            S0,
+            self.chunk_size,
+            writes=writes,
+            keep_states=True,
+        )[2]
+
+
+class TimeMix(DplrMixer):
     """RWKV-7 time mix, the token mixer at `blocks.{l}.attn` (equations in the module docstring).
 
     Hooks (per head, float32): `hook_q` (r), `hook_k` (k after its a-update), `hook_a` (a),
@@ -320,68 +399,6 @@ class TimeMix(RecurrentMixer):
     def make_transition(decay: Tensor, a: Tensor, kappa: Tensor) -> Transition:
         """A_t(S) = diag(exp w_t) S - (a_t * kappa_t) (kappa_t^T S)."""
         return Transition(decay, -(a * kappa), kappa)
-
-    def dense_propagation(
-        self,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        delta: Float[Tensor, "batch pos head d_k d_v"],
-    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
-        """E_t = A_t(E_{t-1}) + delta_t, dO_t = E_t^T q_t, by `chunk_dplr_rule` with dense writes.
-
-        Only the (batch, head) pairs with an edit run, from the first edited position on; the
-        outputs before it are exactly zero.
-        """
-        B, T, H, K, V = delta.shape
-        d_o, E_T = delta.new_zeros(B, T, H, V), delta.new_zeros(B, H, K, V)
-        flat = delta.flatten(3)
-        touched = (flat.amax(-1) != 0) | (flat.amin(-1) != 0)  # [B, T, H], without a bool copy
-        first = touched.any(-1).any(0).nonzero()
-        if len(first) == 0:
-            return d_o, E_T
-        t0 = int(first[0])
-        bi, hi = touched.any(1).nonzero(as_tuple=True)
-
-        def pick(x: Tensor) -> Tensor:
-            return x[bi, t0:, hi].unsqueeze(2)  # [pairs, T - t0, 1, ...]
-
-        o, E, _ = chunk_dplr_rule(
-            pick(q),
-            pick(transition.decay).log(),
-            None,
-            None,
-            pick(transition.erase_a),
-            pick(transition.erase_b),
-            None,
-            self.chunk_size,
-            writes=pick(delta),
-        )
-        d_o[bi, t0:, hi] = o[:, :, 0]
-        E_T[bi, hi] = E[:, 0]
-        return d_o, E_T
-
-    def state_trajectory(
-        self,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        write_k: Float[Tensor, "batch pos head d_k"] | None,
-        write_v: Float[Tensor, "batch pos head d_v"] | None,
-        S0: Float[Tensor, "batch head d_k d_v"] | None,
-        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
-    ) -> Float[Tensor, "batch pos head d_k d_v"]:
-        """S_t at every position, by `chunk_dplr_rule(keep_states=True)`."""
-        return chunk_dplr_rule(
-            q,
-            transition.decay.log(),
-            write_k,
-            write_v,
-            transition.erase_a,
-            transition.erase_b,
-            S0,
-            self.chunk_size,
-            writes=writes,
-            keep_states=True,
-        )[2]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Run the time mix on `x` `[batch, pos, d_model]` from the state in `run` (if any); returns

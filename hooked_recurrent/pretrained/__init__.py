@@ -92,7 +92,16 @@ def register_family(family: Family) -> Family:
 
 
 #: the modules that register a family when imported (add a new family's module here)
-FAMILY_MODULES = ("qwen3_5", "qwen3_next", "olmo_hybrid", "mamba2", "rwkv7")
+FAMILY_MODULES = (
+    "qwen3_5",
+    "qwen3_next",
+    "olmo_hybrid",
+    "minimax",
+    "kimi_linear",
+    "bailing_hybrid",
+    "mamba2",
+    "rwkv7",
+)
 
 
 def _load_families() -> None:
