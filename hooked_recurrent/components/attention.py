@@ -1,9 +1,13 @@
-"""Qwen3.5 gated attention: q/k RMSNorm, partial RoPE, GQA, causal softmax, sigmoid output gate.
+"""Softmax attention with GQA and a KV cache: Qwen3.5's gated form, the hybrids' plain form.
 
 q_h, gate_h = split(q_proj x)          (per head: d_head query rows, then d_head gate rows)
 q = rope(qnorm(q)),  k = rope(knorm(k_proj x)),  v = v_proj x
-z = softmax(q k^T / sqrt(d_head) + causal) v
+z = softmax(q k^T * scale + causal) v   (scale = 1 / sqrt(d_head) unless given)
 out = o_proj (z * sigmoid(gate))        (W_Q, W_K, W_V, W_O, W_gate: TransformerLens layout)
+
+Without the output gate (`output_gate=False`: Bamba, Nemotron-H, Falcon-H1, Granite 4 hybrids)
+`q_proj` holds the query rows only and out = o_proj z; without q/k norms (`qk_norm=False`) q and k
+are the projections; with `rotary_dim=0` (NoPE: Nemotron-H, Granite 4 hybrids) nothing is rotated.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ def rotate_partial(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class GatedAttention(nn.Module):
-    """Gated multi-head attention with a KV cache for stepwise decoding.
+    """Multi-head attention (gated or plain) with a KV cache for stepwise decoding.
 
     Hooks (TransformerLens names): `hook_q`, `hook_k`, `hook_v` `[batch, pos, head, d_head]`
-    (after the q/k norms, before RoPE), `hook_rot_q`, `hook_rot_k`, `hook_attn_scores` and
-    `hook_pattern` `[batch, head, query_pos, key_pos]`, `hook_z` `[batch, pos, head, d_head]`,
-    `hook_gate` `[batch, pos, head, d_head]` (before the sigmoid).
+    (after the q/k norms, before RoPE), `hook_rot_q`, `hook_rot_k` (only with RoPE),
+    `hook_attn_scores` and `hook_pattern` `[batch, head, query_pos, key_pos]`, `hook_z`
+    `[batch, pos, head, d_head]`, `hook_gate` `[batch, pos, head, d_head]` (before the sigmoid;
+    only with the output gate).
     """
 
     def __init__(
@@ -48,23 +53,44 @@ class GatedAttention(nn.Module):
         rotary_dim: int,
         rope_theta: float,
         eps: float,
+        *,
+        output_gate: bool = True,
+        qk_norm: bool = True,
+        bias: bool = False,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.output_gate, self.rotary_dim = output_gate, rotary_dim
+        self.scale = 1 / math.sqrt(d_head) if scale is None else float(scale)
         # the projections as in Hugging Face; the TransformerLens layout is the W_* properties
-        self.q_proj = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
-        self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
-        inv_freq = 1.0 / (
-            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "gate"):
-            setattr(self, f"hook_{name}", RecurrentHookPoint())
+        q_rows = (2 if output_gate else 1) * n_heads * d_head
+        self.q_proj = nn.Linear(d_model, q_rows, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
+        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        if qk_norm:
+            self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
+            self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        else:
+            self.q_norm = self.k_norm = None
+        if rotary_dim:
+            inv_freq = 1.0 / (
+                rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
+            )
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        if rotary_dim:
+            self.hook_rot_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
+            self.hook_rot_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_attn_scores = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        if output_gate:
+            self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run`;
@@ -72,21 +98,21 @@ class GatedAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        qg = self.q_proj(x).view(B, T, H, 2 * D)
-        q, gate = qg[..., :D], qg[..., D:]
-        q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)))
+        gate = None
+        if self.output_gate:
+            qg = self.q_proj(x).view(B, T, H, 2 * D)
+            q, gate = qg[..., :D], qg[..., D:]
+        else:
+            q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.hook_q(q), self.hook_k(k)
         v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
-        gate = self.hook_gate(gate)
-
-        if run.row_positions is None:
-            freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
-        else:  # padding: positions counted over each row's real tokens, [B, T, rd / 2]
-            freqs = run.row_positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
-        q = self.hook_rot_q(rotate_partial(q, cos, sin))
-        k = self.hook_rot_k(rotate_partial(k, cos, sin))
+        if gate is not None:
+            gate = self.hook_gate(gate)
+        if self.rotary_dim:
+            q, k = self._rope(q, k, run)
 
         k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
         past = run.layer_in(self.layer)
@@ -122,23 +148,44 @@ class GatedAttention(nn.Module):
                 mask,
                 q.transpose(1, 2).reshape(B * H, T, D),
                 k_rep.reshape(B * H, Tk, D).transpose(1, 2),
-                alpha=1 / math.sqrt(D),
+                alpha=self.scale,
             ).view(B, H, T, Tk)
             scores = self.hook_attn_scores(scores)
             pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
             z = torch.matmul(pattern, v_rep)
         elif allowed is not None:
-            z = F.scaled_dot_product_attention(q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed)
+            z = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed, scale=self.scale
+            )
         else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
             mask = None
             if n_past and T > 1:
                 mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
             z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
+                q.transpose(1, 2),
+                k_rep,
+                v_rep,
+                attn_mask=mask,
+                is_causal=not n_past and T > 1,
+                scale=self.scale,
             )
         z = self.hook_z(z.transpose(1, 2))  # [B, T, H, D]
-        out = z.reshape(B, T, H * D) * torch.sigmoid(gate.reshape(B, T, H * D))
+        out = z.reshape(B, T, H * D)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(B, T, H * D))
         return self.o_proj(out)
+
+    def _rope(self, q: Tensor, k: Tensor, run: RunContext) -> tuple[Tensor, Tensor]:
+        """RoPE on the first `rotary_dim` channels of q and k at the run's positions."""
+        if run.row_positions is None:
+            freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
+        else:  # padding: positions counted over each row's real tokens, [B, T, rd / 2]
+            freqs = run.row_positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype)[..., None, :], emb.sin().to(q.dtype)[..., None, :]
+        return self.hook_rot_q(rotate_partial(q, cos, sin)), self.hook_rot_k(
+            rotate_partial(k, cos, sin)
+        )
 
     # TransformerLens layout: [head, d_model, d_head] in, [head, d_head, d_model] out
     @property
@@ -146,11 +193,14 @@ class GatedAttention(nn.Module):
         """Query weights per head (before q-norm and RoPE): `x @ W_Q[h]`; the gate rows that
         `q_proj` interleaves with them are `W_gate`."""
         H, D = self.n_heads, self.d_head
-        return self.q_proj.weight.view(H, 2 * D, -1)[:, :D].transpose(-1, -2)
+        rows = 2 * D if self.output_gate else D
+        return self.q_proj.weight.view(H, rows, -1)[:, :D].transpose(-1, -2)
 
     @property
     def W_gate(self) -> Float[Tensor, "head d_model d_head"]:
         """Output-gate weights per head: out = W_O(z * sigmoid(x @ W_gate[h]))."""
+        if not self.output_gate:
+            raise AttributeError("this attention has no output gate (W_gate)")
         H, D = self.n_heads, self.d_head
         return self.q_proj.weight.view(H, 2 * D, -1)[:, D:].transpose(-1, -2)
 
@@ -175,5 +225,6 @@ class GatedAttention(nn.Module):
 
     @property
     def W_O(self) -> Float[Tensor, "head d_head d_model"]:
-        """Output weights per head: out = sum_h (z * sigmoid(gate))[h] @ W_O[h]."""
+        """Output weights per head: out = sum_h (z * sigmoid(gate))[h] @ W_O[h] (z alone when
+        there is no gate)."""
         return self.o_proj.weight.T.reshape(self.n_heads, self.d_head, -1)

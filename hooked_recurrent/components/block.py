@@ -12,7 +12,9 @@ from hooked_recurrent.state import RunContext
 class Block(nn.Module):
     """resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid)).
 
-    Blocks without an MLP (Mamba-2) have no `ln2`, `mlp`, `hook_resid_mid` or `hook_mlp_out`.
+    Blocks without an MLP (Mamba-2) have no `ln2`, `mlp`, `hook_resid_mid` or `hook_mlp_out`;
+    blocks without a token mixer (Nemotron-H's MLP and MoE blocks: `attn=None`) have no `ln1`,
+    `attn`, `hook_attn_out` or `hook_resid_mid`: resid_post = resid_pre + mlp(ln2(resid_pre)).
     """
 
     #: read by TransformerLens's logit lens: `hook_resid_post` is the one stream the model unembeds
@@ -21,21 +23,25 @@ class Block(nn.Module):
     def __init__(
         self,
         layer: int,
-        ln1: nn.Module,
-        attn: nn.Module,
+        ln1: nn.Module | None,
+        attn: nn.Module | None,
         ln2: nn.Module | None = None,
         mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
+        if attn is None and mlp is None:
+            raise ValueError(f"block {layer} needs a token mixer (attn), an MLP, or both")
         self.ln1, self.attn = ln1, attn
-        self.hook_resid_pre = RecurrentHookPoint()
-        self.hook_attn_out = RecurrentHookPoint()
-        self.hook_resid_post = RecurrentHookPoint()
+        self.hook_resid_pre = RecurrentHookPoint()  # [batch, pos, d_model]
+        if attn is not None:
+            self.hook_attn_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = RecurrentHookPoint()  # [batch, pos, d_model]
         if mlp is not None:
             self.ln2, self.mlp = ln2, mlp
-            self.hook_resid_mid = RecurrentHookPoint()
-            self.hook_mlp_out = RecurrentHookPoint()
+            if attn is not None:
+                self.hook_resid_mid = RecurrentHookPoint()  # [batch, pos, d_model]
+            self.hook_mlp_out = RecurrentHookPoint()  # [batch, pos, d_model]
         else:
             self.mlp = None
 
@@ -44,8 +50,10 @@ class Block(nn.Module):
         d_model]`.
         """
         resid = self.hook_resid_pre(resid)
-        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), run))
+        if self.attn is not None:
+            resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), run))
         if self.mlp is not None:
-            resid = self.hook_resid_mid(resid)
+            if self.attn is not None:
+                resid = self.hook_resid_mid(resid)
             resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid), run))
         return self.hook_resid_post(resid)

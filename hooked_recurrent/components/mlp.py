@@ -16,11 +16,11 @@ class GatedMLP(nn.Module):
     hook_post = silu(hook_pre) * hook_pre_linear.
     """
 
-    def __init__(self, d_model: int, d_mlp: int) -> None:
+    def __init__(self, d_model: int, d_mlp: int, bias: bool = False) -> None:
         super().__init__()
-        self.W_gate = nn.Linear(d_model, d_mlp, bias=False)
-        self.W_in = nn.Linear(d_model, d_mlp, bias=False)
-        self.W_out = nn.Linear(d_mlp, d_model, bias=False)
+        self.W_gate = nn.Linear(d_model, d_mlp, bias=bias)
+        self.W_in = nn.Linear(d_model, d_mlp, bias=bias)
+        self.W_out = nn.Linear(d_mlp, d_model, bias=bias)
         self.hook_pre = RecurrentHookPoint()
         self.hook_pre_linear = RecurrentHookPoint()
         self.hook_post = RecurrentHookPoint()

@@ -215,8 +215,9 @@ def to_hf_config(cfg: Mamba2Config) -> dict[str, Any]:
     )
 
 
-def build_block(cfg: Mamba2Config, layer: int) -> Block:
-    attn = Mamba2Mixer(
+def build_mixer(cfg: Mamba2Config, layer: int) -> Mamba2Mixer:
+    """The Mamba-2 mixer of layer `layer` (also used by the hybrid families' block factories)."""
+    return Mamba2Mixer(
         layer,
         cfg.d_model,
         cfg.n_heads,
@@ -230,30 +231,41 @@ def build_block(cfg: Mamba2Config, layer: int) -> Block:
         cfg.use_conv_bias,
         cfg.use_bias,
     )
-    return Block(layer, ln1=RMSNorm(cfg.d_model, cfg.eps), attn=attn)
 
 
-# our name (after "blocks.{l}.") -> Hugging Face / mamba_ssm name (after "backbone.layers.{l}.")
-_LAYER_MAP = {
-    "ln1.w": "norm.weight",
-    "attn.W_in.weight": "mixer.in_proj.weight",
-    "attn.conv_w": "mixer.conv1d.weight",
-    "attn.dt_bias": "mixer.dt_bias",
-    "attn.A_log": "mixer.A_log",
-    "attn.D": "mixer.D",
-    "attn.norm_w": "mixer.norm.weight",
-    "attn.W_out.weight": "mixer.out_proj.weight",
+def build_block(cfg: Mamba2Config, layer: int) -> Block:
+    return Block(layer, ln1=RMSNorm(cfg.d_model, cfg.eps), attn=build_mixer(cfg, layer))
+
+
+#: the Mamba-2 mixer's parameters: our name (after "attn.") -> Hugging Face / mamba_ssm name
+#: (after the mixer's own prefix); the hybrid families use the same names
+MIXER_MAP = {
+    "W_in.weight": "in_proj.weight",
+    "conv_w": "conv1d.weight",
+    "dt_bias": "dt_bias",
+    "A_log": "A_log",
+    "D": "D",
+    "norm_w": "norm.weight",
+    "W_out.weight": "out_proj.weight",
 }
-_CONV_BIAS = {"attn.conv_b": "mixer.conv1d.bias"}
-_PROJ_BIAS = {"attn.W_in.bias": "mixer.in_proj.bias", "attn.W_out.bias": "mixer.out_proj.bias"}
+_CONV_BIAS = {"conv_b": "conv1d.bias"}
+_PROJ_BIAS = {"W_in.bias": "in_proj.bias", "W_out.bias": "out_proj.bias"}
 
 
-def _layer_map(cfg: Mamba2Config) -> dict[str, str]:
-    return {
-        **_LAYER_MAP,
+def mixer_map(cfg: Mamba2Config, ours: str, theirs: str) -> dict[str, str]:
+    """The mixer's weight names with prefixes (e.g. "attn." and "mixer."), biases as configured."""
+    names = {
+        **MIXER_MAP,
         **(_CONV_BIAS if cfg.use_conv_bias else {}),
         **(_PROJ_BIAS if cfg.use_bias else {}),
     }
+    return {ours + k: theirs + v for k, v in names.items()}
+
+
+def _layer_map(cfg: Mamba2Config) -> dict[str, str]:
+    """our name (after "blocks.{l}.") -> Hugging Face / mamba_ssm name (after
+    "backbone.layers.{l}.")"""
+    return {"ln1.w": "norm.weight", **mixer_map(cfg, "attn.", "mixer.")}
 
 
 def convert_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Tensor]:
