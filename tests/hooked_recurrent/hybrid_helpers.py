@@ -28,6 +28,7 @@ def brute_logits(hf, toks: torch.Tensor, edit=None) -> torch.Tensor:
     """Logits of a float64 copy of `hf` whose Mamba-2 mixers run `brute_mamba2_mixer` (with
     `edit`); attention, MLPs, norms and the block structure stay the `transformers` code."""
     ref = copy.deepcopy(hf).double()
+    ref.set_experts_implementation("eager")  # the grouped-GEMM experts take no float64
     for layer, m in hf_mixers(ref).items():
 
         def forward(hidden_states, *args, _m=m, _layer=layer, **kwargs):
