@@ -71,6 +71,11 @@ class Mamba2Config(HookedRecurrentConfig):
         use_conv_bias: [use_conv_bias; conv_bias].
         use_bias: bias on in_proj and out_proj [use_bias; bias].
         tie_word_embeddings: unembedding = embedding [tie_word_embeddings; tie_embeddings].
+        gated_norm: the grouped RMSNorm after the gate (False: y * silu(z) alone; Falcon-H1's
+            `mamba_rms_norm`).
+        norm_before_gate: the norm before the gate (Falcon-H1's `mamba_norm_before_gate`).
+        out_bias: bias on out_proj when it differs from `use_bias` (Falcon-H1's
+            `projectors_bias`); None: `use_bias`.
     """
 
     n_groups: int = 1
@@ -81,6 +86,9 @@ class Mamba2Config(HookedRecurrentConfig):
     use_conv_bias: bool = True
     use_bias: bool = False
     tie_word_embeddings: bool = False
+    gated_norm: bool = True
+    norm_before_gate: bool = False
+    out_bias: bool | None = None
 
     @property
     def d_inner(self) -> int:
@@ -230,6 +238,9 @@ def build_mixer(cfg: Mamba2Config, layer: int) -> Mamba2Mixer:
         cfg.time_step_limit,
         cfg.use_conv_bias,
         cfg.use_bias,
+        cfg.gated_norm,
+        cfg.norm_before_gate,
+        cfg.out_bias,
     )
 
 
@@ -248,17 +259,20 @@ MIXER_MAP = {
     "norm_w": "norm.weight",
     "W_out.weight": "out_proj.weight",
 }
-_CONV_BIAS = {"conv_b": "conv1d.bias"}
-_PROJ_BIAS = {"W_in.bias": "in_proj.bias", "W_out.bias": "out_proj.bias"}
 
 
 def mixer_map(cfg: Mamba2Config, ours: str, theirs: str) -> dict[str, str]:
-    """The mixer's weight names with prefixes (e.g. "attn." and "mixer."), biases as configured."""
-    names = {
-        **MIXER_MAP,
-        **(_CONV_BIAS if cfg.use_conv_bias else {}),
-        **(_PROJ_BIAS if cfg.use_bias else {}),
-    }
+    """The mixer's weight names with prefixes (e.g. "attn." and "mixer."), biases and norm as
+    configured."""
+    names = dict(MIXER_MAP)
+    if not cfg.gated_norm:
+        del names["norm_w"]
+    if cfg.use_conv_bias:
+        names["conv_b"] = "conv1d.bias"
+    if cfg.use_bias:
+        names["W_in.bias"] = "in_proj.bias"
+    if cfg.use_bias if cfg.out_bias is None else cfg.out_bias:
+        names["W_out.bias"] = "out_proj.bias"
     return {ours + k: theirs + v for k, v in names.items()}
 
 

@@ -171,8 +171,9 @@ def generation_hooks_match(model, prompt: torch.Tensor, n: int = 10) -> dict:
     absolute positions, and what hook_state / hook_write / hook_z see at every step.
 
     Returns "tokens" (the greedy tokens of the full forward pass equal the generated ones),
-    "changed" (the edit changed the continuation) and "state"/"write" (max |hook value seen in
-    generation - in the full pass| over the generated positions, relative to max |value|)."""
+    "effect" (max |state seen in generation - the state without the edit|: the edit is live) and
+    "state"/"write" (max |hook value seen in generation - in the full pass| over the generated
+    positions, relative to max |value|)."""
     layer = model.cfg.recurrent_layers[-1]
     g = torch.Generator().manual_seed(12)
     c = model.cfg
@@ -202,7 +203,7 @@ def generation_hooks_match(model, prompt: torch.Tensor, n: int = 10) -> dict:
     watch = [(a + "hook_state", record("state")), (a + "hook_write", record("write"))]
     with torch.no_grad():
         out = model.generate(prompt, n, fwd_hooks=hooks + watch)
-        plain = model.generate(prompt, n)
+        _, plain = model.run_with_cache(out, names_filter=[a + "hook_state"])
         with model.hooks(fwd_hooks=hooks):
             logits, cache = model.run_with_cache(
                 out, names_filter=[a + "hook_state", a + "hook_write"], reset_hooks_end=False
@@ -212,9 +213,10 @@ def generation_hooks_match(model, prompt: torch.Tensor, n: int = 10) -> dict:
         k: ((torch.cat(v, 1) - full[k]).abs().max() / full[k].abs().max()).item()
         for k, v in seen.items()
     }
+    unhooked = plain[a + "hook_state"][:, : out.shape[1] - 1]
     return {
         "tokens": torch.equal(logits[:, T0 - 1 : -1].argmax(-1), out[:, T0:]),
-        "changed": not torch.equal(out, plain),
+        "effect": (torch.cat(seen["state"], 1) - unhooked).abs().max().item(),
         **diffs,
     }
 

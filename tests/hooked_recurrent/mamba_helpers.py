@@ -103,14 +103,16 @@ def brute_mamba2_mixer(m, u: torch.Tensor, layer: int, edit=None) -> torch.Tenso
     """
     H, P, N, G = m.num_heads, m.head_dim, m.ssm_state_size, m.n_groups
     Di = H * P
-    eps = m.norm.variance_epsilon
+    eps = getattr(m.norm, "variance_epsilon", None)
     lo, hi = (float(x) for x in m.time_step_limit)
     edit = edit or (lambda layer, t, name, value: value)
-    u = u.double()
+    u = u.double() * getattr(m, "ssm_in_multiplier", 1.0)  # Falcon-H1's muP multipliers
     Bsz, T, _ = u.shape
     proj = u @ m.in_proj.weight.double().T
     if m.in_proj.bias is not None:
         proj = proj + m.in_proj.bias.double()
+    if hasattr(m, "mup_vector"):
+        proj = proj * m.mup_vector.double()
     z, xBC, dtr = proj.split([Di, Di + 2 * G * N, H], -1)
     K = m.conv1d.weight.shape[-1]
     w = m.conv1d.weight.double()[:, 0]  # [C, K]
@@ -140,10 +142,17 @@ def brute_mamba2_mixer(m, u: torch.Tensor, layer: int, edit=None) -> torch.Tenso
         S = torch.where(assigned, X, S)
         read = torch.einsum("bhnp,bhn->bhp", S, Ct)
         ys.append(read + m.D.double()[:, None] * xt)
-    y = torch.stack(ys, 1).reshape(Bsz, T, Di) * F.silu(z)
-    yg = y.view(Bsz, T, G, Di // G)
-    y = (yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + eps)).view(Bsz, T, Di)
-    out = (m.norm.weight.double() * y) @ m.out_proj.weight.double().T
+    y = torch.stack(ys, 1).reshape(Bsz, T, Di)
+    if not hasattr(m.norm, "weight"):  # Falcon-H1 without mamba_rms_norm: the gate alone
+        y = y * F.silu(z)
+    else:  # gate, then the grouped RMSNorm (Falcon-H1's norm_before_gate: the other way round)
+        before = getattr(m.norm, "norm_before_gate", False)
+        y = y if before else y * F.silu(z)
+        yg = y.view(Bsz, T, G, Di // G)
+        y = (yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + eps)).view(Bsz, T, Di)
+        y = m.norm.weight.double() * y
+        y = y * F.silu(z) if before else y
+    out = y @ m.out_proj.weight.double().T
     if m.out_proj.bias is not None:
         out = out + m.out_proj.bias.double()
     return out

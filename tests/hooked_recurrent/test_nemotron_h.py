@@ -170,7 +170,7 @@ def test_greedy_generation_and_hooks_in_generation(pair):
     hf, model = pair
     assert hh.generation_matches(hf, model, hh.tokens(VOCAB, 2, 7, seed=9), 32)
     got = hh.generation_hooks_match(model, hh.tokens(VOCAB, 2, 8, seed=13))
-    assert got["tokens"] and got["changed"], got
+    assert got["tokens"] and got["effect"] > 1e-2, got
     assert got["state"] <= 1e-5 and got["write"] <= 1e-5, got
 
 
