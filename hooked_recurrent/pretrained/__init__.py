@@ -85,7 +85,15 @@ def register_family(family: Family) -> Family:
 
 
 #: the modules that register a family when imported (add a new family's module here)
-FAMILY_MODULES = ("qwen3_5", "mamba2", "rwkv7", "bamba", "nemotron_h", "falcon_h1")
+FAMILY_MODULES = (
+    "qwen3_5",
+    "mamba2",
+    "rwkv7",
+    "bamba",
+    "nemotron_h",
+    "falcon_h1",
+    "granitemoehybrid",
+)
 
 
 def _load_families() -> None:

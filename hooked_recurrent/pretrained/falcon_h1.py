@@ -40,6 +40,7 @@ from hooked_recurrent.pretrained.mamba2_hybrid import (
     HybridConfig,
     attention_map,
     build_attention,
+    fold_scales,
     rename_layers,
     rope_theta_and_fraction,
     time_step_limit,
@@ -182,18 +183,6 @@ def _scales(cfg: FalconH1Config) -> dict[str, tuple[Tensor, Tensor]]:
     return {k: (torch.as_tensor(w), torch.as_tensor(b)) for k, (w, b) in pairs.items()}
 
 
-def _fold(sd: dict[str, Tensor], cfg: FalconH1Config, inverse: bool = False) -> None:
-    """Multiply (or with `inverse`, divide) each projection of `sd` (our names) by its factors."""
-    for name, (w_scale, b_scale) in _scales(cfg).items():
-        for layer in range(cfg.n_layers):
-            for kind, s in (("weight", w_scale), ("bias", b_scale)):
-                key = f"blocks.{layer}.{name}.{kind}"
-                if key in sd:
-                    t = sd[key]
-                    s = (s[:, None] if kind == "weight" and s.dim() else s).to(t.dtype)
-                    sd[key] = t / s if inverse else t * s
-
-
 def convert_state_dict(sd: dict[str, Tensor], cfg: FalconH1Config) -> dict[str, Tensor]:
     """A `FalconH1ForCausalLM` state dict in our names, the muP multipliers folded in."""
     if "model.embed_tokens.weight" not in sd:
@@ -209,7 +198,7 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: FalconH1Config) -> dict[str, 
         out["embed.weight"] = embed * m["embedding_multiplier"]
         out["unembed.weight"] = sd["lm_head.weight"] * m["lm_head_multiplier"]
     out.update(rename_layers(sd, cfg, lambda li: _layer_map(cfg), "model.layers."))
-    _fold(out, cfg)
+    fold_scales(out, cfg, _scales(cfg))
     return out
 
 
@@ -217,7 +206,7 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: FalconH1Config) -> dict[str, Te
     """Our state dict in `FalconH1ForCausalLM` names, the multipliers divided back out."""
     m = cfg.multipliers
     ours = dict(sd)
-    _fold(ours, cfg, inverse=True)
+    fold_scales(ours, cfg, _scales(cfg), inverse=True)
     out = {
         "model.embed_tokens.weight": sd["embed.weight"] / m["embedding_multiplier"],
         "model.final_layernorm.weight": sd["ln_final.w"],

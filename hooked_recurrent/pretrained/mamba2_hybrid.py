@@ -28,6 +28,7 @@ __all__ = [
     "BRIDGE",
     "HybridConfig",
     "build_attention",
+    "fold_scales",
     "rename_layers",
     "rope_theta_and_fraction",
 ]
@@ -122,3 +123,24 @@ def rename_layers(
                 t = t[:, None, :] if to_hf else t[:, 0, :]
             out[dst] = t
     return out
+
+
+def fold_scales(
+    sd: dict[str, Tensor],
+    cfg: HybridConfig,
+    scales: dict[str, tuple[Tensor, Tensor]],
+    inverse: bool = False,
+) -> None:
+    """Multiply (or with `inverse`, divide) in place every block's projections by constant
+    factors: `scales[name] = (weight factor, bias factor)` for `blocks.{l}.{name}.weight` /
+    `.bias` (a weight factor with one entry per output row scales the rows), or for a bare
+    parameter `blocks.{l}.{name}` (the weight factor). Families use it to fold multipliers that
+    act on a linear map's output into the map (exactly, up to float rounding)."""
+    for name, (w_scale, b_scale) in scales.items():
+        for layer in range(cfg.n_layers):
+            for suffix, s in ((".weight", w_scale), (".bias", b_scale), ("", w_scale)):
+                key = f"blocks.{layer}.{name}{suffix}"
+                if key in sd:
+                    t = sd[key]
+                    s = (s[:, None] if suffix == ".weight" and s.dim() else s).to(t.dtype)
+                    sd[key] = t / s if inverse else t * s

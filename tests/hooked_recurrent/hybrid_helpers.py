@@ -49,14 +49,14 @@ def hf_parity(hf, model, toks: torch.Tensor) -> dict:
     with torch.no_grad():
         out = hf(toks, output_hidden_states=True, use_cache=True)
         logits, cache = model.run_with_cache(
-            toks, names_filter=lambda n: n.endswith("resid_post") or n == "hook_embed"
+            toks, names_filter=lambda n: n.endswith("resid_post") or n == "blocks.0.hook_resid_pre"
         )
         _, state = model(toks, return_state=True)
     L = model.cfg.n_layers
     hs = out.hidden_states
-    # the embeddings first, then every block's output but the last (its norm comes last), or
-    # every block's output
-    first = 1 if torch.equal(hs[0], cache["hook_embed"]) else 0
+    # the (scaled) embeddings first, then every block's output but the last (its norm comes
+    # last), or every block's output
+    first = 1 if torch.equal(hs[0], cache["blocks.0.hook_resid_pre"]) else 0
     resid = [
         (cache[f"blocks.{layer}.hook_resid_post"] - hs[layer + first]).abs().max().item()
         for layer in range(L - first)
@@ -251,3 +251,42 @@ def writesae_runs(model, vocab: int) -> dict:
     )
     kls = [x for v in res.kl.values() for x in v]
     return {"fve": metrics.fve[-1], "n": res.n, "kls": kls, "finite": all(map(math.isfinite, kls))}
+
+
+# ---------------------------------------------------------------- the checks each family runs
+def check_parity(hf, model, vocab: int) -> None:
+    """Acceptance 1: logits and every hook_resid_post <= 1e-4, final states <= 1e-5 against HF
+    (3 x 23 tokens), per-position hook_state vs HF's one-token decode <= 1e-5 (2 x 9 tokens)."""
+    d = hf_parity(hf, model, tokens(vocab, 3, 23))
+    assert d["logits"] <= 1e-4, d
+    assert max(d["resid_post"]) <= 1e-4, d
+    assert max(d["state"]) <= 1e-5, d
+    assert max(decode_state_diffs(hf, model, tokens(vocab, 2, 9, seed=3))) <= 1e-5
+
+
+def check_edits(hf, model, vocab: int, hook_name: str, where: str) -> None:
+    """Acceptance 2: edits at one or several positions of the first and last recurrent layer
+    equal the float64 brute force <= 1e-4, earlier positions bit-for-bit unchanged."""
+    triples = [(0, 9, 1), (1, 9, 1)] if where == "one" else MULTI
+    toks = tokens(vocab, 2, 23, seed=4)
+    with torch.no_grad():
+        assert (brute_logits(hf, toks) - hf(toks).logits.double()).abs().max() <= 1e-4
+    for layer in (model.cfg.recurrent_layers[0], model.cfg.recurrent_layers[-1]):
+        diff, earlier, effect = edit_result(hf, model, layer, hook_name, triples, toks)
+        assert diff <= 1e-4 and earlier and effect > 1e-5, (layer, diff, earlier, effect)
+
+
+def check_generation(hf, model, vocab: int) -> None:
+    """Acceptance 3: 32 greedy tokens equal HF's generate; hooks in generation equal
+    run_with_hooks on the final sequence (and the edit is live)."""
+    assert generation_matches(hf, model, tokens(vocab, 2, 7, seed=9), 32)
+    got = generation_hooks_match(model, tokens(vocab, 2, 8, seed=13))
+    assert got["tokens"] and got["effect"] > 1e-2, got
+    assert got["state"] <= 1e-5 and got["write"] <= 1e-5, got
+
+
+def check_writesae(model, vocab: int) -> None:
+    """WriteSAE on hook_write trains and `evaluate_substitution` gives finite numbers."""
+    got = writesae_runs(model, vocab)
+    assert got["n"] >= 1 and got["finite"] and 0 < len(got["kls"]), got
+    assert got["fve"] == got["fve"]  # a number, not NaN
