@@ -98,19 +98,7 @@ class GatedAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        gate = None
-        if self.output_gate:
-            qg = self.q_proj(x).view(B, T, H, 2 * D)
-            q, gate = qg[..., :D], qg[..., D:]
-        else:
-            q = self.q_proj(x).view(B, T, H, D)
-        k = self.k_proj(x).view(B, T, Hkv, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.hook_q(q), self.hook_k(k)
-        v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
-        if gate is not None:
-            gate = self.hook_gate(gate)
+        q, k, v, gate = self._project(x)
         if self.rotary_dim:
             q, k = self._rope(q, k, run)
 
@@ -174,6 +162,23 @@ class GatedAttention(nn.Module):
         if gate is not None:
             out = out * torch.sigmoid(gate.reshape(B, T, H * D))
         return self.o_proj(out)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """(q, k, v, gate or None) per head, after the q/k norms, through their hooks."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
+        gate = None
+        if self.output_gate:
+            qg = self.q_proj(x).view(B, T, H, 2 * D)
+            q, gate = qg[..., :D], qg[..., D:]
+        else:
+            q = self.q_proj(x).view(B, T, H, D)
+        k = self.k_proj(x).view(B, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.hook_q(q), self.hook_k(k)
+        v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
+        return q, k, v, None if gate is None else self.hook_gate(gate)
 
     def _rope(self, q: Tensor, k: Tensor, run: RunContext) -> tuple[Tensor, Tensor]:
         """RoPE on the first `rotary_dim` channels of q and k at the run's positions."""

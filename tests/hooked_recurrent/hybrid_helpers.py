@@ -290,3 +290,23 @@ def check_writesae(model, vocab: int) -> None:
     got = writesae_runs(model, vocab)
     assert got["n"] >= 1 and got["finite"] and 0 < len(got["kls"]), got
     assert got["fve"] == got["fve"]  # a number, not NaN
+
+
+def check_save_and_convert_back(hf, folder, to_hf_state_dict, vocab: int) -> None:
+    """`save_pretrained` -> `from_pretrained` gives HF's logits <= 1e-4; `to_hf_state_dict` loads
+    back into a fresh HF model of the same config, whose logits are HF's <= 1e-5."""
+    from hooked_recurrent import HookedRecurrentModel
+
+    hf.save_pretrained(folder)
+    model = HookedRecurrentModel.from_pretrained(str(folder))
+    toks = tokens(vocab, 2, 19)
+    with torch.no_grad():
+        ref = hf(toks).logits
+        assert (model(toks) - ref).abs().max() <= 1e-4
+        back = type(hf)(hf.config).eval()
+        sd = to_hf_state_dict(model.state_dict(), model.cfg)
+        missing, unexpected = back.load_state_dict(sd, strict=False)
+        assert set(missing) <= {"lm_head.weight"} and not unexpected  # tied: no lm_head
+        if missing:
+            assert back.lm_head.weight.data_ptr() == back.get_input_embeddings().weight.data_ptr()
+        assert (back(toks).logits - ref).abs().max() <= 1e-5

@@ -94,11 +94,7 @@ def pair(request):
 def test_logits_hidden_states_and_states_match_hf(pair):
     hf, model = pair
     assert 23 % hf.config.mamba_chunk_size
-    d = hh.hf_parity(hf, model, hh.tokens(VOCAB, 3, 23))
-    assert d["logits"] <= 1e-4, d
-    assert max(d["resid_post"]) <= 1e-4, d
-    assert max(d["state"]) <= 1e-5, d
-    assert max(hh.decode_state_diffs(hf, model, hh.tokens(VOCAB, 2, 9, seed=3))) <= 1e-5
+    hh.check_parity(hf, model, VOCAB)
 
 
 def test_parallel_block_hooks(pair):
@@ -122,45 +118,19 @@ def test_parallel_block_hooks(pair):
 @pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
 @pytest.mark.parametrize("where", ["one", "several"])
 def test_edits_propagate_like_brute_force(pair, hook_name, where):
-    hf, model = pair
-    triples = [(0, 9, 1), (1, 9, 1)] if where == "one" else hh.MULTI
-    toks = hh.tokens(VOCAB, 2, 23, seed=4)
-    assert (hh.brute_logits(hf, toks) - hf(toks).logits.double()).abs().max() <= 1e-4
-    for layer in (0, model.cfg.n_layers - 1):
-        diff, earlier, effect = hh.edit_result(hf, model, layer, hook_name, triples, toks)
-        assert diff <= 1e-4 and earlier and effect > 1e-5, (layer, diff, earlier, effect)
+    hh.check_edits(*pair, VOCAB, hook_name, where)
 
 
 def test_greedy_generation_and_hooks_in_generation(pair):
-    hf, model = pair
-    assert hh.generation_matches(hf, model, hh.tokens(VOCAB, 2, 7, seed=9), 32)
-    got = hh.generation_hooks_match(model, hh.tokens(VOCAB, 2, 8, seed=13))
-    assert got["tokens"] and got["effect"] > 1e-2, got
-    assert got["state"] <= 1e-5 and got["write"] <= 1e-5, got
+    hh.check_generation(*pair, VOCAB)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_save_pretrained_loads_and_converts_back(tmp_path, name):
-    from transformers import FalconH1ForCausalLM
-
     from hooked_recurrent.pretrained.falcon_h1 import to_hf_state_dict
 
-    hf = falcon_hf(name, seed=7)
-    hf.save_pretrained(tmp_path)
-    model = HookedRecurrentModel.from_pretrained(str(tmp_path))
-    toks = hh.tokens(VOCAB, 2, 19)
-    with torch.no_grad():
-        ref = hf(toks).logits
-        assert (model(toks) - ref).abs().max() <= 1e-4
-        back = FalconH1ForCausalLM(hf.config).eval()
-        sd = to_hf_state_dict(model.state_dict(), model.cfg)
-        missing, unexpected = back.load_state_dict(sd, strict=False)
-        assert set(missing) <= {"lm_head.weight"} and not unexpected
-        assert (back(toks).logits - ref).abs().max() <= 1e-5
+    hh.check_save_and_convert_back(falcon_hf(name, seed=7), tmp_path, to_hf_state_dict, VOCAB)
 
 
 def test_writesae_trains_and_evaluates(pair):
-    _, model = pair
-    got = hh.writesae_runs(model, VOCAB)
-    assert got["n"] >= 1 and got["finite"] and 0 < len(got["kls"]), got
-    assert got["fve"] == got["fve"]
+    hh.check_writesae(pair[1], VOCAB)

@@ -116,22 +116,9 @@ def test_greedy_generation_and_hooks_in_generation(pair):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_save_pretrained_loads_and_converts_back(tmp_path, name):
-    from transformers import GraniteMoeHybridForCausalLM
-
     from hooked_recurrent.pretrained.granitemoehybrid import to_hf_state_dict
 
-    hf = granite_hf(name, seed=7)
-    hf.save_pretrained(tmp_path)
-    model = HookedRecurrentModel.from_pretrained(str(tmp_path))
-    toks = hh.tokens(VOCAB, 2, 19)
-    with torch.no_grad():
-        ref = hf(toks).logits
-        assert (model(toks) - ref).abs().max() <= 1e-4
-        back = GraniteMoeHybridForCausalLM(hf.config).eval()
-        sd = to_hf_state_dict(model.state_dict(), model.cfg)
-        missing, unexpected = back.load_state_dict(sd, strict=False)
-        assert set(missing) <= {"lm_head.weight"} and not unexpected
-        assert (back(toks).logits - ref).abs().max() <= 1e-5
+    hh.check_save_and_convert_back(granite_hf(name, seed=7), tmp_path, to_hf_state_dict, VOCAB)
 
 
 def test_writesae_trains_and_evaluates(pair):

@@ -85,11 +85,7 @@ def pair(request):
 def test_logits_hidden_states_and_states_match_hf(pair):
     hf, model = pair
     assert 23 % hf.config.chunk_size
-    d = hh.hf_parity(hf, model, hh.tokens(VOCAB, 3, 23))
-    assert d["logits"] <= 1e-4, d
-    assert max(d["resid_post"]) <= 1e-4, d
-    assert max(d["state"]) <= 1e-5, d
-    assert max(hh.decode_state_diffs(hf, model, hh.tokens(VOCAB, 2, 9, seed=3))) <= 1e-5
+    hh.check_parity(hf, model, VOCAB)
 
 
 def test_dt_clamped_below_at_time_step_min():
@@ -157,21 +153,11 @@ def test_moe_router_hooks_match_hf():
 @pytest.mark.parametrize("hook_name", ["hook_write", "hook_state"])
 @pytest.mark.parametrize("where", ["one", "several"])
 def test_edits_propagate_like_brute_force(pair, hook_name, where):
-    hf, model = pair
-    triples = [(0, 9, 1), (1, 9, 1)] if where == "one" else hh.MULTI
-    toks = hh.tokens(VOCAB, 2, 23, seed=4)
-    assert (hh.brute_logits(hf, toks) - hf(toks).logits.double()).abs().max() <= 1e-4
-    for layer in (model.cfg.recurrent_layers[0], model.cfg.recurrent_layers[-1]):
-        diff, earlier, effect = hh.edit_result(hf, model, layer, hook_name, triples, toks)
-        assert diff <= 1e-4 and earlier and effect > 1e-5, (layer, diff, earlier, effect)
+    hh.check_edits(*pair, VOCAB, hook_name, where)
 
 
 def test_greedy_generation_and_hooks_in_generation(pair):
-    hf, model = pair
-    assert hh.generation_matches(hf, model, hh.tokens(VOCAB, 2, 7, seed=9), 32)
-    got = hh.generation_hooks_match(model, hh.tokens(VOCAB, 2, 8, seed=13))
-    assert got["tokens"] and got["effect"] > 1e-2, got
-    assert got["state"] <= 1e-5 and got["write"] <= 1e-5, got
+    hh.check_generation(*pair, VOCAB)
 
 
 def test_both_checkpoint_layouts_load_and_convert_back(tmp_path):
@@ -210,7 +196,4 @@ def test_both_checkpoint_layouts_load_and_convert_back(tmp_path):
 
 
 def test_writesae_trains_and_evaluates(pair):
-    _, model = pair
-    got = hh.writesae_runs(model, VOCAB)
-    assert got["n"] >= 1 and got["finite"] and 0 < len(got["kls"]), got
-    assert got["fve"] == got["fve"]
+    hh.check_writesae(pair[1], VOCAB)
