@@ -183,6 +183,54 @@ def rwkv7_rows(rounds: int) -> list[dict]:
     return out
 
 
+def nemotron_h_rows(rounds: int) -> list[dict]:
+    """A random Nemotron-H: d_model 256, 4 blocks (Mamba-2, MLP, Mamba-2, attention), 8 Mamba
+    heads of 64, state 64, 1 group, chunk 64; the edit on the first Mamba-2 block."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(0)
+    cfg = NemotronHConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        layers_block_type=["linear_attention", "mlp", "linear_attention", "full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1024,
+        ssm_state_size=64,
+        mamba_num_heads=8,
+        mamba_head_dim=64,
+        n_groups=1,
+        chunk_size=64,
+    )
+    hf = NemotronHForCausalLM(cfg).eval()
+    ours = HookedRecurrentModel.from_hf_model(hf)
+    tokens = torch.randint(0, VOCAB - 3, (B, T))
+    edit = [("blocks.0.attn.hook_write", inplace_write_edit(T // 2))]
+    base = "HF `NemotronHForCausalLM` forward"
+    runs = {
+        base: (lambda: hf(tokens, use_cache=False).logits, None),
+        "ours, forward": (lambda: ours(tokens), 1.1),
+        "ours, `run_with_cache()`": (lambda: ours.run_with_cache(tokens), 1.3),
+        "ours, rank-1 `hook_write` edit, 1 layer, 1 position (in place)": (
+            lambda: ours.run_with_hooks(tokens, fwd_hooks=edit),
+            1.5,
+        ),
+    }
+    meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
+    return [
+        dict(
+            model="Nemotron-H",
+            run=k,
+            ms=1e3 * meds[k],
+            against=None if k == base else "HF",
+            ratio=meds[k] / meds[base],
+            target=runs[k][1],
+        )
+        for k in runs
+    ]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | run | median ms | ratio | target | met |",
@@ -197,25 +245,24 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    families = {
+        "qwen3_5": qwen_rows,
+        "qwen3_next": qwen3_next_rows,
+        "kimi_linear": kimi_rows,
+        "mamba2": mamba2_rows,
+        "rwkv7": rwkv7_rows,
+        "nemotron_h": nemotron_h_rows,
+    }
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument(
-        "--only", choices=["qwen3_5", "qwen3_next", "kimi_linear", "mamba2", "rwkv7"], default=None
-    )
+    ap.add_argument("--only", choices=list(families), default=None)
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}, "
         f"load average {os.getloadavg()[0]:.2f}\n"
     )
     rows: list[dict] = []
-    families = (
-        ("qwen3_5", qwen_rows),
-        ("qwen3_next", qwen3_next_rows),
-        ("kimi_linear", kimi_rows),
-        ("mamba2", mamba2_rows),
-        ("rwkv7", rwkv7_rows),
-    )
-    for fam, fn in families:
+    for fam, fn in families.items():
         if args.only in (None, fam):
             rows += fn(args.rounds)
     print(markdown(rows))

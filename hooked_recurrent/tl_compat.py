@@ -61,7 +61,7 @@ _MIXER_HOOKS = (
 def _attn_result_input(cache: ActivationCache, model: Any, layer: int) -> Tensor:
     """What `W_O` of block `layer` reads, per head `[..., head, d_head]` (see the module doc)."""
     z = cache[f"blocks.{layer}.attn.hook_z"]
-    if model.cfg.layer_types[layer] == "attention":
+    if getattr(model.blocks[layer].attn, "gated", False):
         z = z * torch.sigmoid(cache[f"blocks.{layer}.attn.hook_gate"])
     return z
 

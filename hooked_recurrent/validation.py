@@ -37,6 +37,13 @@ _STATE_KEYS = {
     ("olmo_hybrid", "attention"): {"k", "v"},
     ("mamba2", "recurrent"): {"S", "conv"},
     ("rwkv7", "recurrent"): {"S", "shift", "mlp_shift"},
+    ("bamba", "recurrent"): {"S", "conv"},
+    ("bamba", "attention"): {"k", "v"},
+    ("nemotron_h", "recurrent"): {"S", "conv"},
+    ("nemotron_h", "attention"): {"k", "v"},
+    ("falcon_h1", "recurrent"): {"S", "conv", "k", "v"},  # Mamba-2 and attention in parallel
+    ("granitemoehybrid", "recurrent"): {"S", "conv"},
+    ("granitemoehybrid", "attention"): {"k", "v"},
 }
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

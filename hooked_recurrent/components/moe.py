@@ -25,7 +25,8 @@ Hooks (TransformerLens's MoE names where it has them):
   before its weight, in the order of `hook_expert_indices` (expert e's output at a token is the
   slot j where `hook_expert_indices[..., j] == e`). Only the chosen experts run; a dense
   `[.., n_experts, d_model]` tensor would cost n_experts / top_k times the memory.
-* `shared_expert.hook_pre/hook_pre_linear/hook_post` (a `GatedMLP`), `hook_shared_gate`
+* `shared_expert.hook_pre/hook_pre_linear/hook_post` (a `GatedMLP`; a plain `MLP`, without
+  `hook_pre_linear`, when the experts are not gated), `hook_shared_gate`
   `[batch, pos, 1]` (sigmoid of the shared gate, where the family has one) and `hook_shared_out`
   `[batch, pos, d_model]` (the shared expert's contribution, after its gate).
 """
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from hooked_recurrent.components.mlp import GatedMLP
+from hooked_recurrent.components.mlp import MLP, GatedMLP
 from hooked_recurrent.hook_points import RecurrentHookPoint
 
 __all__ = ["MoE", "Experts"]
@@ -122,7 +123,9 @@ class MoE(nn.Module):
             equal groups) whose two best scores sum highest; 1, 1 = no group limit.
         d_shared: hidden width of the shared expert (0: none).
         shared_gate: scale the shared expert by sigmoid(W_shared_gate x) (Qwen).
-        gated, act: the experts' MLP form (see `Experts`).
+        gated, act: the experts' MLP form (see `Experts`); the shared expert has the same form
+            (a `GatedMLP`, or with `gated=False` a plain `MLP` with activation `shared_act`).
+        shared_act: the plain shared expert's activation name (see `mlp.ACTIVATIONS`).
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class MoE(nn.Module):
         shared_gate: bool = False,
         gated: bool = True,
         act: Callable[[Tensor], Tensor] = F.silu,
+        shared_act: str = "relu2",
     ) -> None:
         super().__init__()
         if scoring not in _SCORINGS:
@@ -161,7 +165,11 @@ class MoE(nn.Module):
         else:
             self.score_bias = None
         self.experts = Experts(n_experts, d_model, d_mlp, gated, act)
-        self.shared_expert = GatedMLP(d_model, d_shared) if d_shared else None
+        self.shared_expert = None
+        if d_shared:
+            self.shared_expert = (
+                GatedMLP(d_model, d_shared) if gated else MLP(d_model, d_shared, shared_act)
+            )
         self.W_shared_gate = nn.Linear(d_model, 1, bias=False) if d_shared and shared_gate else None
         self.hook_router_logits = RecurrentHookPoint()  # [batch, pos, n_experts]
         self.hook_expert_indices = RecurrentHookPoint()  # [batch, pos, top_k]

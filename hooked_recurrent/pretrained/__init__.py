@@ -101,6 +101,10 @@ FAMILY_MODULES = (
     "bailing_hybrid",
     "mamba2",
     "rwkv7",
+    "bamba",
+    "nemotron_h",
+    "falcon_h1",
+    "granitemoehybrid",
 )
 
 
