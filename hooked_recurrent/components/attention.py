@@ -53,8 +53,9 @@ def attend(
     scale: float | None = None,
 ) -> Float[Tensor, "batch pos head d_v"]:
     """softmax(q k^T * scale + causal mask) v (scale 1 / sqrt(d_qk) unless given), continuing
-    the KV cache of `mod.layer` in `run` (and saving it there), with padding masks; the scores and the pattern go through
-    `mod.hook_attn_scores` / `mod.hook_pattern` (then computed explicitly, else fused).
+    the KV cache of `mod.layer` in `run` (and saving it there), with padding masks; the scores
+    and the pattern go through `mod.hook_attn_scores` / `mod.hook_pattern` (then computed
+    explicitly, else fused).
     Key/value heads are shared by consecutive query heads (GQA)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
