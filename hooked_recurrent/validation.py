@@ -30,6 +30,8 @@ _STATE_KEYS = {
     ("qwen3_5", "recurrent"): {"S", "conv"},
     ("qwen3_5", "attention"): {"k", "v"},
     ("mamba2", "recurrent"): {"S", "conv"},
+    ("mamba", "recurrent"): {"S", "conv"},
+    ("falcon_mamba", "recurrent"): {"S", "conv"},
     ("rwkv7", "recurrent"): {"S", "shift", "mlp_shift"},
 }
 

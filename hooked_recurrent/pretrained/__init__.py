@@ -85,7 +85,7 @@ def register_family(family: Family) -> Family:
 
 
 #: the modules that register a family when imported (add a new family's module here)
-FAMILY_MODULES = ("qwen3_5", "mamba2", "rwkv7")
+FAMILY_MODULES = ("qwen3_5", "mamba2", "rwkv7", "mamba1")
 
 
 def _load_families() -> None:
