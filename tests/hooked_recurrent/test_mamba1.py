@@ -144,7 +144,7 @@ def test_mamba_ssm_layout_loads(tmp_path):
     backbone.embedding.weight, a padded vocabulary and a tied head (saved under both names)."""
     pad, vocab = 8, 99  # padded to 104
     padded = -(-vocab // pad) * pad
-    hf = mamba1_hf("mamba", seed=5, vocab=padded)
+    hf = mamba1_hf("mamba", seed=5, vocab=padded, time_step_rank="auto")
     c = hf.config
     config = {
         "d_model": c.hidden_size,
@@ -231,11 +231,15 @@ def _edit_cases(model):
     return out
 
 
-@pytest.mark.parametrize("layer", [0, -1])
-def test_edits_propagate_like_brute_force(pair, layer):
+#: the layer edited by test_edits_propagate_like_brute_force, per model type (the multi-position
+#: edits take the last layer)
+EDIT_LAYER = {"mamba": 0, "falcon_mamba": 1}
+
+
+def test_edits_propagate_like_brute_force(pair):
     hf, model = pair
     toks = tokens(2, 28, seed=4)
-    li = layer % model.cfg.n_layers
+    li = EDIT_LAYER[hf.config.model_type]
     with torch.no_grad():
         clean = model(toks)
         for case, hook_name, hook, ref in _edit_cases(model):
