@@ -2,10 +2,10 @@
 
     python benchmarks/forward.py [--rounds 15] [--only FAMILY]
 
-Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention),
-batch 4, seq 256, float32, median of interleaved rounds after one warm-up round. The write edit
-is timed with the hook editing in place and returning its input (the TransformerLens idiom) and,
-for comparison, with a hook that returns an edited copy.
+Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention;
+Mamba-1: expand 2, state 16), batch 4, seq 256, float32, median of interleaved rounds after one
+warm-up round. The write edit is timed with the hook editing in place and returning its input
+(the TransformerLens idiom) and, for comparison, with a hook that returns an edited copy.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    bench_mamba1,
     bench_qwen,
     bridge_for,
     interleaved_medians,
     rank1_write_edit,
 )
+from torch import Tensor  # noqa: E402
 
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
 
@@ -43,15 +45,16 @@ def inplace_write_edit(position: int, head: int = 0, scale: float = 0.1):
     return hook
 
 
-def qwen_rows(rounds: int) -> list[dict]:
-    hf = bench_qwen(VOCAB)
+def hf_rows(label: str, hf, name: str, rounds: int) -> tuple[list[dict], object, Tensor]:
+    """The rows of one family against its `transformers` model: forward, `run_with_cache()`, a
+    rank-1 edit of the `hook_write` called `name` (in place, and on a copy), and TransformerLens's
+    bridge. Returns (rows, our model, the tokens)."""
     ours = HookedRecurrentModel.from_hf_model(hf)
     bridge = bridge_for(hf, VOCAB)
     tokens = torch.randint(0, VOCAB - 3, (B, T))
-    name = "blocks.1.attn.hook_write"
     in_place = [(name, inplace_write_edit(T // 2))]
     clone = [(name, rank1_write_edit(T // 2))]
-    base = "HF `Qwen3_5ForCausalLM` forward"
+    base = f"HF `{type(hf).__name__}` forward"
     runs = {
         base: (lambda: hf(tokens, use_cache=False).logits, None),
         "ours, forward": (lambda: ours(tokens), 1.1),
@@ -73,7 +76,7 @@ def qwen_rows(rounds: int) -> list[dict]:
     meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
     rows = [
         dict(
-            model="Qwen3.5",
+            model=label,
             run=k,
             ms=1e3 * meds[k],
             against=None if k == base else "HF",
@@ -82,7 +85,17 @@ def qwen_rows(rounds: int) -> list[dict]:
         )
         for k in runs
     ]
+    return rows, ours, tokens
+
+
+def qwen_rows(rounds: int) -> list[dict]:
+    name = "blocks.1.attn.hook_write"
+    rows, ours, tokens = hf_rows("Qwen3.5", bench_qwen(VOCAB), name, rounds)
     return rows + backward_rows(ours, tokens, name, rounds)
+
+
+def mamba1_rows(rounds: int) -> list[dict]:
+    return hf_rows("Mamba-1", bench_mamba1(VOCAB), "blocks.2.attn.hook_write", rounds)[0]
 
 
 def backward_rows(ours, tokens, name: str, rounds: int) -> list[dict]:
@@ -179,14 +192,20 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--only", choices=["qwen3_5", "mamba2", "rwkv7"], default=None)
+    ap.add_argument("--only", choices=["qwen3_5", "mamba2", "rwkv7", "mamba"], default=None)
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}, "
         f"load average {os.getloadavg()[0]:.2f}\n"
     )
     rows: list[dict] = []
-    for fam, fn in (("qwen3_5", qwen_rows), ("mamba2", mamba2_rows), ("rwkv7", rwkv7_rows)):
+    families = (
+        ("qwen3_5", qwen_rows),
+        ("mamba2", mamba2_rows),
+        ("rwkv7", rwkv7_rows),
+        ("mamba", mamba1_rows),
+    )
+    for fam, fn in families:
         if args.only in (None, fam):
             rows += fn(args.rounds)
     print(markdown(rows))
