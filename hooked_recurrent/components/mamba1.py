@@ -46,7 +46,7 @@ from hooked_recurrent.mixer import RecurrentMixer
 from hooked_recurrent.recurrence import Transition, chunked_reads, zero_write_response
 from hooked_recurrent.state import RunContext
 
-__all__ = ["Mamba1Mixer", "BCDT_NORMS"]
+__all__ = ["Mamba1Mixer"]
 
 #: the norm on dt~, B and C: none (Mamba), RMSNorm without weights (Falcon-Mamba), RMSNorm with
 #: weights (Jamba)
