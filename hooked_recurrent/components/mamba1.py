@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from hooked_recurrent.components.conv import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
-from hooked_recurrent.recurrence import Transition, chunked_reads, zero_write_response
+from hooked_recurrent.recurrence import Propagation, Transition, chunked_reads
 from hooked_recurrent.state import RunContext
 
 __all__ = ["Mamba1Mixer"]
@@ -114,18 +114,6 @@ class Mamba1Mixer(RecurrentMixer):
         self.hook_z = RecurrentHookPoint()  # [batch, pos, 1, d_inner]
         self.hook_out = RecurrentHookPoint()  # [batch, pos, d_model]
 
-    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_inner"]:
-        """W_O of the single state head: the output projection (it reads all d_inner channels)."""
-        if head != 0:
-            raise ValueError(f"Mamba-1 has one state head (0), not {head}")
-        return self.W_out.weight
-
-    def transition_from_cache(self, cache, head: int) -> Transition:
-        """The head's transitions A_t (an elementwise decay), rebuilt from the cached
-        `hook_decay`."""
-        p = self.hook_decay.name.rsplit(".", 1)[0]
-        return Transition(cache[f"{p}.hook_decay"][:, :, head].double())
-
     def _dt_B_C(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(dt~, B, C) = W_x x, with the family's norm on each (float32)."""
         dt, B, C = self.W_x(x).float().split((self.dt_rank, self.d_state, self.d_state), dim=-1)
@@ -166,20 +154,19 @@ class Mamba1Mixer(RecurrentMixer):
         decay = self.hook_decay(torch.exp(dt[..., None, :] * A))  # [b, T, 1, d_state, d_inner]
 
         S0 = None if past is None else past["S"]
-        transition = Transition(decay)
 
         def rule(decay: Tensor, q: Tensor, k: Tensor, v: Tensor, S0: Tensor | None) -> tuple:
             return chunked_reads(Transition(decay), q, k, v, S0, self.chunk_size)
 
         o, S_T = self.recur(
             lambda: rule(decay, q, k, v, S0),
-            transition,
+            self.make_transition(decay),
             q,
             k,
             v,
             S0,
-            response=zero_write_response(rule, (decay, q, k, v), {3}),
-            run=run,
+            Propagation.from_rule(rule, (decay, q, k, v), {3}),
+            run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o)
