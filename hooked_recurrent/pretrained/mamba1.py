@@ -61,7 +61,8 @@ class Mamba1Config(HookedRecurrentConfig):
         eps: epsilon of the block norms and norm_f [layer_norm_epsilon; 1e-5].
         use_conv_bias: [use_conv_bias; conv_bias].
         use_bias: bias on in_proj and out_proj [use_bias; bias].
-        bcdt_norm: the norm on dt, B, C: "none" (Mamba), "weightless" (Falcon-Mamba).
+        bcdt_norm: the norm on dt, B, C: "none" (Mamba), "weightless" (Falcon-Mamba), "weighted"
+            (Jamba's mixer).
         bcdt_eps: its epsilon [mixer_rms_eps].
         chunk_size: chunk length of the fast path; None picks about sqrt(T).
         tie_word_embeddings: unembedding = embedding [tie_word_embeddings; tie_embeddings].
@@ -215,16 +216,25 @@ MIXER_MAP = {
     "attn.D": "mixer.D",
     "attn.W_out.weight": "mixer.out_proj.weight",
 }
+#: the weighted RMSNorm on dt, B, C (`bcdt_norm="weighted"`, Jamba's mixer)
+_BCDT_NORMS = {
+    "attn.dt_norm_w": "mixer.dt_layernorm.weight",
+    "attn.B_norm_w": "mixer.b_layernorm.weight",
+    "attn.C_norm_w": "mixer.c_layernorm.weight",
+}
 _CONV_BIAS = {"attn.conv_b": "mixer.conv1d.bias"}
 _PROJ_BIAS = {"attn.W_in.bias": "mixer.in_proj.bias", "attn.W_out.bias": "mixer.out_proj.bias"}
 
 
 def mixer_map(cfg: Any) -> dict[str, str]:
-    """The mixer's weight names (ours -> theirs) for a config with `use_conv_bias`, `use_bias`."""
+    """The mixer's weight names (ours -> theirs, after "blocks.{l}." and the source's layer
+    prefix) for a config with `use_conv_bias`, `use_bias` and `bcdt_norm`; a hybrid family whose
+    layers name the mixer otherwise (Jamba: "mamba.") replaces the leading "mixer."."""
     return {
         **MIXER_MAP,
         **(_CONV_BIAS if cfg.use_conv_bias else {}),
         **(_PROJ_BIAS if cfg.use_bias else {}),
+        **(_BCDT_NORMS if cfg.bcdt_norm == "weighted" else {}),
     }
 
 

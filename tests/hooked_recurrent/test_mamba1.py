@@ -428,3 +428,51 @@ def test_write_sae_trains_and_evaluates(pair):
     assert res.n >= 6
     assert all(math.isfinite(x) for x in res.kl["atom"] + res.kl["delete"])
     assert 0.0 <= res.win_rate_vs_delete <= 1.0
+
+
+# ---------------------------------------------------------------- Jamba's mixer
+def test_weighted_bcdt_norm_mixer_matches_jamba_mamba_mixer():
+    """The same mixer with bcdt_norm="weighted" (and biases on the projections) is Jamba's
+    Mamba layer: its output equals transformers' JambaMambaMixer on the same weights (converted
+    with the family's weight map), every weight used (strict load)."""
+    from types import SimpleNamespace
+
+    from transformers import JambaConfig
+    from transformers.models.jamba.modeling_jamba import JambaMambaMixer
+
+    from hooked_recurrent.components.mamba1 import Mamba1Mixer
+    from hooked_recurrent.pretrained.mamba1 import mixer_map
+    from hooked_recurrent.state import RunContext
+
+    config = JambaConfig(
+        hidden_size=24,
+        mamba_d_state=6,
+        mamba_expand=2,
+        mamba_d_conv=3,
+        mamba_dt_rank=4,
+        mamba_proj_bias=True,
+        rms_norm_eps=1e-5,
+        num_hidden_layers=1,
+    )
+    torch.manual_seed(3)
+    hf = JambaMambaMixer(config, 0).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name in ("A_log", "D") or name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    ours = Mamba1Mixer(0, 24, 48, 6, 4, 3, use_bias=True, bcdt_norm="weighted", bcdt_eps=1e-5)
+    flags = SimpleNamespace(use_conv_bias=True, use_bias=True, bcdt_norm="weighted")
+    theirs = hf.state_dict()
+    sd = {}
+    for k, v in mixer_map(flags).items():
+        t = theirs[v.removeprefix("mixer.")]
+        sd[k.removeprefix("attn.")] = t[:, 0, :] if k == "attn.conv_w" else t
+    ours.load_state_dict(sd)
+    x = torch.randn(2, 23, 24, generator=g)
+    with torch.no_grad():
+        ref = hf(x)
+        got = ours(x, RunContext(positions=torch.arange(23)))
+    assert (got - ref).abs().max() <= 1e-5
