@@ -181,3 +181,21 @@ def bench_kimi(vocab: int = 512):
         bos_token_id=None,
     )
     return KimiLinearForCausalLM(cfg).eval()
+
+
+def bench_mamba1(vocab: int = 512):
+    """The Mamba-1 of the benchmarks: d_model 256, 4 layers, expand 2, state 16."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MambaConfig(
+        vocab_size=vocab,
+        hidden_size=256,
+        num_hidden_layers=4,
+        state_size=16,
+        expand=2,
+        pad_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        bos_token_id=vocab - 1,
+    )
+    return MambaForCausalLM(cfg).eval()

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 from common import (  # noqa: E402
     bench_kimi,
+    bench_mamba1,
     bench_qwen,
     bench_qwen3_next,
     bridge_for,
@@ -58,6 +59,11 @@ def qwen_rows(rounds: int) -> list[dict]:
 def qwen3_next_rows(rounds: int) -> list[dict]:
     hf = bench_qwen3_next(VOCAB)
     return gdn_rows(hf, "Qwen3-Next (MoE)", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
+def mamba1_rows(rounds: int) -> list[dict]:
+    hf = bench_mamba1(VOCAB)
+    return gdn_rows(hf, "Mamba-1", torch.randint(0, VOCAB - 3, (B, T)), rounds)
 
 
 def kimi_rows(rounds: int) -> list[dict]:
@@ -252,6 +258,7 @@ def main() -> None:
         "mamba2": mamba2_rows,
         "rwkv7": rwkv7_rows,
         "nemotron_h": nemotron_h_rows,
+        "mamba1": mamba1_rows,
     }
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)

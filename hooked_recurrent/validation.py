@@ -36,6 +36,8 @@ _STATE_KEYS = {
     ("olmo_hybrid", "recurrent"): {"S", "conv"},
     ("olmo_hybrid", "attention"): {"k", "v"},
     ("mamba2", "recurrent"): {"S", "conv"},
+    ("mamba", "recurrent"): {"S", "conv"},
+    ("falcon_mamba", "recurrent"): {"S", "conv"},
     ("rwkv7", "recurrent"): {"S", "shift", "mlp_shift"},
     ("bamba", "recurrent"): {"S", "conv"},
     ("bamba", "attention"): {"k", "v"},

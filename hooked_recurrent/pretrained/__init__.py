@@ -105,6 +105,7 @@ FAMILY_MODULES = (
     "nemotron_h",
     "falcon_h1",
     "granitemoehybrid",
+    "mamba1",
 )
 
 

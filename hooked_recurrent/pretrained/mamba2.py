@@ -107,8 +107,13 @@ def _limit(pair: Any) -> tuple[float, float]:
 
 
 def is_mamba_ssm_config(config: dict[str, Any]) -> bool:
-    """True for an original `mamba_ssm` config.json (`d_model`, `n_layer`, `ssm_cfg`)."""
-    return "model_type" not in config and {"d_model", "n_layer", "ssm_cfg"} <= set(config)
+    """True for an original `mamba_ssm` config.json of a Mamba-2 model (`d_model`, `n_layer`,
+    `ssm_cfg` with "layer": "Mamba2"; Mamba-1 configs belong to `pretrained/mamba1.py`)."""
+    return (
+        "model_type" not in config
+        and {"d_model", "n_layer", "ssm_cfg"} <= set(config)
+        and (config.get("ssm_cfg") or {}).get("layer") == "Mamba2"
+    )
 
 
 def _from_mamba_ssm(config: dict[str, Any]) -> Mamba2Config:
@@ -166,7 +171,7 @@ def _from_mamba_ssm(config: dict[str, Any]) -> Mamba2Config:
 
 def config_from_hf(config: dict[str, Any]) -> Mamba2Config:
     """Our config from a Hugging Face `Mamba2Config` dict or a `mamba_ssm` config.json dict."""
-    if is_mamba_ssm_config(config):
+    if "model_type" not in config and {"d_model", "n_layer"} <= set(config):
         return _from_mamba_ssm(config)
     d_inner = int(config.get("expand", 2) * config["hidden_size"])
     H, P = config["num_heads"], config["head_dim"]
