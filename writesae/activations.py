@@ -18,7 +18,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard, cast
 
 import torch
 from jaxtyping import Float
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hooked_recurrent.validation import model_fingerprint
 from writesae.fileio import atomic_dir, check_target, partial_dir
-from writesae.protocols import CacheLike, ModelLike
+from writesae.protocols import CacheLike, ModelLike, TextModelLike, mixer
 
 __all__ = [
     "WriteFactors",
@@ -53,7 +53,7 @@ class WriteFactors(NamedTuple):
     value: Float[Tensor, "B d_v"]
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -69,8 +69,9 @@ def _take(data: Tensor | WriteFactors, idx: Tensor) -> Tensor | WriteFactors:
 
 def _cat(parts: Sequence[Tensor | WriteFactors]) -> Tensor | WriteFactors:
     if isinstance(parts[0], WriteFactors):
-        return WriteFactors(torch.cat([p.key for p in parts]), torch.cat([p.value for p in parts]))
-    return torch.cat(list(parts))
+        fs = cast(Sequence[WriteFactors], parts)
+        return WriteFactors(torch.cat([p.key for p in fs]), torch.cat([p.value for p in fs]))
+    return torch.cat(list(cast(Sequence[Tensor], parts)))
 
 
 class TensorSource:
@@ -187,7 +188,7 @@ def write_factor_hooks(model: ModelLike, layer: int) -> list[str]:
     ``hook_v`` and the mixer's write strength (``hook_beta``, ``hook_dt``) where it has one."""
     prefix = f"blocks.{layer}.attn"
     names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
-    strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
+    strength = mixer(model, layer).write_strength_hook
     if strength is not None:
         names.append(f"{prefix}.{strength}")
     return names
@@ -267,7 +268,7 @@ class ModelSource:
 
     def __init__(
         self,
-        model: ModelLike,
+        model: TextModelLike,
         texts: Iterable[Any],
         layer: int,
         head: int,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -38,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hooked_recurrent.recurrence import Transition
 from hooked_recurrent.state import RecurrentState
 from writesae.activations import write_factors
-from writesae.protocols import CacheLike, HookLike, ModelLike, ReadoutModelLike
+from writesae.protocols import CacheLike, ModelLike, ReadoutModelLike, mixer
 
 __all__ = [
     "EPS_SCALES",
@@ -94,7 +95,7 @@ def read_response(
     q = q[rows]
     u, w = u.double(), w.double()
     if propagator == "exact":
-        tr = model.blocks[layer].attn.transition_from_cache(cache, head)  # [batch, pos, ...]
+        tr = mixer(model, layer).transition_from_cache(cache, head)  # [batch, pos, ...]
     elif propagator == "gate":
         tr = Transition(cache[f"{p}.hook_decay"][:, :, head].double())
     else:
@@ -169,7 +170,7 @@ def read_jvp(
     """
     name = f"blocks.{layer}.attn.hook_read"
 
-    def dual(read: Tensor, hook: HookLike) -> Tensor:
+    def dual(read: Tensor, hook: Any) -> Tensor:  # a RecurrentHookPoint: reads hook.positions
         # the read's position axis starts at `start` (state continued) or at 0 (whole sequence)
         i0 = start - int(hook.positions[0]) if read.shape[1] > tokens.shape[1] - start else 0
         t = torch.zeros_like(read)
@@ -189,7 +190,7 @@ def direct_readout(
     model: ReadoutModelLike, layer: int, head: int, w: Float[Tensor, "n d_v"], token: Tensor
 ) -> Tensor:
     """<W_O^(h) w, W_U[tok]> for `w` `[n, d_v]` and tokens `[n]` or `[n, m]` (float64)."""
-    W_O = model.blocks[layer].attn.head_output_weight(head).double()  # [d_model, d_v]
+    W_O = mixer(model, layer).head_output_weight(head).double()  # [d_model, d_v]
     W_U = model.unembed.weight.double()  # [vocab, d_model]
     out = w.double() @ W_O.T  # [n, d_model]
     if token.dim() == 1:

@@ -9,10 +9,9 @@ evaluation or an intervention reads, so a reader does not have to chase `Any`. T
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, cast, no_type_check, runtime_checkable
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -22,6 +21,9 @@ __all__ = [
     "ModelLike",
     "ConfiguredModelLike",
     "ReadoutModelLike",
+    "TextModelLike",
+    "GeneratingModelLike",
+    "mixer",
     "HookLike",
     "CacheLike",
     "MixerLike",
@@ -51,12 +53,18 @@ class CacheLike(Protocol):
 
 
 class MixerLike(Protocol):
-    """A recurrent layer's mixer (`model.blocks[l].attn`), as the evaluations read it."""
+    """A recurrent layer's mixer (`model.blocks[l].attn`, see :func:`mixer`), as the evaluations
+    read it (a `hooked_recurrent.RecurrentMixer`)."""
 
     n_heads: int
+    write_strength_hook: str | None
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
         """The output projection of one head, ``W_O`` [d_model, d_v]."""
+        ...
+
+    def transition_from_cache(self, cache: Any, head: int) -> Any:
+        """One head's transitions A_t (a `hooked_recurrent.recurrence.Transition`)."""
         ...
 
 
@@ -70,6 +78,13 @@ class ModelLike(Protocol):
     @property
     def hook_dict(self) -> Mapping[str, nn.Module]:
         """Every hook point by name."""
+        ...
+
+    __call__: Callable[..., Any]  # a forward pass
+
+    @property
+    def forward(self) -> Callable[..., Any]:
+        """The forward pass (its signature says whether the model takes a ``state``)."""
         ...
 
     def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any:
@@ -90,11 +105,40 @@ class ConfiguredModelLike(ModelLike, Protocol):
 
 
 @runtime_checkable
+class TextModelLike(ModelLike, Protocol):
+    """A :class:`ModelLike` that tokenises text (``to_tokens``)."""
+
+    @property
+    def to_tokens(self) -> Callable[..., Any]:
+        """Token ids ``[1, pos]`` of a text."""
+        ...
+
+
+@runtime_checkable
 class ReadoutModelLike(ModelLike, Protocol):
     """A :class:`ModelLike` with an unembedding ``unembed`` (``unembed.weight`` [vocab,
     d_model]): what the closed-form and install evaluations read logits through."""
 
-    unembed: nn.Module
+    @property
+    def unembed(self) -> nn.Linear:
+        """The unembedding layer."""
+        ...
+
+
+@runtime_checkable
+class GeneratingModelLike(ReadoutModelLike, Protocol):
+    """A :class:`ReadoutModelLike` that decodes (``generate``, with ``fwd_hooks``)."""
+
+    @property
+    def generate(self) -> Callable[..., Any]:
+        """Greedy or sampled continuation token ids (with ``fwd_hooks``)."""
+        ...
+
+
+@no_type_check  # for the type checker only: the test suites' stub mixers carry a part of it
+def mixer(model: ModelLike, layer: int) -> MixerLike:
+    """Layer ``layer``'s mixer, ``model.blocks[layer].attn``."""
+    return cast(MixerLike, model.blocks[layer].attn)
 
 
 @runtime_checkable
@@ -104,8 +148,15 @@ class SAELike(Protocol):
     Every SAE kind of `writesae.saes` (subclasses of `BaseSAE`) has these members.
     """
 
-    cfg: WriteSAEConfig
-    b_enc: torch.nn.Parameter
+    @property
+    def cfg(self) -> WriteSAEConfig:
+        """The SAE's config (its cell, sizes and input kind)."""
+        ...
+
+    @property
+    def b_enc(self) -> Tensor:
+        """The encoder bias (its dtype is the SAE's)."""
+        ...
 
     def encode(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
         """Sparse codes of state or write matrices."""

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hooked_recurrent import HookedRecurrentModel
 from writesae.evaluate import (
     ClosedFormResult,
     InstallResult,
@@ -16,7 +17,7 @@ from writesae.evaluate import (
     sae_codes,
     sae_layer,
 )
-from writesae.protocols import ModelLike, SAELike
+from writesae.protocols import SAELike
 from writesae.train import TrainMetrics
 
 __all__ = [
@@ -190,7 +191,7 @@ def plot_training(metrics: TrainMetrics, path: Path) -> Path:
 
 @torch.no_grad()
 def top_atom_contexts(
-    model: ModelLike,
+    model: HookedRecurrentModel,
     sae: SAELike,
     tokens: torch.Tensor,
     n_atoms: int = 8,

@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -46,7 +46,7 @@ from writesae.activations import WriteFactors
 from writesae.checkpoint import TrainingInterrupted, load_checkpoint, save_checkpoint
 from writesae.config import TrainConfig
 from writesae.factor_loss import aux_rank1_sq_error
-from writesae.saes import BaseSAE, SAEOutput, WriteSAE
+from writesae.saes import BaseSAE, FlatSAE, SAEOutput, WriteSAE
 
 __all__ = [
     "TrainMetrics",
@@ -85,7 +85,7 @@ class TrainMetrics:
         return self.n_samples / self.elapsed_s if self.elapsed_s > 0 else math.nan
 
     @property
-    def final(self) -> dict[str, float]:
+    def final(self) -> dict[str, int | float]:
         """Last recorded value of every per-step metric."""
         names = ("step", "fve", "l0", "dead_fraction", "mse", "aux_loss", "lr")
         return {n: getattr(self, n)[-1] for n in names if getattr(self, n)}
@@ -166,8 +166,7 @@ def _fired(out: SAEOutput, n: int) -> Tensor:
 def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainConfig) -> StepResult:
     """Loss of one batch (module docstring); ``dead`` is a bool mask [n_atoms] or None."""
     n, d_in = sae.cfg.n_atoms, sae.cfg.d_in
-    factors = isinstance(b, WriteFactors)
-    if factors:
+    if isinstance(b, WriteFactors):
         out, sq_err = sae.factor_loss(b.key, b.value)
     else:
         out = sae.run(b)
@@ -178,18 +177,18 @@ def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainCo
         ka = min(cfg.aux_k, int(dead.sum()))
         # choose the aux atoms without autograd; recompute only their pre-activations with it
         zi = out.pre.detach().masked_fill(~dead, -math.inf).topk(ka, dim=-1).indices
-        if factors:
+        if isinstance(b, WriteFactors):
             z = torch.relu(sae.pre_acts_factors_at(b.key, b.value, zi))
         else:
             z = torch.relu(sae.pre_acts_at(b, zi))
-        if factors and isinstance(sae, WriteSAE):
+        if isinstance(b, WriteFactors) and isinstance(sae, WriteSAE):
             vals, idx = _active(out, n)
             aux_err = aux_rank1_sq_error(
                 b.key, b.value, vals, idx, z, zi, dead, sq_err, sae.W_dec_key, sae.W_dec_value,
                 sae.b_dec,
             )  # fmt: skip
         else:
-            x = b.key[..., :, None] * b.value[..., None, :] if factors else b
+            x = b.key[..., :, None] * b.value[..., None, :] if isinstance(b, WriteFactors) else b
             recon = out.recon
             if recon is None:
                 vals, idx = _active(out, n)
@@ -206,7 +205,7 @@ def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainCo
 @torch.no_grad()
 def _resample(
     sae: BaseSAE,
-    opt: torch.optim.Adam,
+    opt: torch.optim.Optimizer,
     b: Batch,
     sq_err: Tensor,
     dead: Tensor,
@@ -253,13 +252,14 @@ def _resample(
             sae.W_enc[:, dead_idx] = (s * mean_alive_norm(sae.W_enc, 0) * atom).T
             touched.append((sae.W_enc, 1))
     else:
+        flat = cast(FlatSAE, sae)
         if mats is None:
             mats = u1[:, :, None] * w1[:, None, :]
         vec = mats.flatten(-2)
         vec = vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        sae.W_dec[dead_idx] = vec
-        sae.W_enc[:, dead_idx] = (s * mean_alive_norm(sae.W_enc, 0) * vec).T
-        touched += [(sae.W_dec, 0), (sae.W_enc, 1)]
+        flat.W_dec[dead_idx] = vec
+        flat.W_enc[:, dead_idx] = (s * mean_alive_norm(flat.W_enc, 0) * vec).T
+        touched += [(flat.W_dec, 0), (flat.W_enc, 1)]
     sae.b_enc[dead_idx] = 0
     touched.append((sae.b_enc, 0))
     for param, axis in touched:
@@ -462,8 +462,8 @@ def _signals_to(stop: list[int], on: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        for num, h in handlers.items():
+            signal.signal(num, h)
 
 
 def train(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import typer
@@ -75,7 +75,7 @@ def run_evaluations(
         decay = median_decays(m, tokens[:32])[(layer, head)]
         results["cell"] = dict(layer=layer, head=head, median_decay=decay, how="the SAE's cell")
     timings: dict[str, float] = {}
-    other = dict(allow_other_model=allow_other_model)
+    other: dict[str, Any] = dict(allow_other_model=allow_other_model)
     if which[0]:
         sub = _timed(timings, "substitution", lambda: evaluate_substitution(
             m, sae, tokens, max_firings=firings, positions_per_prompt=max(1, tokens.shape[1] // 4),
@@ -142,7 +142,7 @@ def evaluate(
     if not sae.is_dir():
         raise typer.BadParameter(f"{sae} is not a folder", param_hint="--sae")
     check_out(out, overwrite, "report folder")
-    s = WriteSAE.load(sae)
+    s = cast(WriteSAE, WriteSAE.load(sae))  # load checks the class
     name = model or s.cfg.model_name
     if not name:
         raise typer.BadParameter("the SAE records no model; pass --model")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from hooked_recurrent.components.gated_deltanet import GatedDeltaNet
 from writesae.evaluate.common import check_model, sae_layer
-from writesae.protocols import HookLike, ReadoutModelLike, SAELike
+from writesae.protocols import GeneratingModelLike, HookLike, ReadoutModelLike, SAELike, mixer
 from writesae.stats import wilson
 
 __all__ = [
@@ -35,7 +35,7 @@ def target_direction(
 ) -> Float[Tensor, " d_v"]:
     """v*_T = W_O^(h)T W_U[T] / ||.||: the value-side direction that most raises token T's logit
     through the direct path."""
-    W_O = model.blocks[layer].attn.head_output_weight(head).float()
+    W_O = mixer(model, layer).head_output_weight(head).float()
     v = W_O.T @ model.unembed.weight[token].float()
     return v / v.norm().clamp_min(1e-12)
 
@@ -100,10 +100,13 @@ def install_geometry(
         return r + box["d_resid"]
 
     last = f"blocks.{len(model.blocks) - 1}.hook_resid_post"
-    hooks = [(f"{prefix}.hook_read", on_read), (last, on_resid)]
-    mixer = model.blocks[layer].attn
-    gdn = isinstance(mixer, GatedDeltaNet)  # per-head gated RMSNorm: o -> norm_w rms(o) silu(z)
-    if gdn:
+    hooks: list[tuple[str, Callable[[Tensor, HookLike], Tensor]]] = [
+        (f"{prefix}.hook_read", on_read),
+        (last, on_resid),
+    ]
+    attn = model.blocks[layer].attn
+    gdn = attn if isinstance(attn, GatedDeltaNet) else None  # per-head gated RMSNorm on the read
+    if gdn is not None:
         hooks.append((f"{prefix}.hook_gate", _keep(box, "gate")))
     logits = model.run_with_hooks(seq, fwd_hooks=hooks)[0].float()  # [pos, vocab]
     window = slice(start, start + positions)
@@ -114,10 +117,10 @@ def install_geometry(
     lg = logits[start].detach()
     top = int(lg.argmax())
     bound = float("nan")
-    if gdn:
+    if gdn is not None:
         gap_logit = logits[start, target] - logits[start, top]
         (g_res,) = torch.autograd.grad(gap_logit, box["d_resid"])
-        bound = _gap_bound(mixer, head, box, g_res, start)
+        bound = _gap_bound(gdn, head, box, g_res, start)
     return dict(direction=direction.detach(), gap=float(lg[top] - lg[target]), bound=bound, top=top)
 
 
@@ -198,7 +201,7 @@ def _install_hooks(
 
 
 def _trial(
-    model: ReadoutModelLike,
+    model: GeneratingModelLike,
     prompt: Tensor,
     native: Tensor,
     target: int,
@@ -239,11 +242,11 @@ def _trial(
     )
 
 
-def _median(values: Sequence[float]) -> float:
+def _median(values: Sequence[int | float]) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
-def _mean(values: Sequence[float]) -> float:
+def _mean(values: Sequence[int | float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
@@ -275,7 +278,7 @@ def _install_result(trials: list[dict[str, Any]], settings: dict[str, Any]) -> I
 
 @torch.no_grad()
 def evaluate_install(
-    model: ReadoutModelLike,
+    model: GeneratingModelLike,
     sae_or_direction: SAELike | Tensor,
     prompts: Int[Tensor, "batch pos"],
     targets: Sequence[int] | None = None,

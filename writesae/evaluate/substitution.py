@@ -318,7 +318,7 @@ def _collect(
     sae: SAELike,
     tokens: Tensor,
     batch_size: int,
-    limit: float,
+    limit: int | float,
     progress: bool,
 ) -> _Firings:
     """Run every condition at every firing (up to `limit`), prompts in batches advancing from one

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -74,6 +74,8 @@ class BaseSAE(nn.Module):
     """Shared encode/sparsify/decode logic, persistence and intervention hooks."""
 
     kind: ClassVar[str] = ""
+    b_enc: nn.Parameter  # [n_atoms], every kind has an encoder bias
+    b_dec: nn.Parameter | None  # [d_k, d_v], when cfg.decoder_bias
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -284,6 +286,7 @@ class BaseSAE(nn.Module):
                     f"{name} has shape {tuple(t.shape)}; the SAE needs [..., {d}] "
                     f"({'d_k' if name == 'key' else 'd_v'} = {d})"
                 )
+        key, value = cast(Tensor, key), cast(Tensor, value)
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(
                 f"key {tuple(key.shape)} and value {tuple(value.shape)} have different leading "
