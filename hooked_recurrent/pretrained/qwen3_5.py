@@ -381,6 +381,10 @@ FAMILY = register_family(
         build_block=build_block,
         build_final_norm=build_final_norm,
         ignored_prefixes=("model.visual.", "visual.", "mtp."),
+        checkpoints=("Qwen/Qwen3.5-0.8B (0.8B)", "Qwen/Qwen3.5-9B (9B)"),
+        layout="3 Gated DeltaNet blocks then 1 gated-attention block, repeated; SwiGLU MLPs",
+        bridge="TransformerBridge (GatedDeltaNetBridge): interior Gated DeltaNet hooks on a "
+        "prefill without a cache only, the state only with eager_scan, none live in generation",
     )
 )
 
