@@ -25,7 +25,7 @@ class Block(nn.Module):
     def __init__(
         self,
         layer: int,
-        ln1: nn.Module,
+        ln1: nn.Module | None,
         attn: nn.Module,
         ln2: nn.Module | None = None,
         mlp: nn.Module | None = None,
