@@ -145,6 +145,11 @@ def test_edits_propagate_like_brute_force(pair, kind, where):
     assert effect > 1e-5
 
 
+def test_padded_batch_equals_prompts_alone(pair):
+    _, model = pair
+    assert fc.padding_diff(model, VOCAB) <= 1e-5
+
+
 def test_greedy_generation_equals_transformers(pair):
     assert fc.generation_matches(*pair, VOCAB, 32)
 

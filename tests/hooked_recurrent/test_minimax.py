@@ -160,6 +160,11 @@ def test_brute_force_matches_reference(pair):
     assert (brute - native).abs().max() <= 1e-6
 
 
+def test_padded_batch_equals_prompts_alone(pair):
+    _, model = pair
+    assert fc.padding_diff(model, VOCAB) <= 1e-5
+
+
 def test_greedy_generation_equals_transformers(pair):
     assert fc.generation_matches(*pair, VOCAB, 32)
 
