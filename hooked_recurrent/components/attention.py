@@ -2,11 +2,15 @@
 
 q_h, gate_h = split(q_proj x)          (per head: d_head query rows, then d_head gate rows)
 q = rope(qnorm(q)),  k = rope(knorm(k_proj x)),  v = v_proj x
-z = softmax(q k^T / sqrt(d_head) + causal) v
+z = softmax(q k^T * scale + causal) v   (scale = 1 / sqrt(d_head) unless given)
 out = o_proj (z * sigmoid(gate))        (W_Q, W_K, W_V, W_O, W_gate: TransformerLens layout)
 
-With `gated=False` and `qk_norm=False` it is plain GQA attention with RoPE (MiniMax's softmax
-layers): no gate rows in `q_proj`, no q/k norms, out = o_proj z.
+With `gated=False` and `qk_norm="none"` it is plain GQA attention with RoPE (MiniMax's softmax
+layers): no gate rows in `q_proj`, no q/k norms, out = o_proj z. OLMo hybrid's attention is
+`gated=False`, `qk_norm="all"` (one RMSNorm over all heads' channels together, weight applied as
+is) and `rotary_dim=0` for its released checkpoints without position encoding (NoPE). The Mamba-2
+hybrids (Bamba, Nemotron-H, Falcon-H1, Granite 4) use `gated=False`, `qk_norm="none"`, optional
+biases, NoPE or RoPE, and Granite's own softmax `scale`.
 """
 
 from __future__ import annotations
@@ -46,13 +50,16 @@ def attend(
     k: Float[Tensor, "batch pos kv_head d_qk"],
     v: Float[Tensor, "batch pos kv_head d_v"],
     run: RunContext,
+    scale: float | None = None,
 ) -> Float[Tensor, "batch pos head d_v"]:
-    """softmax(q k^T / sqrt(d_qk) + causal mask) v, continuing the KV cache of `mod.layer` in
-    `run` (and saving it there), with padding masks; the scores and the pattern go through
-    `mod.hook_attn_scores` / `mod.hook_pattern` (then computed explicitly, else fused).
+    """softmax(q k^T * scale + causal mask) v (scale 1 / sqrt(d_qk) unless given), continuing
+    the KV cache of `mod.layer` in `run` (and saving it there), with padding masks; the scores
+    and the pattern go through `mod.hook_attn_scores` / `mod.hook_pattern` (then computed
+    explicitly, else fused).
     Key/value heads are shared by consecutive query heads (GQA)."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
     k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
     past = run.layer_in(mod.layer)
     if past is not None and "k" in past:
@@ -87,19 +94,26 @@ def attend(
             mask,
             q.transpose(1, 2).reshape(B * H, T, D),
             k_rep.reshape(B * H, Tk, D).transpose(1, 2),
-            alpha=1 / math.sqrt(D),
+            alpha=scale,
         ).view(B, H, T, Tk)
         scores = mod.hook_attn_scores(scores)
         pattern = mod.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
         z = torch.matmul(pattern, v_rep)
     elif allowed is not None:
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed, scale=scale
+        )
     else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
         mask = None
         if n_past and T > 1:
             mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=q.device).tril(n_past)
         z = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
+            q.transpose(1, 2),
+            k_rep,
+            v_rep,
+            attn_mask=mask,
+            is_causal=not n_past and T > 1,
+            scale=scale,
         )
     return z.transpose(1, 2)
 
@@ -124,33 +138,52 @@ class GatedAttention(nn.Module):
         rope_theta: float,
         eps: float,
         gated: bool = True,
-        qk_norm: bool = True,
+        qk_norm: str = "head",
+        bias: bool = False,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
+        if qk_norm not in ("head", "all", "none"):
+            raise ValueError(f"qk_norm must be 'head', 'all' or 'none', not {qk_norm!r}")
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
-        self.gated = gated
+        self.gated, self.qk_norm, self.scale = gated, qk_norm, scale
         # the projections as in Hugging Face; the TransformerLens layout is the W_* properties
-        self.q_proj = nn.Linear(d_model, (1 + gated) * n_heads * d_head, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.q_norm = RMSNorm(d_head, eps, zero_centred=True) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(d_head, eps, zero_centred=True) if qk_norm else nn.Identity()
+        self.q_proj = nn.Linear(d_model, (1 + gated) * n_heads * d_head, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
+        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        self.q_norm: nn.Module
+        self.k_norm: nn.Module
+        if qk_norm == "head":  # Qwen: per head, scale (1 + w)
+            self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
+            self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        elif qk_norm == "all":  # OLMo: over all heads' channels, scale w
+            self.q_norm = RMSNorm(n_heads * d_head, eps)
+            self.k_norm = RMSNorm(n_kv_heads * d_head, eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
         inv_freq = 1.0 / (
-            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
+            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / max(rotary_dim, 1))
         )
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
         self.hook_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
-        self.hook_rot_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        self.rotary_dim = rotary_dim
+        if rotary_dim:  # NoPE (rotary_dim 0) has nothing to rotate and no rotated hooks
+            self.hook_rot_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
+            self.hook_rot_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_attn_scores = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_pattern = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
         if gated:
             self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
+
+    def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
+        """q or k `[batch, pos, heads, d_head]` through its norm (per head, or over all heads)."""
+        return norm(x.flatten(2)).view_as(x) if self.qk_norm == "all" else norm(x)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run`;
@@ -159,18 +192,19 @@ class GatedAttention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
         qg = self.q_proj(x).view(B, T, H, -1)
-        q = self.hook_q(self.q_norm(qg[..., :D]))
-        k = self.hook_k(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)))
+        q = self.hook_q(self._norm(self.q_norm, qg[..., :D]))
+        k = self.hook_k(self._norm(self.k_norm, self.k_proj(x).view(B, T, Hkv, D)))
         v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
         gate = self.hook_gate(qg[..., D:]) if self.gated else None
 
-        freqs = rope_angles(self.inv_freq, run)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
-        q = self.hook_rot_q(rotate_partial(q, cos, sin))
-        k = self.hook_rot_k(rotate_partial(k, cos, sin))
+        if self.rotary_dim:
+            freqs = rope_angles(self.inv_freq, run)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
+            q = self.hook_rot_q(rotate_partial(q, cos, sin))
+            k = self.hook_rot_k(rotate_partial(k, cos, sin))
 
-        z = attend(self, q, k, v, run)
+        z = attend(self, q, k, v, run, self.scale)
         z = self.hook_z(z)  # [B, T, H, D]
         out = z.reshape(B, T, H * D)
         if self.gated:

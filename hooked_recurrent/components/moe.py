@@ -25,7 +25,8 @@ Hooks (TransformerLens's MoE names where it has them):
   before its weight, in the order of `hook_expert_indices` (expert e's output at a token is the
   slot j where `hook_expert_indices[..., j] == e`). Only the chosen experts run; a dense
   `[.., n_experts, d_model]` tensor would cost n_experts / top_k times the memory.
-* `shared_expert.hook_pre/hook_pre_linear/hook_post` (a `GatedMLP`), `hook_shared_gate`
+* `shared_expert.hook_pre/hook_pre_linear/hook_post` (a `GatedMLP`; a plain `MLP`, without
+  `hook_pre_linear`, when the experts are not gated), `hook_shared_gate`
   `[batch, pos, 1]` (sigmoid of the shared gate, where the family has one) and `hook_shared_out`
   `[batch, pos, d_model]` (the shared expert's contribution, after its gate).
 """
@@ -39,17 +40,28 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from hooked_recurrent.components.mlp import GatedMLP
+from hooked_recurrent.components.mlp import MLP, GatedMLP
 from hooked_recurrent.hook_points import RecurrentHookPoint
 
 __all__ = ["MoE", "Experts"]
 
 _SCORINGS = ("softmax", "sigmoid")
-#: an expert's batch of tokens is padded to at least this many rows: CPU matrix products of fewer
-#: rows take other kernels (matrix-vector, small-matrix) that round differently, so without it a
-#: token's expert output would change in its last bits when other tokens' routing changes (an
-#: edit at a later position would then move earlier positions' logits)
-_MIN_ROWS = 4
+
+
+#: an expert's token rows are padded to a multiple of this many (see `_pad_rows`)
+ROW_BLOCK = 16
+
+
+def _pad_rows(x: Float[Tensor, "n d_model"]) -> Float[Tensor, "m d_model"]:
+    """`x` with zero rows appended up to a multiple of `ROW_BLOCK` (at least one block).
+
+    BLAS picks other kernels, with other rounding, for matrices of a few rows. Without the
+    padding, an edit that re-routes a later token changes how many rows an expert gets, and with
+    it the last bits of that expert's output at earlier tokens; with it, positions before an edit
+    stay bit-for-bit unchanged (a zero row costs little: small products are bound by reading the
+    expert's weights)."""
+    m = max(ROW_BLOCK, -(-len(x) // ROW_BLOCK) * ROW_BLOCK)
+    return F.pad(x, (0, 0, 0, m - len(x))) if m > len(x) else x
 
 
 class Experts(nn.Module):
@@ -92,10 +104,7 @@ class Experts(nn.Module):
         out = flat.new_zeros(B * T, k, D)
         for e in fidx.unique().tolist():
             tok, slot = torch.where(fidx == e)
-            rows = flat[tok]
-            if len(tok) < _MIN_ROWS:
-                rows = torch.cat((rows, rows.new_zeros(_MIN_ROWS - len(tok), D)))
-            out[tok, slot] = self.expert(e, rows)[: len(tok)]
+            out[tok, slot] = self.expert(e, _pad_rows(flat[tok]))[: len(tok)]
         return out.view(B, T, k, D)
 
 
@@ -114,7 +123,9 @@ class MoE(nn.Module):
             equal groups) whose two best scores sum highest; 1, 1 = no group limit.
         d_shared: hidden width of the shared expert (0: none).
         shared_gate: scale the shared expert by sigmoid(W_shared_gate x) (Qwen).
-        gated, act: the experts' MLP form (see `Experts`).
+        gated, act: the experts' MLP form (see `Experts`); the shared expert has the same form
+            (a `GatedMLP`, or with `gated=False` a plain `MLP` with activation `shared_act`).
+        shared_act: the plain shared expert's activation name (see `mlp.ACTIVATIONS`).
     """
 
     def __init__(
@@ -133,6 +144,7 @@ class MoE(nn.Module):
         shared_gate: bool = False,
         gated: bool = True,
         act: Callable[[Tensor], Tensor] = F.silu,
+        shared_act: str = "relu2",
     ) -> None:
         super().__init__()
         if scoring not in _SCORINGS:
@@ -153,7 +165,11 @@ class MoE(nn.Module):
         else:
             self.score_bias = None
         self.experts = Experts(n_experts, d_model, d_mlp, gated, act)
-        self.shared_expert = GatedMLP(d_model, d_shared) if d_shared else None
+        self.shared_expert = None
+        if d_shared:
+            self.shared_expert = (
+                GatedMLP(d_model, d_shared) if gated else MLP(d_model, d_shared, shared_act)
+            )
         self.W_shared_gate = nn.Linear(d_model, 1, bias=False) if d_shared and shared_gate else None
         self.hook_router_logits = RecurrentHookPoint()  # [batch, pos, n_experts]
         self.hook_expert_indices = RecurrentHookPoint()  # [batch, pos, top_k]

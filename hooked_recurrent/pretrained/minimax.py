@@ -115,7 +115,7 @@ def build_block(cfg: MiniMaxConfig, layer: int) -> Block:
             cfg.rope_theta,
             cfg.eps,
             gated=False,
-            qk_norm=False,
+            qk_norm="none",
         )
         scales = cfg.full_scales
     return Block(
