@@ -44,6 +44,7 @@ class HookLike(Protocol):
     name: str | None
 
 
+@runtime_checkable
 class PositionedHookLike(HookLike, Protocol):
     """A :class:`HookLike` that has ``positions`` (absolute token positions of the pos axis)."""
 
@@ -102,6 +103,7 @@ class ModelLike(Protocol):
         ...
 
 
+@runtime_checkable
 class TextModelLike(ModelLike, Protocol):
     """A :class:`ModelLike` with a tokenizer (possibly None), text conversion and generation
     (a `HookedRecurrentModel`): what reading texts, showing contexts and installing need."""
@@ -129,6 +131,7 @@ class ConfiguredModelLike(ModelLike, Protocol):
     cfg: Any
 
 
+@runtime_checkable
 class UnembedLike(Protocol):
     """An unembedding layer: ``weight`` [vocab, d_model]."""
 
