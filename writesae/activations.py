@@ -18,7 +18,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard, cast
 
 import torch
 from jaxtyping import Float
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hooked_recurrent.validation import model_fingerprint
 from writesae.fileio import atomic_dir, check_target, partial_dir
-from writesae.protocols import CacheLike, ModelLike
+from writesae.protocols import CacheLike, ModelLike, TextModelLike
 
 __all__ = [
     "WriteFactors",
@@ -53,7 +53,7 @@ class WriteFactors(NamedTuple):
     value: Float[Tensor, "B d_v"]
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -69,8 +69,10 @@ def _take(data: Tensor | WriteFactors, idx: Tensor) -> Tensor | WriteFactors:
 
 def _cat(parts: Sequence[Tensor | WriteFactors]) -> Tensor | WriteFactors:
     if isinstance(parts[0], WriteFactors):
-        return WriteFactors(torch.cat([p.key for p in parts]), torch.cat([p.value for p in parts]))
-    return torch.cat(list(parts))
+        # the parts are all of one kind (batches of one source)
+        fs = cast(Sequence[WriteFactors], parts)
+        return WriteFactors(torch.cat([p.key for p in fs]), torch.cat([p.value for p in fs]))
+    return torch.cat(list(cast(Sequence[Tensor], parts)))
 
 
 class TensorSource:
@@ -319,7 +321,8 @@ class ModelSource:
     def _token_stream(self) -> Iterator[Tensor]:
         for item in self.texts:
             if isinstance(item, str):
-                toks = self.model.to_tokens(item)
+                # texts as strings need a model with a tokenizer (token ids do not)
+                toks = cast(TextModelLike, self.model).to_tokens(item)
             else:
                 toks = torch.as_tensor(item)
             yield toks.reshape(-1).long()

@@ -67,6 +67,7 @@ def train_sae(
     )
     seed, batch_size = train_options["seed"], train_options["batch_size"]
     sae = WriteSAE(cfg, seed=seed)
+    src: ShardSource | ModelSource
     if shards is not None:
         src = ShardSource(shards, batch_size=batch_size, seed=seed)
     else:
@@ -179,13 +180,13 @@ def train_cmd(
         ("--ckpt-every", checkpoint_every, 0),
     ):  # fmt: skip
         positive(name, value, least)
-    train_options = dict(n_steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    train_options: dict[str, Any] = dict(n_steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     try:
         TrainConfig(**train_options)
         WriteSAEConfig(d_k=1, d_v=1, n_atoms=n_atoms, k=k)
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
-    given = dict(layer=layer, head=head, input_kind=input_kind, model=model)
+    given: dict[str, Any] = dict(layer=layer, head=head, input_kind=input_kind, model=model)
     given = given if shards is None else _from_shards(shards, given, text)
     head = SAE_DEFAULT["head"] if given["head"] is None else given["head"]
     input_kind = given["input_kind"] or SAE_DEFAULT["input_kind"]
