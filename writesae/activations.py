@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hooked_recurrent.validation import model_fingerprint
 from writesae.fileio import atomic_dir, check_target, partial_dir
-from writesae.protocols import CacheLike, ModelLike, TextModelLike, mixer
+from writesae.protocols import CacheLike, ModelLike, TextModelLike
 
 __all__ = [
     "WriteFactors",
@@ -53,7 +53,7 @@ class WriteFactors(NamedTuple):
     value: Float[Tensor, "B d_v"]
 
 
-def _is_int(x: object) -> TypeGuard[int]:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -69,6 +69,7 @@ def _take(data: Tensor | WriteFactors, idx: Tensor) -> Tensor | WriteFactors:
 
 def _cat(parts: Sequence[Tensor | WriteFactors]) -> Tensor | WriteFactors:
     if isinstance(parts[0], WriteFactors):
+        # the parts are all of one kind (batches of one source)
         fs = cast(Sequence[WriteFactors], parts)
         return WriteFactors(torch.cat([p.key for p in fs]), torch.cat([p.value for p in fs]))
     return torch.cat(list(cast(Sequence[Tensor], parts)))
@@ -188,7 +189,7 @@ def write_factor_hooks(model: ModelLike, layer: int) -> list[str]:
     ``hook_v`` and the mixer's write strength (``hook_beta``, ``hook_dt``) where it has one."""
     prefix = f"blocks.{layer}.attn"
     names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
-    strength = mixer(model, layer).write_strength_hook
+    strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
     if strength is not None:
         names.append(f"{prefix}.{strength}")
     return names
@@ -268,7 +269,7 @@ class ModelSource:
 
     def __init__(
         self,
-        model: TextModelLike,
+        model: ModelLike,
         texts: Iterable[Any],
         layer: int,
         head: int,
@@ -320,7 +321,8 @@ class ModelSource:
     def _token_stream(self) -> Iterator[Tensor]:
         for item in self.texts:
             if isinstance(item, str):
-                toks = self.model.to_tokens(item)
+                # texts as strings need a model with a tokenizer (token ids do not)
+                toks = cast(TextModelLike, self.model).to_tokens(item)
             else:
                 toks = torch.as_tensor(item)
             yield toks.reshape(-1).long()

@@ -9,9 +9,10 @@ evaluation or an intervention reads, so a reader does not have to chase `Any`. T
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, cast, no_type_check, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -21,12 +22,12 @@ __all__ = [
     "ModelLike",
     "ConfiguredModelLike",
     "ReadoutModelLike",
-    "TextModelLike",
-    "GeneratingModelLike",
-    "mixer",
     "HookLike",
+    "PositionedHookLike",
     "CacheLike",
     "MixerLike",
+    "TextModelLike",
+    "UnembedLike",
     "SAELike",
     "RankOneSAELike",
 ]
@@ -44,6 +45,13 @@ class HookLike(Protocol):
 
 
 @runtime_checkable
+class PositionedHookLike(HookLike, Protocol):
+    """A :class:`HookLike` that has ``positions`` (absolute token positions of the pos axis)."""
+
+    positions: Tensor
+
+
+@runtime_checkable
 class CacheLike(Protocol):
     """Activations by hook name (a `HookedRecurrentCache`, a TransformerLens `ActivationCache`)."""
 
@@ -53,18 +61,16 @@ class CacheLike(Protocol):
 
 
 class MixerLike(Protocol):
-    """A recurrent layer's mixer (`model.blocks[l].attn`, see :func:`mixer`), as the evaluations
-    read it (a `hooked_recurrent.RecurrentMixer`)."""
+    """A recurrent layer's mixer (`model.blocks[l].attn`), as the evaluations read it."""
 
     n_heads: int
-    write_strength_hook: str | None
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
         """The output projection of one head, ``W_O`` [d_model, d_v]."""
         ...
 
-    def transition_from_cache(self, cache: Any, head: int) -> Any:
-        """One head's transitions A_t (a `hooked_recurrent.recurrence.Transition`)."""
+    def transition_from_cache(self, cache: CacheLike, head: int) -> Any:
+        """One head's state transitions ``[batch, pos, ...]`` read from a run's cache."""
         ...
 
 
@@ -80,19 +86,40 @@ class ModelLike(Protocol):
         """Every hook point by name."""
         ...
 
-    __call__: Callable[..., Any]  # a forward pass
-
-    @property
-    def forward(self) -> Callable[..., Any]:
-        """The forward pass (its signature says whether the model takes a ``state``)."""
-        ...
-
     def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any:
         """A forward pass with the given ``fwd_hooks`` attached for that pass only."""
         ...
 
     def run_with_cache(self, *args: Any, **kwargs: Any) -> Any:
         """A forward pass that also returns the activations of the hooks (a cache)."""
+        ...
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward pass (its signature says whether the model takes a ``state``)."""
+        ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """A forward pass (``nn.Module.__call__``)."""
+        ...
+
+
+@runtime_checkable
+class TextModelLike(ModelLike, Protocol):
+    """A :class:`ModelLike` with a tokenizer (possibly None), text conversion and generation
+    (a `HookedRecurrentModel`): what reading texts, showing contexts and installing need."""
+
+    tokenizer: Any
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Token ids of a text."""
+        ...
+
+    def to_string(self, *args: Any, **kwargs: Any) -> Any:
+        """The text of token ids."""
+        ...
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Sampled or greedy continuations of prompts."""
         ...
 
 
@@ -105,12 +132,12 @@ class ConfiguredModelLike(ModelLike, Protocol):
 
 
 @runtime_checkable
-class TextModelLike(ModelLike, Protocol):
-    """A :class:`ModelLike` that tokenises text (``to_tokens``)."""
+class UnembedLike(Protocol):
+    """An unembedding layer: ``weight`` [vocab, d_model]."""
 
     @property
-    def to_tokens(self) -> Callable[..., Any]:
-        """Token ids ``[1, pos]`` of a text."""
+    def weight(self) -> Tensor:
+        """The unembedding matrix ``W_U`` [vocab, d_model]."""
         ...
 
 
@@ -120,25 +147,9 @@ class ReadoutModelLike(ModelLike, Protocol):
     d_model]): what the closed-form and install evaluations read logits through."""
 
     @property
-    def unembed(self) -> nn.Linear:
-        """The unembedding layer."""
+    def unembed(self) -> UnembedLike:
+        """The unembedding (``weight`` [vocab, d_model])."""
         ...
-
-
-@runtime_checkable
-class GeneratingModelLike(ReadoutModelLike, Protocol):
-    """A :class:`ReadoutModelLike` that decodes (``generate``, with ``fwd_hooks``)."""
-
-    @property
-    def generate(self) -> Callable[..., Any]:
-        """Greedy or sampled continuation token ids (with ``fwd_hooks``)."""
-        ...
-
-
-@no_type_check  # for the type checker only: the test suites' stub mixers carry a part of it
-def mixer(model: ModelLike, layer: int) -> MixerLike:
-    """Layer ``layer``'s mixer, ``model.blocks[layer].attn``."""
-    return cast(MixerLike, model.blocks[layer].attn)
 
 
 @runtime_checkable
@@ -148,15 +159,8 @@ class SAELike(Protocol):
     Every SAE kind of `writesae.saes` (subclasses of `BaseSAE`) has these members.
     """
 
-    @property
-    def cfg(self) -> WriteSAEConfig:
-        """The SAE's config (its cell, sizes and input kind)."""
-        ...
-
-    @property
-    def b_enc(self) -> Tensor:
-        """The encoder bias (its dtype is the SAE's)."""
-        ...
+    cfg: WriteSAEConfig
+    b_enc: torch.nn.Parameter
 
     def encode(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
         """Sparse codes of state or write matrices."""

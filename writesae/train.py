@@ -46,7 +46,7 @@ from writesae.activations import WriteFactors
 from writesae.checkpoint import TrainingInterrupted, load_checkpoint, save_checkpoint
 from writesae.config import TrainConfig
 from writesae.factor_loss import aux_rank1_sq_error
-from writesae.saes import BaseSAE, FlatSAE, SAEOutput, WriteSAE
+from writesae.saes import BaseSAE, SAEOutput, WriteSAE
 
 __all__ = [
     "TrainMetrics",
@@ -85,7 +85,7 @@ class TrainMetrics:
         return self.n_samples / self.elapsed_s if self.elapsed_s > 0 else math.nan
 
     @property
-    def final(self) -> dict[str, int | float]:
+    def final(self) -> dict[str, float]:
         """Last recorded value of every per-step metric."""
         names = ("step", "fve", "l0", "dead_fraction", "mse", "aux_loss", "lr")
         return {n: getattr(self, n)[-1] for n in names if getattr(self, n)}
@@ -166,29 +166,32 @@ def _fired(out: SAEOutput, n: int) -> Tensor:
 def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainConfig) -> StepResult:
     """Loss of one batch (module docstring); ``dead`` is a bool mask [n_atoms] or None."""
     n, d_in = sae.cfg.n_atoms, sae.cfg.d_in
-    if isinstance(b, WriteFactors):
-        out, sq_err = sae.factor_loss(b.key, b.value)
+    # the batch as factors (fb) or as matrices (xb); the other is None
+    fb, xb = (b, None) if isinstance(b, WriteFactors) else (None, b)
+    factors = fb is not None
+    if factors:
+        out, sq_err = sae.factor_loss(fb.key, fb.value)
     else:
-        out = sae.run(b)
-        sq_err = sae.sq_error(b, out)
+        out = sae.run(xb)
+        sq_err = sae.sq_error(xb, out)
     mse = sq_err.mean() / d_in
     aux = torch.zeros((), dtype=mse.dtype)
     if cfg.aux_coef > 0 and dead is not None and bool(dead.any()):
         ka = min(cfg.aux_k, int(dead.sum()))
         # choose the aux atoms without autograd; recompute only their pre-activations with it
         zi = out.pre.detach().masked_fill(~dead, -math.inf).topk(ka, dim=-1).indices
-        if isinstance(b, WriteFactors):
-            z = torch.relu(sae.pre_acts_factors_at(b.key, b.value, zi))
+        if factors:
+            z = torch.relu(sae.pre_acts_factors_at(fb.key, fb.value, zi))
         else:
-            z = torch.relu(sae.pre_acts_at(b, zi))
-        if isinstance(b, WriteFactors) and isinstance(sae, WriteSAE):
+            z = torch.relu(sae.pre_acts_at(xb, zi))
+        if factors and isinstance(sae, WriteSAE):
             vals, idx = _active(out, n)
             aux_err = aux_rank1_sq_error(
-                b.key, b.value, vals, idx, z, zi, dead, sq_err, sae.W_dec_key, sae.W_dec_value,
+                fb.key, fb.value, vals, idx, z, zi, dead, sq_err, sae.W_dec_key, sae.W_dec_value,
                 sae.b_dec,
             )  # fmt: skip
         else:
-            x = b.key[..., :, None] * b.value[..., None, :] if isinstance(b, WriteFactors) else b
+            x = fb.key[..., :, None] * fb.value[..., None, :] if factors else xb
             recon = out.recon
             if recon is None:
                 vals, idx = _active(out, n)
@@ -252,14 +255,15 @@ def _resample(
             sae.W_enc[:, dead_idx] = (s * mean_alive_norm(sae.W_enc, 0) * atom).T
             touched.append((sae.W_enc, 1))
     else:
-        flat = cast(FlatSAE, sae)
         if mats is None:
             mats = u1[:, :, None] * w1[:, None, :]
         vec = mats.flatten(-2)
         vec = vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        flat.W_dec[dead_idx] = vec
-        flat.W_enc[:, dead_idx] = (s * mean_alive_norm(flat.W_enc, 0) * vec).T
-        touched += [(flat.W_dec, 0), (flat.W_enc, 1)]
+        # a flat SAE's parameters (nn.Module attribute access types them as Tensor | Module)
+        W_dec, W_enc = cast(Tensor, sae.W_dec), cast(Tensor, sae.W_enc)
+        W_dec[dead_idx] = vec
+        W_enc[:, dead_idx] = (s * mean_alive_norm(W_enc, 0) * vec).T
+        touched += [(W_dec, 0), (W_enc, 1)]
     sae.b_enc[dead_idx] = 0
     touched.append((sae.b_enc, 0))
     for param, axis in touched:
@@ -462,8 +466,8 @@ def _signals_to(stop: list[int], on: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        for num, h in handlers.items():
-            signal.signal(num, h)
+        for signum, h in handlers.items():
+            signal.signal(signum, h)
 
 
 def train(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from hooked_recurrent.components.gated_deltanet import GatedDeltaNet
 from writesae.evaluate.common import check_model, sae_layer
-from writesae.protocols import GeneratingModelLike, HookLike, ReadoutModelLike, SAELike, mixer
+from writesae.protocols import HookLike, MixerLike, ReadoutModelLike, SAELike, TextModelLike
 from writesae.stats import wilson
 
 __all__ = [
@@ -35,9 +35,17 @@ def target_direction(
 ) -> Float[Tensor, " d_v"]:
     """v*_T = W_O^(h)T W_U[T] / ||.||: the value-side direction that most raises token T's logit
     through the direct path."""
-    W_O = mixer(model, layer).head_output_weight(head).float()
+    W_O = cast(MixerLike, model.blocks[layer].attn).head_output_weight(head).float()
     v = W_O.T @ model.unembed.weight[token].float()
     return v / v.norm().clamp_min(1e-12)
+
+
+def _greedy(model: ReadoutModelLike, prompts: Tensor, max_new_tokens: int, **kw: Any) -> Any:
+    """The greedy continuation of `prompts` (`kw`: e.g. `fwd_hooks`); installing needs a model
+    that also generates (a :class:`writesae.protocols.TextModelLike`)."""
+    return cast(TextModelLike, model).generate(
+        prompts, max_new_tokens, stop_at_eos=False, verbose=False, **kw
+    )
 
 
 def _keep(box: dict[str, Tensor], name: str) -> Callable[[Tensor, HookLike], Tensor]:
@@ -104,9 +112,9 @@ def install_geometry(
         (f"{prefix}.hook_read", on_read),
         (last, on_resid),
     ]
-    attn = model.blocks[layer].attn
-    gdn = attn if isinstance(attn, GatedDeltaNet) else None  # per-head gated RMSNorm on the read
-    if gdn is not None:
+    mixer = model.blocks[layer].attn
+    gdn = isinstance(mixer, GatedDeltaNet)  # per-head gated RMSNorm: o -> norm_w rms(o) silu(z)
+    if gdn:
         hooks.append((f"{prefix}.hook_gate", _keep(box, "gate")))
     logits = model.run_with_hooks(seq, fwd_hooks=hooks)[0].float()  # [pos, vocab]
     window = slice(start, start + positions)
@@ -117,10 +125,10 @@ def install_geometry(
     lg = logits[start].detach()
     top = int(lg.argmax())
     bound = float("nan")
-    if gdn is not None:
+    if isinstance(mixer, GatedDeltaNet):  # gdn, narrowed for the type checker
         gap_logit = logits[start, target] - logits[start, top]
         (g_res,) = torch.autograd.grad(gap_logit, box["d_resid"])
-        bound = _gap_bound(gdn, head, box, g_res, start)
+        bound = _gap_bound(mixer, head, box, g_res, start)
     return dict(direction=direction.detach(), gap=float(lg[top] - lg[target]), bound=bound, top=top)
 
 
@@ -201,7 +209,7 @@ def _install_hooks(
 
 
 def _trial(
-    model: GeneratingModelLike,
+    model: ReadoutModelLike,
     prompt: Tensor,
     native: Tensor,
     target: int,
@@ -225,9 +233,7 @@ def _trial(
     else:
         v_dir = geo["direction"]
     hooks = _install_hooks(f"blocks.{layer}.attn", head, P, positions, scale, v_dir)
-    edited = model.generate(
-        prompt, max_new_tokens, stop_at_eos=False, verbose=False, fwd_hooks=hooks
-    )
+    edited = _greedy(model, prompt, max_new_tokens, fwd_hooks=hooks)
     native_at_P = model(same)[0, P].float()
     step_logits = model.run_with_hooks(same, fwd_hooks=hooks)[0, P].float()
     return dict(
@@ -242,11 +248,11 @@ def _trial(
     )
 
 
-def _median(values: Sequence[int | float]) -> float:
+def _median(values: Sequence[float]) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
-def _mean(values: Sequence[int | float]) -> float:
+def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
@@ -278,7 +284,7 @@ def _install_result(trials: list[dict[str, Any]], settings: dict[str, Any]) -> I
 
 @torch.no_grad()
 def evaluate_install(
-    model: GeneratingModelLike,
+    model: ReadoutModelLike,
     sae_or_direction: SAELike | Tensor,
     prompts: Int[Tensor, "batch pos"],
     targets: Sequence[int] | None = None,
@@ -328,7 +334,7 @@ def evaluate_install(
         fixed_dir = None
     gen = torch.Generator().manual_seed(seed)
     trials = []
-    native_out = model.generate(prompts, max_new_tokens, stop_at_eos=False, verbose=False)
+    native_out = _greedy(model, prompts, max_new_tokens)
     first_logits = model(prompts)[:, -1].float()
     for b in tqdm(range(prompts.shape[0]), desc="install", disable=not progress):
         ranks = first_logits[b].argsort(descending=True).argsort()

@@ -63,6 +63,7 @@ class WriteSAE(BaseSAE):
             self.W_enc_value = nn.Parameter(w.to(dt).clone())
         else:
             atoms = (u[:, :, None] * w[:, None, :]).reshape(cfg.n_atoms, cfg.d_in)
+            # registered by name: `W_enc` is also a property (the bilinear encoder's dense form)
             self.register_parameter("W_enc", nn.Parameter(atoms.T.contiguous().to(dt)))
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_atoms, dtype=dt))
         if cfg.decoder_bias:
