@@ -12,11 +12,13 @@ Every source is an iterable whose ``__iter__`` runs one epoch and yields batches
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from writesae import distributed as dp
+
 __all__ = [
     "WriteFactors",
     "TensorSource",
@@ -33,6 +37,7 @@ __all__ = [
     "ShardSource",
     "save_shards",
     "extract_cell",
+    "extract_cells",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,20 +56,48 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _n(data: Tensor | WriteFactors) -> int:
+# Samples are a tensor, WriteFactors, or (sweeps) a dict {cell: tensor or WriteFactors} whose
+# entries have the same number of rows; the helpers below act on every tensor of the structure.
+Samples = Tensor | WriteFactors | dict
+
+
+def _map(data: Samples, fn: Callable[[Tensor], Tensor]) -> Samples:
+    if isinstance(data, dict):
+        return {c: _map(v, fn) for c, v in data.items()}
+    if isinstance(data, WriteFactors):
+        return WriteFactors(fn(data.key), fn(data.value))
+    return fn(data)
+
+
+def _n(data: Samples) -> int:
+    if isinstance(data, dict):
+        return _n(next(iter(data.values())))
     return data.key.shape[0] if isinstance(data, WriteFactors) else data.shape[0]
 
 
-def _take(data: Tensor | WriteFactors, idx: Tensor) -> Tensor | WriteFactors:
-    if isinstance(data, WriteFactors):
-        return WriteFactors(data.key[idx], data.value[idx])
-    return data[idx]
+def _take(data: Samples, idx: Tensor) -> Samples:
+    return _map(data, lambda t: t[idx])
 
 
-def _cat(parts: Sequence[Tensor | WriteFactors]) -> Tensor | WriteFactors:
+def _cat(parts: Sequence[Samples]) -> Samples:
+    if isinstance(parts[0], dict):
+        return {c: _cat([p[c] for p in parts]) for c in parts[0]}
     if isinstance(parts[0], WriteFactors):
         return WriteFactors(torch.cat([p.key for p in parts]), torch.cat([p.value for p in parts]))
     return torch.cat(list(parts))
+
+
+def _exchange(mine: Samples) -> Samples:
+    """The samples of every rank concatenated in rank order (``mine`` in one process)."""
+    if not dp.active():
+        return mine
+    gathered: list[list[Tensor]] = []  # per tensor of the structure, one entry per rank
+    _map(mine, lambda t: gathered.append(dp.gather_varlen(t)) or t)
+    out = []
+    for r in range(dp.world_size()):
+        leaves = iter([g[r] for g in gathered])
+        out.append(_map(mine, lambda t: next(leaves)))  # noqa: B023 (used at once)
+    return _cat(out)
 
 
 class TensorSource:
@@ -176,19 +209,9 @@ def _check_positions(positions: Any, p: int) -> None:
         )
 
 
-def extract_cell(
-    model: Any,
-    tokens: Tensor,
-    layer: int,
-    head: int,
-    kind: str = "state",
-    positions: Any = None,
-) -> Tensor | WriteFactors:
-    """Per-position samples of one cell (layer, head) from one forward pass.
-
-    Returns states ``[b * P, d_k, d_v]`` (kind ``state``) or write factors with
-    ``key = strength * hook_k`` and ``value = hook_v`` (kind ``write``), P = selected positions.
-    """
+def _cell_hooks(model: Any, layer: int, kind: str) -> list[str]:
+    """Hooks holding a layer's samples: ``hook_state``, or ``hook_k``, ``hook_v`` and the write
+    strength hook (if the mixer has one)."""
     prefix = f"blocks.{layer}.attn"
     if kind == "state":
         names = [f"{prefix}.hook_state"]
@@ -202,20 +225,58 @@ def extract_cell(
     missing = [n for n in names if n not in model.hook_dict]
     if missing:
         raise ValueError(f"model has no hook(s) {missing} (layer {layer} is not recurrent?)")
+    return names
+
+
+def extract_cells(
+    model: Any,
+    tokens: Tensor,
+    cells: Sequence[tuple[int, int]],
+    kind: str = "state",
+    positions: Any = None,
+) -> dict[tuple[int, int], Tensor | WriteFactors]:
+    """Per-position samples of several cells ``(layer, head)`` from one forward pass.
+
+    Returns ``{cell: samples}`` with the samples of :func:`extract_cell` for every cell.
+    """
+    names = {layer: _cell_hooks(model, layer, kind) for layer, _ in cells}
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names)
+        _, cache = model.run_with_cache(tokens, names_filter=sum(names.values(), []))
     pos = _select_positions(tokens.shape[-1], positions)
-    n_heads = cache[names[0]].shape[2]
-    if not 0 <= head < n_heads:
-        raise ValueError(f"head {head} out of range: {names[0]} has {n_heads} heads")
-    if kind == "state":
-        s = cache[names[0]][:, pos, head]
-        return s.reshape(-1, *s.shape[-2:]).float()
-    k = cache[names[0]][:, pos, head]
-    v = cache[names[1]][:, pos, head]
-    if len(names) == 3:
-        k = k * cache[names[2]][:, pos, head][..., None]
-    return WriteFactors(k.reshape(-1, k.shape[-1]).float(), v.reshape(-1, v.shape[-1]).float())
+    out: dict[tuple[int, int], Tensor | WriteFactors] = {}
+    for layer, head in cells:
+        acts = [cache[n][:, pos] for n in names[layer]]
+        if not 0 <= head < acts[0].shape[2]:
+            raise ValueError(
+                f"head {head} out of range: {names[layer][0]} has {acts[0].shape[2]} heads"
+            )
+        acts = [a[:, :, head] for a in acts]
+        if kind == "state":
+            out[layer, head] = acts[0].reshape(-1, *acts[0].shape[-2:]).float()
+            continue
+        k, v = acts[0], acts[1]
+        if len(acts) == 3:
+            k = k * acts[2][..., None]
+        out[layer, head] = WriteFactors(
+            k.reshape(-1, k.shape[-1]).float(), v.reshape(-1, v.shape[-1]).float()
+        )
+    return out
+
+
+def extract_cell(
+    model: Any,
+    tokens: Tensor,
+    layer: int,
+    head: int,
+    kind: str = "state",
+    positions: Any = None,
+) -> Tensor | WriteFactors:
+    """Per-position samples of one cell (layer, head) from one forward pass.
+
+    Returns states ``[b * P, d_k, d_v]`` (kind ``state``) or write factors with
+    ``key = strength * hook_k`` and ``value = hook_v`` (kind ``write``), P = selected positions.
+    """
+    return extract_cells(model, tokens, [(layer, head)], kind, positions)[layer, head]
 
 
 class ModelSource:
@@ -236,6 +297,15 @@ class ModelSource:
         positions: positions within each block to keep (None = all, ``"last"``, list, slice).
         context_len: block length in tokens; ``model_batch_size`` blocks per forward pass.
         max_samples: stop after this many samples per epoch (None = exhaust ``texts``).
+        share: under ``torchrun``, every rank runs the model on its share of the block batches
+            and (True) the ranks exchange samples so that each yields the single-process stream,
+            or (False) each yields only its own samples (see ``_rounds``).
+        drop_last: drop the last samples of an epoch that do not fill a batch (False: yield them
+            as a short batch; extraction keeps every sample).
+        cells: several cells ``[(layer, head), ...]`` (``layer`` and ``head`` are then ignored):
+            one forward pass per block batch serves them all, and every batch is a dict
+            ``{cell: samples}`` shuffled with one permutation, so each cell's stream equals that
+            of a one-cell source with the same seed (used by :func:`writesae.sweep`).
     """
 
     def __init__(
@@ -253,8 +323,16 @@ class ModelSource:
         max_samples: int | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
+        share: bool = True,
+        drop_last: bool = True,
+        cells: Sequence[tuple[int, int]] | None = None,
     ):
-        _check_cell(model, layer, head, kind)
+        self.cells = [(layer, head)] if cells is None else [tuple(c) for c in cells]
+        self._dict_batches = cells is not None
+        if not self.cells:
+            raise ValueError("ModelSource: cells is empty; give at least one (layer, head)")
+        for cell_layer, cell_head in self.cells:
+            _check_cell(model, cell_layer, cell_head, kind)
         for name, v in (
             ("batch_size", batch_size),
             ("buffer_size", buffer_size),
@@ -274,6 +352,7 @@ class ModelSource:
         self.batch_size, self.buffer_size = batch_size, max(buffer_size, 2 * batch_size)
         self.context_len, self.model_batch_size = context_len, model_batch_size
         self.max_samples, self.seed, self.device = max_samples, seed, device
+        self.share, self.drop_last = share, drop_last
         self._epoch = 0
 
     def provenance(self) -> dict[str, Any]:
@@ -313,18 +392,43 @@ class ModelSource:
         if rows:
             yield torch.stack(rows)
 
-    def _samples(self) -> Iterator[Tensor | WriteFactors]:
-        seen = 0
+    def _extract(self, block: Tensor) -> Samples:
+        """The samples of one block batch (on the CPU)."""
+        if self.device is not None:
+            block = block.to(self.device)
+        s = extract_cells(self.model, block, self.cells, self.kind, self.positions)
+        s = _map(s, lambda t: t.cpu())
+        return s if self._dict_batches else s[self.cells[0]]
+
+    def _rounds(self) -> Iterator[Samples]:
+        """The samples of every block batch, in order.
+
+        Under ``torchrun`` with W ranks the block batches go round in groups of W: rank r runs
+        the model on the r-th of each group only. With ``share`` the ranks then exchange their
+        samples, so every rank yields the single-process stream; without it each rank yields its
+        own block batches' samples (distributed extraction: the ranks' union is the stream).
+        """
+        w, r = dp.world_size(), dp.rank()
         self.tokens_seen = 0
-        for block in self._blocks():
-            self.tokens_seen += block.numel()
-            if self.device is not None:
-                block = block.to(self.device)
-            s = extract_cell(self.model, block, self.layer, self.head, self.kind, self.positions)
-            if isinstance(s, WriteFactors):
-                s = WriteFactors(s.key.cpu(), s.value.cpu())
+        blocks = self._blocks()
+        while group := list(itertools.islice(blocks, w)):
+            self.tokens_seen += sum(b.numel() for b in group)
+            if w == 1:
+                yield self._extract(group[0])
+                continue
+            # a rank without a block in the last group contributes no rows of the right shapes
+            if r < len(group):
+                mine = self._extract(group[r])
             else:
-                s = s.cpu()
+                mine = _take(self._extract(group[0][:1, :1]), torch.arange(0))
+            if self.share:
+                yield _exchange(mine)
+            elif _n(mine):
+                yield mine
+
+    def _samples(self) -> Iterator[Samples]:
+        seen = 0
+        for s in self._rounds():
             if self.max_samples is not None:
                 s = _take(s, torch.arange(min(_n(s), self.max_samples - seen)))
             seen += _n(s)
@@ -346,8 +450,9 @@ class ModelSource:
                 buf = _take(buf, torch.arange(half, _n(buf)))
         if buf is not None and _n(buf) > 0:
             buf = _take(buf, torch.randperm(_n(buf), generator=g))
-            for i in range(0, _n(buf) - self.batch_size + 1, self.batch_size):
-                yield _take(buf, torch.arange(i, i + self.batch_size))
+            end = _n(buf) if not self.drop_last else _n(buf) - self.batch_size + 1
+            for i in range(0, end, self.batch_size):
+                yield _take(buf, torch.arange(i, min(i + self.batch_size, _n(buf))))
 
 
 def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
@@ -362,6 +467,52 @@ def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
             b = _take(b, torch.arange(n, _n(b)))
             n = 0
         yield b
+
+
+def _progress(path: Path, settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
+    """An interrupted extract's progress record, if it was made with these settings."""
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and old.get("settings") == settings and old.get("meta") == meta:
+        return old
+    return None
+
+
+class _ShardWriter:
+    """Collects batches and writes them as shards of about ``per_shard`` samples into ``tmp``,
+    recording its progress after each shard (``tag`` names this rank's shards under torchrun)."""
+
+    def __init__(self, tmp: Path, done: dict[str, Any], record: dict[str, Any]):
+        self.tmp, self.record = tmp, record
+        self.tag = f"_r{dp.rank():03d}" if dp.active() else ""
+        self.progress_file = tmp / f"progress{self.tag}.json"
+        self.names: list[str] = list(done["shards"])
+        self.total, self.kind = done["n_samples"], done["kind"]
+        self.pending: list[Tensor | WriteFactors] = []
+
+    def add(self, b: Tensor | WriteFactors, per_shard: int) -> None:
+        self.kind = "write" if isinstance(b, WriteFactors) else "state"
+        self.pending.append(b)
+        self.total += _n(b)
+        if sum(_n(p) for p in self.pending) >= per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        data = _cat(self.pending)
+        if isinstance(data, WriteFactors):
+            tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
+        else:
+            tensors = {"state": data.contiguous()}
+        name = f"shard{self.tag}_{len(self.names):05d}.safetensors"
+        save_file(tensors, str(self.tmp / (name + ".tmp")), metadata={"kind": self.kind})
+        os.replace(self.tmp / (name + ".tmp"), self.tmp / name)
+        self.names.append(name)
+        self.pending = []
+        state = {"shards": self.names, "n_samples": self.total, "kind": self.kind, **self.record}
+        scratch = self.tmp / f"{self.progress_file.name}.tmp"
+        scratch.write_text(json.dumps(state))
+        os.replace(scratch, self.progress_file)
 
 
 def save_shards(
@@ -385,6 +536,10 @@ def save_shards(
     ``overwrite=True``. After an interruption, ``resume=True`` keeps the complete shards and
     continues from the next one: the source is replayed and its first samples skipped (a
     deterministic source gives the same shards as an uninterrupted run).
+
+    Under ``torchrun`` every rank writes the samples its source gives (a :class:`ModelSource`
+    with ``share=False`` gives each rank its own block batches) as ``shard_r{rank}_{i}``, with
+    its own progress record; rank 0 writes ``shards.json`` listing every rank's shards.
     """
     from writesae.fileio import atomic_dir, check_target, partial_dir
 
@@ -392,82 +547,54 @@ def save_shards(
         raise ValueError(f"samples_per_shard={samples_per_shard!r}; expected an int >= 1")
     if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
         raise ValueError(f"max_samples={max_samples!r}; expected None or an int >= 1")
+    if max_samples is not None and dp.active():
+        raise ValueError("save_shards: max_samples is for one process; leave it out with torchrun")
     directory = check_target(directory, overwrite, "shard folder")
     meta = {**getattr(source, "provenance", lambda: {})(), **(metadata or {})}
-    settings = {"samples_per_shard": samples_per_shard, "max_samples": max_samples}
+    record = {
+        "settings": {"samples_per_shard": samples_per_shard, "max_samples": max_samples},
+        "meta": meta,
+    }
     part = partial_dir(directory)
-    progress_file = part / "progress.json"
-    done: dict[str, Any] = {"shards": [], "n_samples": 0, "kind": None}
-    if part.exists():
-        old = json.loads(progress_file.read_text()) if progress_file.is_file() else None
-        same = old is not None and old.get("settings") == settings and old.get("meta") == meta
-        if resume and same:
-            done = old
-            logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
-        else:
+    tag = f"_r{dp.rank():03d}" if dp.active() else ""
+    if dp.is_main() and part.exists():
+        if not (resume and _progress(part / f"progress{tag}.json", **record)):
             if resume:
-                logger.warning(
-                    "%s: the interrupted extract had other settings or provenance; starting over",
-                    part,
-                )
+                logger.warning("%s: the interrupted extract had other settings; restarting", part)
             shutil.rmtree(part)
-    paths = [directory / n for n in done["shards"]]
-    pending: list[Tensor | WriteFactors] = []
-    count, total, kind = 0, done["n_samples"], done["kind"]
-
-    with atomic_dir(directory, overwrite, "shard folder", tmp=part) as tmp:
-
-        def flush() -> None:
-            nonlocal pending, count
-            if not pending:
-                return
-            data = _cat(pending)
-            if isinstance(data, WriteFactors):
-                tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
-            else:
-                tensors = {"state": data.contiguous()}
-            name = f"shard_{len(paths):05d}.safetensors"
-            save_file(tensors, str(tmp / (name + ".tmp")), metadata={"kind": kind})
-            os.replace(tmp / (name + ".tmp"), tmp / name)
-            paths.append(directory / name)
-            pending, count = [], 0
-            state = {
-                "shards": [p.name for p in paths],
-                "n_samples": total,
-                "kind": kind,
-                "settings": settings,
-                "meta": meta,
-            }
-            (tmp / "progress.json.tmp").write_text(json.dumps(state))
-            os.replace(tmp / "progress.json.tmp", progress_file)
-
-        if max_samples is None or total < max_samples:
-            for b in _skip(source, total):
-                kind = "write" if isinstance(b, WriteFactors) else "state"
+    dp.barrier()  # rank 0 has cleared a stale partial folder before anyone writes
+    done = (resume and _progress(part / f"progress{tag}.json", **record)) or {
+        "shards": [],
+        "n_samples": 0,
+        "kind": None,
+    }
+    if done["shards"]:
+        logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
+    keep = atomic_dir(directory, overwrite, "shard folder", tmp=part) if dp.is_main() else None
+    with keep or contextlib.nullcontext(part) as tmp:
+        part.mkdir(parents=True, exist_ok=True)
+        w = _ShardWriter(tmp, done, record)
+        if max_samples is None or w.total < max_samples:
+            for b in _skip(source, w.total):
                 if max_samples is not None:
-                    b = _take(b, torch.arange(min(_n(b), max_samples - total)))
-                pending.append(b)
-                count += _n(b)
-                total += _n(b)
-                if count >= samples_per_shard:
-                    flush()
-                if max_samples is not None and total >= max_samples:
+                    b = _take(b, torch.arange(min(_n(b), max_samples - w.total)))
+                w.add(b, samples_per_shard)
+                if max_samples is not None and w.total >= max_samples:
                     break
-            flush()
+            w.flush()
+        w.progress_file.unlink(missing_ok=True)
+        ranks = dp.gather_objects((w.names, w.total, w.kind))
+        names = [n for r in ranks for n in r[0]]
+        total, kind = sum(r[1] for r in ranks), next((r[2] for r in ranks if r[2]), None)
         if total == 0:
             raise ValueError("save_shards: the source gave no samples; nothing to write")
-        full = {
-            "kind": kind,
-            "input_kind": kind,
-            "n_samples": total,
-            "shards": [p.name for p in paths],
-            **meta,
-        }
+        full = {"kind": kind, "input_kind": kind, "n_samples": total, "shards": names, **meta}
         if hasattr(source, "tokens_seen") and "n_tokens" not in full:
             full["n_tokens"] = source.tokens_seen
-        (tmp / SHARD_META).write_text(json.dumps(full, indent=2))
-        progress_file.unlink()
-    return paths
+        if dp.is_main():
+            (tmp / SHARD_META).write_text(json.dumps(full, indent=2))
+    dp.barrier()  # the folder is in place before any rank returns
+    return [directory / n for n in names]
 
 
 class ShardSource:

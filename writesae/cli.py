@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import typer
 
+from writesae import distributed as dp
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
 from writesae.fileio import atomic_dir, check_target
 
@@ -366,6 +367,7 @@ def train_cmd(
             "delete it to start over",
             param_hint="--resume",
         )
+    dp.init()
     m = _model(model)
     layer, head = _cell(m, layer, head)
     if shards is not None:
@@ -397,11 +399,13 @@ def train_cmd(
         checkpoint_every=checkpoint_every or None,
         resume=resume,
     )
-    with atomic_dir(out, overwrite, "SAE folder") as tmp:
-        sae._write(tmp)
-        (tmp / "training.json").write_text(json.dumps(metrics.final, indent=2))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    typer.echo(f"saved {out}: " + ", ".join(f"{a}={b:.4g}" for a, b in metrics.final.items()))
+    if dp.is_main():  # under torchrun one rank writes; every rank holds the same SAE
+        with atomic_dir(out, overwrite, "SAE folder") as tmp:
+            sae._write(tmp)
+            (tmp / "training.json").write_text(json.dumps(metrics.final, indent=2))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        typer.echo(f"saved {out}: " + ", ".join(f"{a}={b:.4g}" for a, b in metrics.final.items()))
+    dp.barrier()
 
 
 def _evaluate(

@@ -29,7 +29,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from writesae import distributed as dp
 from writesae.activations import WriteFactors
 from writesae.config import TrainConfig
 from writesae.sae import BaseSAE, SAEOutput, WriteSAE, _scratch
@@ -51,6 +52,9 @@ __all__ = [
     "StepResult",
     "training_step_loss",
     "TrainingInterrupted",
+    "fired_atoms",
+    "resample_dead",
+    "cycle_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,9 +104,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def _as_batch(b: Any) -> Batch:
+def _as_batch(b: Any) -> Batch | dict:
     if isinstance(b, WriteFactors | Tensor):
         return b
+    if isinstance(b, dict) and "key" not in b:  # a sweep's batch: {cell: batch}
+        return {c: _as_batch(v) for c, v in b.items()}
     if isinstance(b, tuple | list) and len(b) == 2:
         return WriteFactors(b[0], b[1])
     if isinstance(b, dict) and "key" in b:
@@ -150,7 +156,7 @@ def _active(out: SAEOutput, n: int) -> tuple[Tensor, Tensor]:
     return out.codes.gather(-1, idx), idx
 
 
-def _fired(out: SAEOutput, n: int) -> Tensor:
+def fired_atoms(out: SAEOutput, n: int) -> Tensor:
     """Which atoms have a non-zero code in the batch, bool [n_atoms]."""
     if out.values is not None:  # per-sample TopK: only the listed atoms can be non-zero
         hit = out.indices[out.values != 0]
@@ -242,7 +248,7 @@ def _aux_factor_sq_error(
 
 
 @torch.no_grad()
-def _resample(
+def resample_dead(
     sae: BaseSAE,
     opt: torch.optim.Adam,
     b: Batch,
@@ -250,8 +256,13 @@ def _resample(
     dead: Tensor,
     cfg: TrainConfig,
     gen: torch.Generator,
+    moments: Callable[[Tensor], dict[str, Tensor]] | None = None,
 ) -> int:
-    """Re-initialise dead atoms from high-error samples of the batch (module docstring)."""
+    """Re-initialise dead atoms from high-error samples of the batch (module docstring).
+
+    ``moments(param)`` gives the optimiser state of a parameter (default ``opt.state``); a sweep
+    passes one that finds a cell's slice of the stacked state.
+    """
     dead_idx = dead.nonzero().squeeze(-1)
     nd = dead_idx.numel()
     if nd == 0:
@@ -301,14 +312,14 @@ def _resample(
     sae.b_enc[dead_idx] = 0
     touched.append((sae.b_enc, 0))
     for param, axis in touched:
-        state = opt.state.get(param, {})
+        state = moments(param) if moments is not None else opt.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key].index_fill_(axis, dead_idx, 0.0)
     return nd
 
 
-def _batches(source: Iterable[Any]) -> Iterator[Batch]:
+def cycle_batches(source: Iterable[Any]) -> Iterator[Batch]:
     """Cycle through ``source``; re-iterate it when exhausted (one epoch per pass)."""
     while True:
         got = False
@@ -492,6 +503,8 @@ def train(
             "gradients underflow in float16; the first step gives NaN); use float32 or bfloat16"
         )
     _check_source(sae, source)
+    if dp.init() and sae.cfg.activation == "batchtopk":
+        raise ValueError("train: batchtopk selects over the whole batch; use topk with torchrun")
     gen = torch.Generator().manual_seed(cfg.seed)
     # fused: one kernel per parameter instead of ~10 small ops (matters on busy CPUs)
     opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
@@ -516,7 +529,11 @@ def train(
     t0 = time.perf_counter()
     last_save = time.monotonic()
     bar = tqdm(
-        total=cfg.n_steps, initial=step, disable=not cfg.progress, desc="train SAE", unit="step"
+        total=cfg.n_steps,
+        initial=step,
+        disable=not (cfg.progress and dp.is_main()),
+        desc="train SAE",
+        unit="step",
     )
     stop: list[int] = []
     handlers: dict[int, Any] = {}
@@ -526,10 +543,12 @@ def train(
 
     def save() -> None:
         metrics.elapsed_s = elapsed_before + time.perf_counter() - t0
-        _save_checkpoint(ckpt, sae, opt, cfg, step, since_fired, gen, metrics)
+        if dp.is_main():  # one writer; the others wait until the checkpoint is complete
+            _save_checkpoint(ckpt, sae, opt, cfg, step, since_fired, gen, metrics)
+        dp.barrier()
 
     try:
-        batches = _batches(source)
+        batches = cycle_batches(source)
         for i, b in enumerate(batches):
             if i == 0:
                 _check_batch(sae, b)
@@ -541,7 +560,7 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             dead = since_fired >= cfg.dead_steps
-            res = training_step_loss(sae, b, dead, cfg)
+            res = training_step_loss(sae, dp.local(b), dead, cfg)
             if not math.isfinite(float(res.loss.detach())):
                 raise FloatingPointError(
                     f"train: the loss is {float(res.loss.detach())} at step {step} (learning rate "
@@ -549,14 +568,16 @@ def train(
                 )
             opt.zero_grad(set_to_none=True)
             res.loss.backward()
+            dp.average_grads(sae.parameters())
             opt.step()
             sae.normalize_decoder_()
             with torch.no_grad():
-                fired = _fired(res.out, n)
+                fired = dp.any_rank(fired_atoms(res.out, n))
                 since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + 1)
                 dead = since_fired >= cfg.dead_steps
                 if resample_every and (step + 1) % resample_every == 0 and bool(dead.any()):
-                    nres = _resample(sae, opt, b, res.sq_err, dead, cfg, gen)
+                    sq_err = dp.gather(res.sq_err.detach())  # the global batch's errors
+                    nres = resample_dead(sae, opt, b, sq_err, dead, cfg, gen)
                     since_fired[dead] = 0
                     metrics.n_resampled += nres
                     logger.info("step %d: resampled %d dead atoms", step + 1, nres)
@@ -564,28 +585,30 @@ def train(
             step += 1
             if step % cfg.log_every == 0 or step == cfg.n_steps:
                 with torch.no_grad():
-                    fve = batch_fve(b, res.sq_err)
-                    l0 = float((res.out.codes != 0).sum(-1).double().mean())
+                    fve = batch_fve(b, dp.gather(res.sq_err.detach()))
+                    l0 = (res.out.codes != 0).sum(-1).double().mean()
+                    l0, mse, aux = dp.mean_over_ranks([l0, res.mse.detach(), res.aux.detach()])
                 metrics.step.append(step)
                 metrics.fve.append(fve)
                 metrics.l0.append(l0)
                 metrics.dead_fraction.append(float(dead.double().mean()))
-                metrics.mse.append(float(res.mse.detach()))
-                metrics.aux_loss.append(float(res.aux.detach()))
+                metrics.mse.append(mse)
+                metrics.aux_loss.append(aux)
                 metrics.lr.append(lr)
                 bar.set_postfix(
                     fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}"
                 )
             bar.update(1)
             if ckpt is not None and step < cfg.n_steps:
-                if stop:
-                    save()
-                    raise TrainingInterrupted(step, ckpt, stop[0])
                 due = (
                     step % checkpoint_every == 0
                     if checkpoint_every is not None
                     else time.monotonic() - last_save >= checkpoint_every_s
                 )
+                stopping, due = dp.agree(bool(stop), due)  # every rank stops at the same step
+                if stopping:
+                    save()
+                    raise TrainingInterrupted(step, ckpt, stop[0] if stop else signal.SIGTERM)
                 if due:
                     save()
                     last_save = time.monotonic()
