@@ -87,17 +87,17 @@ def _cat(parts: Sequence[Samples]) -> Samples:
     return torch.cat(list(parts))
 
 
-def _exchange(mine: Samples) -> Samples:
-    """The samples of every rank concatenated in rank order (``mine`` in one process)."""
+def _exchange(mine: Samples) -> list[Samples]:
+    """The samples of every rank, in rank order (``[mine]`` in one process)."""
     if not dp.active():
-        return mine
+        return [mine]
     gathered: list[list[Tensor]] = []  # per tensor of the structure, one entry per rank
     _map(mine, lambda t: gathered.append(dp.gather_varlen(t)) or t)
     out = []
     for r in range(dp.world_size()):
         leaves = iter([g[r] for g in gathered])
         out.append(_map(mine, lambda t: next(leaves)))  # noqa: B023 (used at once)
-    return _cat(out)
+    return out
 
 
 class TensorSource:
@@ -421,10 +421,10 @@ class ModelSource:
                 mine = self._extract(group[r])
             else:
                 mine = _take(self._extract(group[0][:1, :1]), torch.arange(0))
-            if self.share:
-                yield _exchange(mine)
-            elif _n(mine):
-                yield mine
+            # one item per block batch, so the shuffle buffer fills as in one process
+            for s in _exchange(mine) if self.share else [mine]:
+                if _n(s):
+                    yield s
 
     def _samples(self) -> Iterator[Samples]:
         seen = 0

@@ -124,6 +124,23 @@ def _texts(path: Path | None, which: str) -> list[str]:
     return [sample_text(which)]
 
 
+_DATA_HELP = (
+    "Corpus instead of --text: a text file, a folder of .txt/.jsonl/.parquet files, or a Hugging "
+    "Face dataset id (streamed; documents packed with the tokenizer's EOS between them)."
+)
+
+
+def _corpus(model, text: Path | None, data: str | None, context: int):
+    """The texts to stream: the --data corpus, else the --text file (or the shipped sample)."""
+    if data is None:
+        return _blocks(model, _texts(text, "train"), context, None)
+    if text is not None:
+        raise typer.BadParameter("give --text or --data, not both", param_hint="--data")
+    from writesae.corpus import Corpus
+
+    return Corpus(data, model.tokenizer)
+
+
 def _blocks(model, texts: list[str], context: int, n: int | None) -> torch.Tensor:
     ids = torch.cat([model.to_tokens(t)[0] for t in texts])
     rows = len(ids) // context
@@ -158,6 +175,7 @@ def extract(
     out: Path = typer.Option(..., help="Folder for the safetensors shards."),
     model: str = typer.Option(DEFAULT_MODEL, help="Model name, folder or Hub id."),
     text: Path = typer.Option(None, help="Text file (default: the shipped training sample)."),
+    data: str = typer.Option(None, help=_DATA_HELP),
     layer: int = typer.Option(None, help="Recurrent layer (default: the middle one)."),
     head: int = typer.Option(0, help=_S["head"]),
     input_kind: str = typer.Option("state", help=_S["input_kind"]),
@@ -173,6 +191,7 @@ def extract(
     """Stream one cell's states (or write factors) from a model into safetensors shards.
 
     shards.json records the model, layer, head, input kind and token count (train reads them).
+    Under torchrun every rank runs the model on its share of the text and writes its own shards.
     """
     from writesae.activations import ModelSource, save_shards
 
@@ -181,16 +200,19 @@ def extract(
     _input_kind(input_kind)
     _check_text(text)
     _out(out, overwrite, "shard folder")
+    dp.init()
     m = _model(model)
     layer, head = _cell(m, layer, head)
     src = ModelSource(
         m,
-        _blocks(m, _texts(text, "train"), context, None),
+        _corpus(m, text, data, context),
         layer,
         head,
         kind=input_kind,
         context_len=context,
         max_samples=max_samples,
+        share=False,
+        drop_last=False,
     )
     paths = save_shards(
         src,
@@ -200,7 +222,22 @@ def extract(
         overwrite=overwrite,
         resume=resume,
     )
-    typer.echo(f"wrote {len(paths)} shard(s) to {out}")
+    if dp.is_main():
+        typer.echo(f"wrote {len(paths)} shard(s) to {out}")
+
+
+def _checkpoint(out: Path, resume: bool, state_file: str) -> Path:
+    """OUT.checkpoint, checked: present with --resume, absent without."""
+    ckpt = out.parent / f"{out.name}.checkpoint"
+    if resume and not (ckpt / state_file).is_file():
+        raise typer.BadParameter(f"no checkpoint at {ckpt} to resume from", param_hint="--resume")
+    if not resume and ckpt.exists():
+        raise typer.BadParameter(
+            f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue it, or "
+            "delete it to start over",
+            param_hint="--resume",
+        )
+    return ckpt
 
 
 def _shard_meta(shards: Path) -> dict[str, Any]:
@@ -224,7 +261,7 @@ def _shard_meta(shards: Path) -> dict[str, Any]:
 def _train(
     m,
     model_name: str,
-    texts: list[str],
+    texts,
     layer: int,
     head: int,
     n_atoms: int,
@@ -261,7 +298,7 @@ def _train(
     else:
         src = ModelSource(
             m,
-            _blocks(m, texts, context, None),
+            texts if not isinstance(texts, list) else _blocks(m, texts, context, None),
             layer,
             head,
             kind=input_kind,
@@ -293,6 +330,7 @@ def train_cmd(
     shards: Path = typer.Option(
         None, help="Train from shards written by `extract` instead (their layer, head, kind)."
     ),
+    data: str = typer.Option(None, help=_DATA_HELP),
     layer: int = typer.Option(None, help="Recurrent layer (default: the middle one)."),
     head: int = typer.Option(None, help=_S["head"] + " Default 0, or the shards' head."),
     n_atoms: int = typer.Option(512, help=_S["n_atoms"]),
@@ -358,15 +396,7 @@ def train_cmd(
     _input_kind(input_kind)
     _check_text(text)
     _out(out, overwrite, "SAE folder")
-    ckpt = out.parent / f"{out.name}.checkpoint"
-    if resume and not (ckpt / "train_state.pt").is_file():
-        raise typer.BadParameter(f"no checkpoint at {ckpt} to resume from", param_hint="--resume")
-    if not resume and ckpt.exists():
-        raise typer.BadParameter(
-            f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue it, or "
-            "delete it to start over",
-            param_hint="--resume",
-        )
+    ckpt = _checkpoint(out, resume, "train_state.pt")
     dp.init()
     m = _model(model)
     layer, head = _cell(m, layer, head)
@@ -383,7 +413,7 @@ def train_cmd(
     sae, metrics = _train(
         m,
         model,
-        [] if shards is not None else _texts(text, "train"),
+        [] if shards is not None else _corpus(m, text, data, context),
         layer,
         head,
         n_atoms,
@@ -406,6 +436,55 @@ def train_cmd(
         shutil.rmtree(ckpt, ignore_errors=True)
         typer.echo(f"saved {out}: " + ", ".join(f"{a}={b:.4g}" for a, b in metrics.final.items()))
     dp.barrier()
+
+
+@app.command("sweep")
+@_one_line_errors
+def sweep_cmd(
+    out: Path = typer.Option(..., help="Folder for the sweep: one SAE folder per cell."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model name, folder or Hub id."),
+    text: Path = typer.Option(None, help="Text file (default: the shipped training sample)."),
+    data: str = typer.Option(None, help=_DATA_HELP),
+    layers: str = typer.Option("all", help="Recurrent layers, e.g. 0,1,2, or 'all'."),
+    heads: str = typer.Option("all", help="State heads, e.g. 0,3, or 'all'."),
+    input_kind: str = typer.Option("state", help=_S["input_kind"]),
+    n_atoms: int = typer.Option(512, help=_S["n_atoms"]),
+    k: int = typer.Option(16, help=_S["k"]),
+    steps: int = typer.Option(1500, help=_T["n_steps"]),
+    batch_size: int = typer.Option(256, help=_T["batch_size"]),
+    lr: float = typer.Option(1e-3, help=_T["lr"]),
+    context: int = typer.Option(128, help="Tokens per block fed to the model."),
+    buffer: int = typer.Option(16384, help="Shuffle buffer, in samples per cell."),
+    seed: int = typer.Option(0, help=_T["seed"]),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.checkpoint."),
+    checkpoint_every: int = typer.Option(0, "--ckpt-every", help="Checkpoint every N steps."),
+) -> None:
+    """Train one SAE per cell (layers x heads) from one pass of the model over the text.
+
+    Each cell is saved in OUT/layer{l}_head{h} as `writesae train` saves one SAE; with the same
+    seed and data it is the SAE `writesae train` gives for that cell.
+    """
+    from writesae.sweep import parse_cells, save_sweep, sweep
+
+    for name, v in (("--steps", steps), ("--batch-size", batch_size), ("--context", context)):
+        _positive(name, v)
+    _input_kind(input_kind)
+    _out(out, overwrite, "sweep folder")
+    ckpt = _checkpoint(out, resume, "sweep_state.pt")
+    dp.init()
+    m = _model(model)
+    cfg = TrainConfig(n_steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False)
+    result = sweep(
+        m, parse_cells(m, layers, heads), _corpus(m, text, data, context), kind=input_kind,
+        n_atoms=n_atoms, k=k, cfg=cfg, model_name=model, context_len=context, buffer_size=buffer,
+        checkpoint=ckpt, checkpoint_every=checkpoint_every or None, resume=resume,
+        log_every=max(1, steps // 20),
+    )  # fmt: skip
+    save_sweep(result, out, overwrite)
+    if dp.is_main():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        typer.echo(f"saved {len(result)} SAEs in {out}")
 
 
 def _evaluate(
