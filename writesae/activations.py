@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from writesae import distributed as dp
+from writesae.samples import Samples, cat_rows, exchange, map_samples, n_rows, take_rows
 
 __all__ = [
     "WriteFactors",
@@ -54,50 +55,6 @@ class WriteFactors(NamedTuple):
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-# Samples are a tensor, WriteFactors, or (sweeps) a dict {cell: tensor or WriteFactors} whose
-# entries have the same number of rows; the helpers below act on every tensor of the structure.
-Samples = Tensor | WriteFactors | dict
-
-
-def _map(data: Samples, fn: Callable[[Tensor], Tensor]) -> Samples:
-    if isinstance(data, dict):
-        return {c: _map(v, fn) for c, v in data.items()}
-    if isinstance(data, WriteFactors):
-        return WriteFactors(fn(data.key), fn(data.value))
-    return fn(data)
-
-
-def _n(data: Samples) -> int:
-    if isinstance(data, dict):
-        return _n(next(iter(data.values())))
-    return data.key.shape[0] if isinstance(data, WriteFactors) else data.shape[0]
-
-
-def _take(data: Samples, idx: Tensor) -> Samples:
-    return _map(data, lambda t: t[idx])
-
-
-def _cat(parts: Sequence[Samples]) -> Samples:
-    if isinstance(parts[0], dict):
-        return {c: _cat([p[c] for p in parts]) for c in parts[0]}
-    if isinstance(parts[0], WriteFactors):
-        return WriteFactors(torch.cat([p.key for p in parts]), torch.cat([p.value for p in parts]))
-    return torch.cat(list(parts))
-
-
-def _exchange(mine: Samples) -> list[Samples]:
-    """The samples of every rank, in rank order (``[mine]`` in one process)."""
-    if not dp.active():
-        return [mine]
-    gathered: list[list[Tensor]] = []  # per tensor of the structure, one entry per rank
-    _map(mine, lambda t: gathered.append(dp.gather_varlen(t)) or t)
-    out = []
-    for r in range(dp.world_size()):
-        leaves = iter([g[r] for g in gathered])
-        out.append(_map(mine, lambda t: next(leaves)))  # noqa: B023 (used at once)
-    return out
 
 
 class TensorSource:
@@ -136,11 +93,11 @@ class TensorSource:
         self._epoch = 0
 
     def __len__(self) -> int:
-        n = _n(self.data)
+        n = n_rows(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Tensor | WriteFactors]:
-        n = _n(self.data)
+        n = n_rows(self.data)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self._epoch)
             order = torch.randperm(n, generator=g)
@@ -151,7 +108,7 @@ class TensorSource:
             idx = order[i : i + self.batch_size]
             if self.drop_last and idx.numel() < self.batch_size:
                 break
-            yield _take(self.data, idx)
+            yield take_rows(self.data, idx)
 
 
 def _select_positions(p: int, positions: Any) -> Tensor:
@@ -397,7 +354,7 @@ class ModelSource:
         if self.device is not None:
             block = block.to(self.device)
         s = extract_cells(self.model, block, self.cells, self.kind, self.positions)
-        s = _map(s, lambda t: t.cpu())
+        s = map_samples(s, lambda t: t.cpu())
         return s if self._dict_batches else s[self.cells[0]]
 
     def _rounds(self) -> Iterator[Samples]:
@@ -420,18 +377,18 @@ class ModelSource:
             if r < len(group):
                 mine = self._extract(group[r])
             else:
-                mine = _take(self._extract(group[0][:1, :1]), torch.arange(0))
+                mine = take_rows(self._extract(group[0][:1, :1]), torch.arange(0))
             # one item per block batch, so the shuffle buffer fills as in one process
-            for s in _exchange(mine) if self.share else [mine]:
-                if _n(s):
+            for s in exchange(mine) if self.share else [mine]:
+                if n_rows(s):
                     yield s
 
     def _samples(self) -> Iterator[Samples]:
         seen = 0
         for s in self._rounds():
             if self.max_samples is not None:
-                s = _take(s, torch.arange(min(_n(s), self.max_samples - seen)))
-            seen += _n(s)
+                s = take_rows(s, torch.arange(min(n_rows(s), self.max_samples - seen)))
+            seen += n_rows(s)
             yield s
             if self.max_samples is not None and seen >= self.max_samples:
                 return
@@ -441,18 +398,18 @@ class ModelSource:
         self._epoch += 1
         buf: Tensor | WriteFactors | None = None
         for s in self._samples():
-            buf = s if buf is None else _cat([buf, s])
-            while _n(buf) >= self.buffer_size:
-                buf = _take(buf, torch.randperm(_n(buf), generator=g))
+            buf = s if buf is None else cat_rows([buf, s])
+            while n_rows(buf) >= self.buffer_size:
+                buf = take_rows(buf, torch.randperm(n_rows(buf), generator=g))
                 half = (self.buffer_size // 2 // self.batch_size) * self.batch_size
                 for i in range(0, half, self.batch_size):
-                    yield _take(buf, torch.arange(i, i + self.batch_size))
-                buf = _take(buf, torch.arange(half, _n(buf)))
-        if buf is not None and _n(buf) > 0:
-            buf = _take(buf, torch.randperm(_n(buf), generator=g))
-            end = _n(buf) if not self.drop_last else _n(buf) - self.batch_size + 1
+                    yield take_rows(buf, torch.arange(i, i + self.batch_size))
+                buf = take_rows(buf, torch.arange(half, n_rows(buf)))
+        if buf is not None and n_rows(buf) > 0:
+            buf = take_rows(buf, torch.randperm(n_rows(buf), generator=g))
+            end = n_rows(buf) if not self.drop_last else n_rows(buf) - self.batch_size + 1
             for i in range(0, end, self.batch_size):
-                yield _take(buf, torch.arange(i, min(i + self.batch_size, _n(buf))))
+                yield take_rows(buf, torch.arange(i, min(i + self.batch_size, n_rows(buf))))
 
 
 def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
@@ -460,11 +417,11 @@ def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
     for b in source:
         if isinstance(b, tuple | list) and not isinstance(b, WriteFactors):
             b = WriteFactors(*b)
-        if n >= _n(b):
-            n -= _n(b)
+        if n >= n_rows(b):
+            n -= n_rows(b)
             continue
         if n:
-            b = _take(b, torch.arange(n, _n(b)))
+            b = take_rows(b, torch.arange(n, n_rows(b)))
             n = 0
         yield b
 
@@ -492,14 +449,14 @@ class _ShardWriter:
     def add(self, b: Tensor | WriteFactors, per_shard: int) -> None:
         self.kind = "write" if isinstance(b, WriteFactors) else "state"
         self.pending.append(b)
-        self.total += _n(b)
-        if sum(_n(p) for p in self.pending) >= per_shard:
+        self.total += n_rows(b)
+        if sum(n_rows(p) for p in self.pending) >= per_shard:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
-        data = _cat(self.pending)
+        data = cat_rows(self.pending)
         if isinstance(data, WriteFactors):
             tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
         else:
@@ -563,11 +520,8 @@ def save_shards(
                 logger.warning("%s: the interrupted extract had other settings; restarting", part)
             shutil.rmtree(part)
     dp.barrier()  # rank 0 has cleared a stale partial folder before anyone writes
-    done = (resume and _progress(part / f"progress{tag}.json", **record)) or {
-        "shards": [],
-        "n_samples": 0,
-        "kind": None,
-    }
+    fresh = dict(shards=[], n_samples=0, kind=None)
+    done = (resume and _progress(part / f"progress{tag}.json", **record)) or fresh
     if done["shards"]:
         logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
     keep = atomic_dir(directory, overwrite, "shard folder", tmp=part) if dp.is_main() else None
@@ -577,7 +531,7 @@ def save_shards(
         if max_samples is None or w.total < max_samples:
             for b in _skip(source, w.total):
                 if max_samples is not None:
-                    b = _take(b, torch.arange(min(_n(b), max_samples - w.total)))
+                    b = take_rows(b, torch.arange(min(n_rows(b), max_samples - w.total)))
                 w.add(b, samples_per_shard)
                 if max_samples is not None and w.total >= max_samples:
                     break
@@ -638,9 +592,9 @@ class ShardSource:
         for i in order:
             data = self._load(self.paths[int(i)])
             if self.shuffle:
-                data = _take(data, torch.randperm(_n(data), generator=g))
-            data = data if rest is None else _cat([rest, data])
-            full = (_n(data) // self.batch_size) * self.batch_size
+                data = take_rows(data, torch.randperm(n_rows(data), generator=g))
+            data = data if rest is None else cat_rows([rest, data])
+            full = (n_rows(data) // self.batch_size) * self.batch_size
             for j in range(0, full, self.batch_size):
-                yield _take(data, torch.arange(j, j + self.batch_size))
-            rest = _take(data, torch.arange(full, _n(data)))
+                yield take_rows(data, torch.arange(j, j + self.batch_size))
+            rest = take_rows(data, torch.arange(full, n_rows(data)))

@@ -459,6 +459,7 @@ def sweep_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT.checkpoint."),
     checkpoint_every: int = typer.Option(0, "--ckpt-every", help="Checkpoint every N steps."),
+    device: str = typer.Option("cpu", help="Device of the model and SAEs: cpu or cuda."),
 ) -> None:
     """Train one SAE per cell (layers x heads) from one pass of the model over the text.
 
@@ -473,7 +474,7 @@ def sweep_cmd(
     _out(out, overwrite, "sweep folder")
     ckpt = _checkpoint(out, resume, "sweep_state.pt")
     dp.init()
-    m = _model(model)
+    m = _model(model).to(device)  # under torchrun with CUDA, "cuda" is GPU LOCAL_RANK
     cfg = TrainConfig(n_steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=False)
     result = sweep(
         m, parse_cells(m, layers, heads), _corpus(m, text, data, context), kind=input_kind,

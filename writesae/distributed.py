@@ -120,9 +120,9 @@ def average_grads(params: Iterable[torch.nn.Parameter]) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = _comm(torch.cat([p.grad.reshape(-1) for p in params]))
     dist.all_reduce(flat)
-    flat /= world_size()
+    flat = flat.to(params[0].grad.device) / world_size()
     i = 0
     for p in params:
         p.grad.copy_(flat[i : i + p.numel()].view_as(p.grad))

@@ -41,6 +41,7 @@ from writesae.activations import ModelSource
 from writesae.config import TrainConfig, WriteSAEConfig
 from writesae.fileio import atomic_dir
 from writesae.sae import BaseSAE, WriteSAE
+from writesae.samples import map_samples
 from writesae.train import (
     StepResult,
     TrainingInterrupted,
@@ -163,6 +164,8 @@ def _step(
     """One optimiser step of every cell; dead counters and resampling updated per cell."""
     for g in opt.param_groups:
         g["lr"] = lr_at(st.step, cfg)
+    device = st.since_fired.device
+    batch = map_samples(batch, lambda t: t.to(device))  # the buffer stays on the host
     views = stack.views()
     dead = st.since_fired >= cfg.dead_steps
     results = [
@@ -259,7 +262,7 @@ def _load_state(path: Path, stack: StackedSAE, opt, cfg: TrainConfig, st: _State
     with torch.no_grad():
         stack.load_state_dict(state["stack"])
     opt.load_state_dict(state["optimizer"])
-    st.step, st.since_fired = state["step"], state["since_fired"]
+    st.step, st.since_fired = state["step"], state["since_fired"].to(st.since_fired.device)
     for g, s in zip(st.gens, state["generators"], strict=True):
         g.set_state(s)
     st.metrics = [TrainMetrics(**m) for m in state["metrics"]]
@@ -277,10 +280,13 @@ def train_stack(
     """Train a :class:`StackedSAE` on batches ``{cell: batch}``; checkpoints and signals as in
     :func:`writesae.train` (``checkpoint_every`` steps, else every 300 s)."""
     opt = torch.optim.Adam(stack.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
-    n = stack.cfgs[0].n_atoms
+    n, device = stack.cfgs[0].n_atoms, stack.stacked[0].device
     gens = [torch.Generator().manual_seed(cfg.seed) for _ in cells]
     st = _State(
-        0, torch.zeros(len(cells), n, dtype=torch.long), gens, [TrainMetrics() for _ in cells]
+        0,
+        torch.zeros(len(cells), n, dtype=torch.long, device=device),
+        gens,
+        [TrainMetrics() for _ in cells],
     )
     stack.normalize_decoder_()
     if resume:
@@ -365,6 +371,9 @@ def sweep(
             cell's SAE, the shared shuffle and every cell's resampling.
         checkpoint, checkpoint_every, resume: as in :func:`writesae.train`, for the whole sweep.
 
+    The SAEs train on the model's device (e.g. ``model.to("cuda")``); the shuffle buffer stays
+    on the host and each step's batch is copied to the device.
+
     Returns:
         ``{cell: (sae, metrics)}``; each SAE equals the one ``train`` gives for its cell alone.
     """
@@ -372,6 +381,7 @@ def sweep(
 
     cfg = replace(cfg or TrainConfig(), **overrides)
     dp.init()
+    device = next(model.parameters()).device
     cells = parse_cells(model, None, None) if cells == "all" else [tuple(c) for c in cells]
     fp, name = model_fingerprint(model), model_name or getattr(model.cfg, "model_name", None)
     saes = [
@@ -394,9 +404,9 @@ def sweep(
     ]
     source = ModelSource(
         model, texts, *cells[0], kind=kind, batch_size=cfg.batch_size, buffer_size=buffer_size,
-        context_len=context_len, seed=cfg.seed, cells=cells,
+        context_len=context_len, seed=cfg.seed, cells=cells, device=device,
     )  # fmt: skip
-    stack = StackedSAE(saes)
+    stack = StackedSAE(saes).to(device)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     metrics = train_stack(stack, cells, source, cfg, ckpt, checkpoint_every, resume)
     return {cell: (stack.cell(c), metrics[c]) for c, cell in enumerate(cells)}

@@ -269,7 +269,7 @@ def resample_dead(
         return 0
     p = sq_err.detach().double().clamp_min(0)
     p = p + 1e-12 if float(p.sum()) <= 0 else p
-    pick = torch.multinomial(p, nd, replacement=True, generator=gen)
+    pick = torch.multinomial(p.cpu(), nd, replacement=True, generator=gen).to(p.device)
     alive = ~dead
     dt = next(sae.parameters()).dtype
     if isinstance(b, WriteFactors):
