@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,56 @@ def test_corpus_errors(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="Hugging Face dataset failed.*Offline: pass a local"):
         list(Corpus("someone/some-corpus", tok))
+
+
+class _Breaks:
+    """A source that raises after ``after`` batches (a crash in the middle of a run)."""
+
+    def __init__(self, source, after: int):
+        self.source, self.after = source, after
+
+    def __iter__(self):
+        for i, b in enumerate(self.source):
+            if i == self.after:
+                raise RuntimeError("crash")
+            yield b
+
+
+def test_sweep_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):  # noqa: F811
+    from hooked_recurrent import HookedRecurrentModel
+    from writesae.sweep import StackedSAE, train_stack
+
+    m = HookedRecurrentModel.from_pretrained(str(tiny_model_dir)).eval()
+    text = [(tiny_model_dir / "text.txt").read_text()]
+    cells = [(0, 1), (2, 3)]
+    cfg = TrainConfig(
+        n_steps=16, batch_size=64, seed=2, warmup_steps=2, dead_steps=3, resample_every=4,
+        progress=False, log_every=4,
+    )  # fmt: skip
+
+    def fresh():
+        saes = [
+            WriteSAE(WriteSAEConfig(d_k=m.cfg.d_k, d_v=m.cfg.d_v, n_atoms=32, k=4,
+                                    hook_name=f"blocks.{c[0]}.attn.hook_write", head=c[1],
+                                    input_kind="write"), seed=2)
+            for c in cells
+        ]  # fmt: skip
+        src = ModelSource(m, text, 0, 0, "write", batch_size=64, buffer_size=256, context_len=32,
+                          seed=2, cells=cells)  # fmt: skip
+        return StackedSAE(saes), src
+
+    whole, src = fresh()
+    train_stack(whole, cells, src, cfg)
+    ckpt = tmp_path / "ckpt"
+    part, src = fresh()
+    with pytest.raises(RuntimeError, match="crash"):
+        train_stack(part, cells, _Breaks(src, 11), cfg, ckpt, checkpoint_every=5)
+    assert torch.load(ckpt / "sweep_state.pt", weights_only=True)["step"] == 10
+    resumed, src = fresh()
+    metrics = train_stack(resumed, cells, src, cfg, ckpt, checkpoint_every=5, resume=True)
+    assert metrics[0].n_steps == 16 and metrics[0].step == [4, 8, 12, 16]
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    other, src = fresh()
+    with pytest.raises(ValueError, match="another sweep"):
+        train_stack(other, cells, src, replace(cfg, seed=3), ckpt, resume=True)
