@@ -200,13 +200,17 @@ def _step(
 
 
 def _record(
-    st: _State, batch: dict[Cell, Any], cells: list[Cell], results: list[StepResult], cfg
+    st: _State,
+    batch: dict[Cell, Any],
+    cells: list[Cell],
+    results: list[StepResult],
+    cfg: TrainConfig,
 ) -> None:
     """Append every cell's metrics after a step (FVE over the global batch)."""
     dead = (st.since_fired >= cfg.dead_steps).double().mean(-1).tolist()
     for c, (cell, r) in enumerate(zip(cells, results, strict=True)):
         with torch.no_grad():
-            fve = batch_fve(batch[cell], dp.gather(r.sq_err.detach()))
+            fve = batch_fve(batch[cell], dp.gather(r.sq_err.detach()).cpu())  # host batch
             l0 = (r.out.codes != 0).sum(-1).double().mean()
             l0, mse, aux = dp.mean_over_ranks([l0, r.mse.detach(), r.aux.detach()])
         m = st.metrics[c]
@@ -279,6 +283,8 @@ def train_stack(
 ) -> list[TrainMetrics]:
     """Train a :class:`StackedSAE` on batches ``{cell: batch}``; checkpoints and signals as in
     :func:`writesae.train` (``checkpoint_every`` steps, else every 300 s)."""
+    if resume and checkpoint is None:
+        raise ValueError("train_stack: resume=True needs checkpoint= (the folder to resume from)")
     opt = torch.optim.Adam(stack.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
     n, device = stack.cfgs[0].n_atoms, stack.stacked[0].device
     gens = [torch.Generator().manual_seed(cfg.seed) for _ in cells]
