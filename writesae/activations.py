@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -25,11 +24,15 @@ from typing import Any, NamedTuple
 import torch
 from jaxtyping import Float
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from hooked_recurrent.validation import model_fingerprint
 from writesae import distributed as dp
+from writesae.fileio import atomic_dir, check_target, partial_dir
+from writesae.protocols import CacheLike, ModelLike
 from writesae.samples import Samples, cat_rows, exchange, map_samples, n_rows, take_rows
+from writesae.shard_files import ShardWriter, progress_record
 
 __all__ = [
     "WriteFactors",
@@ -39,6 +42,8 @@ __all__ = [
     "save_shards",
     "extract_cell",
     "extract_cells",
+    "write_factor_hooks",
+    "write_factors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +131,7 @@ def _select_positions(p: int, positions: Any) -> Tensor:
     return pos
 
 
-def _check_cell(model: Any, layer: Any, head: Any, kind: Any) -> None:
+def _check_cell(model: ModelLike, layer: object, head: object, kind: object) -> None:
     """The cell (layer, head) and input kind exist in ``model``."""
     if kind not in ("state", "write"):
         raise ValueError(f"kind={kind!r}; expected 'state' or 'write'")
@@ -166,17 +171,40 @@ def _check_positions(positions: Any, p: int) -> None:
         )
 
 
-def _cell_hooks(model: Any, layer: int, kind: str) -> list[str]:
-    """Hooks holding a layer's samples: ``hook_state``, or ``hook_k``, ``hook_v`` and the write
-    strength hook (if the mixer has one)."""
+def write_factor_hooks(model: ModelLike, layer: int) -> list[str]:
+    """The hooks whose activations give layer ``layer``'s writes as factors: ``hook_k``,
+    ``hook_v`` and the mixer's write strength (``hook_beta``, ``hook_dt``) where it has one."""
     prefix = f"blocks.{layer}.attn"
+    names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
+    strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
+    if strength is not None:
+        names.append(f"{prefix}.{strength}")
+    return names
+
+
+def write_factors(
+    model: ModelLike,
+    cache: CacheLike,
+    layer: int,
+    head: int,
+    positions: Tensor | slice = slice(None),
+) -> WriteFactors:
+    """One head's writes ``X_t = key_t value_t^T`` as factors, from a cache of
+    :func:`write_factor_hooks`: ``key = strength * hook_k``, ``value = hook_v``, each
+    ``[batch, len(positions), d]`` in the cache's dtype."""
+    names = write_factor_hooks(model, layer)
+    key = cache[names[0]][:, positions, head]
+    if len(names) == 3:
+        key = key * cache[names[2]][:, positions, head][..., None]
+    return WriteFactors(key, cache[names[1]][:, positions, head])
+
+
+def _cell_hooks(model: ModelLike, layer: int, kind: str) -> list[str]:
+    """Hooks holding a layer's samples: ``hook_state``, or :func:`write_factor_hooks`."""
     if kind == "state":
-        names = [f"{prefix}.hook_state"]
+        names = [f"blocks.{layer}.attn.hook_state"]
     elif kind == "write":
-        strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
-        names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
-        if strength is not None:
-            names.append(f"{prefix}.{strength}")
+        names = write_factor_hooks(model, layer)
     else:
         raise ValueError(f"kind must be 'state' or 'write', got {kind!r}")
     missing = [n for n in names if n not in model.hook_dict]
@@ -186,7 +214,7 @@ def _cell_hooks(model: Any, layer: int, kind: str) -> list[str]:
 
 
 def extract_cells(
-    model: Any,
+    model: ModelLike,
     tokens: Tensor,
     cells: Sequence[tuple[int, int]],
     kind: str = "state",
@@ -202,18 +230,14 @@ def extract_cells(
     pos = _select_positions(tokens.shape[-1], positions)
     out: dict[tuple[int, int], Tensor | WriteFactors] = {}
     for layer, head in cells:
-        acts = [cache[n][:, pos] for n in names[layer]]
-        if not 0 <= head < acts[0].shape[2]:
-            raise ValueError(
-                f"head {head} out of range: {names[layer][0]} has {acts[0].shape[2]} heads"
-            )
-        acts = [a[:, :, head] for a in acts]
+        n_heads = cache[names[layer][0]].shape[2]
+        if not 0 <= head < n_heads:
+            raise ValueError(f"head {head} out of range: {names[layer][0]} has {n_heads} heads")
         if kind == "state":
-            out[layer, head] = acts[0].reshape(-1, *acts[0].shape[-2:]).float()
+            s = cache[names[layer][0]][:, pos, head]
+            out[layer, head] = s.reshape(-1, *s.shape[-2:]).float()
             continue
-        k, v = acts[0], acts[1]
-        if len(acts) == 3:
-            k = k * acts[2][..., None]
+        k, v = write_factors(model, cache, layer, head, pos)
         out[layer, head] = WriteFactors(
             k.reshape(-1, k.shape[-1]).float(), v.reshape(-1, v.shape[-1]).float()
         )
@@ -221,7 +245,7 @@ def extract_cells(
 
 
 def extract_cell(
-    model: Any,
+    model: ModelLike,
     tokens: Tensor,
     layer: int,
     head: int,
@@ -246,7 +270,7 @@ class ModelSource:
     first half is emitted as batches.
 
     Args:
-        model: a hooked recurrent model (see the model contract in DESIGN.md).
+        model: a hooked recurrent model (:class:`writesae.protocols.ModelLike`).
         texts: iterable of strings (tokenised with ``model.to_tokens``) or token sequences.
         layer: the cell's layer (a recurrent layer).
         head: the cell's state head.
@@ -267,7 +291,7 @@ class ModelSource:
 
     def __init__(
         self,
-        model: Any,
+        model: ModelLike,
         texts: Iterable[Any],
         layer: int,
         head: int,
@@ -314,8 +338,6 @@ class ModelSource:
 
     def provenance(self) -> dict[str, Any]:
         """Where the samples come from: model name and fingerprint, layer, head, input kind."""
-        from hooked_recurrent.validation import model_fingerprint
-
         cfg = getattr(self.model, "cfg", None)
         return {
             "model": getattr(cfg, "model_name", "") or type(self.model).__name__,
@@ -426,52 +448,6 @@ def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
         yield b
 
 
-def _progress(path: Path, settings: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any] | None:
-    """An interrupted extract's progress record, if it was made with these settings."""
-    old = json.loads(path.read_text()) if path.is_file() else None
-    if old is not None and old.get("settings") == settings and old.get("meta") == meta:
-        return old
-    return None
-
-
-class _ShardWriter:
-    """Collects batches and writes them as shards of about ``per_shard`` samples into ``tmp``,
-    recording its progress after each shard (``tag`` names this rank's shards under torchrun)."""
-
-    def __init__(self, tmp: Path, done: dict[str, Any], record: dict[str, Any]):
-        self.tmp, self.record = tmp, record
-        self.tag = f"_r{dp.rank():03d}" if dp.active() else ""
-        self.progress_file = tmp / f"progress{self.tag}.json"
-        self.names: list[str] = list(done["shards"])
-        self.total, self.kind = done["n_samples"], done["kind"]
-        self.pending: list[Tensor | WriteFactors] = []
-
-    def add(self, b: Tensor | WriteFactors, per_shard: int) -> None:
-        self.kind = "write" if isinstance(b, WriteFactors) else "state"
-        self.pending.append(b)
-        self.total += n_rows(b)
-        if sum(n_rows(p) for p in self.pending) >= per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        data = cat_rows(self.pending)
-        if isinstance(data, WriteFactors):
-            tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
-        else:
-            tensors = {"state": data.contiguous()}
-        name = f"shard{self.tag}_{len(self.names):05d}.safetensors"
-        save_file(tensors, str(self.tmp / (name + ".tmp")), metadata={"kind": self.kind})
-        os.replace(self.tmp / (name + ".tmp"), self.tmp / name)
-        self.names.append(name)
-        self.pending = []
-        state = {"shards": self.names, "n_samples": self.total, "kind": self.kind, **self.record}
-        scratch = self.tmp / f"{self.progress_file.name}.tmp"
-        scratch.write_text(json.dumps(state))
-        os.replace(scratch, self.progress_file)
-
-
 def save_shards(
     source: Iterable[Tensor | WriteFactors],
     directory: str | Path,
@@ -498,8 +474,6 @@ def save_shards(
     with ``share=False`` gives each rank its own block batches) as ``shard_r{rank}_{i}``, with
     its own progress record; rank 0 writes ``shards.json`` listing every rank's shards.
     """
-    from writesae.fileio import atomic_dir, check_target, partial_dir
-
     if not _is_int(samples_per_shard) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard!r}; expected an int >= 1")
     if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
@@ -515,19 +489,19 @@ def save_shards(
     part = partial_dir(directory)
     tag = f"_r{dp.rank():03d}" if dp.active() else ""
     if dp.is_main() and part.exists():
-        if not (resume and _progress(part / f"progress{tag}.json", **record)):
+        if not (resume and progress_record(part / f"progress{tag}.json", **record)):
             if resume:
                 logger.warning("%s: the interrupted extract had other settings; restarting", part)
             shutil.rmtree(part)
     dp.barrier()  # rank 0 has cleared a stale partial folder before anyone writes
     fresh = dict(shards=[], n_samples=0, kind=None)
-    done = (resume and _progress(part / f"progress{tag}.json", **record)) or fresh
+    done = (resume and progress_record(part / f"progress{tag}.json", **record)) or fresh
     if done["shards"]:
         logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
     keep = atomic_dir(directory, overwrite, "shard folder", tmp=part) if dp.is_main() else None
     with keep or contextlib.nullcontext(part) as tmp:
         part.mkdir(parents=True, exist_ok=True)
-        w = _ShardWriter(tmp, done, record)
+        w = ShardWriter(tmp, done, record)
         if max_samples is None or w.total < max_samples:
             for b in _skip(source, w.total):
                 if max_samples is not None:

@@ -19,15 +19,13 @@ Under ``torchrun`` the sweep is data-parallel like ``train`` (see :mod:`writesae
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,23 +36,32 @@ from torch.func import functional_call
 
 from writesae import distributed as dp
 from writesae.activations import ModelSource
+from writesae.checkpoint import TrainingInterrupted
 from writesae.config import TrainConfig, WriteSAEConfig
 from writesae.fileio import atomic_dir
-from writesae.sae import BaseSAE, WriteSAE
+from writesae.saes import BaseSAE, WriteSAE
 from writesae.samples import map_samples
 from writesae.train import (
     StepResult,
-    TrainingInterrupted,
     TrainMetrics,
     batch_fve,
     cycle_batches,
     fired_atoms,
     lr_at,
     resample_dead,
+    signals_to,
     training_step_loss,
 )
 
-__all__ = ["StackedSAE", "sweep", "train_stack", "save_sweep", "parse_cells", "cell_folder"]
+__all__ = [
+    "StackedSAE",
+    "sweep",
+    "train_stack",
+    "save_sweep",
+    "parse_cells",
+    "cell_folder",
+    "SWEEP_STATE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -221,21 +228,6 @@ def _record(
         m.lr.append(lr_at(st.step - 1, cfg))
 
 
-@contextlib.contextmanager
-def _stop_signals(enabled: bool) -> Iterator[list[int]]:
-    """Within the block SIGINT / SIGTERM are recorded in the yielded list instead of raising."""
-    stop: list[int] = []
-    handlers: dict[int, Any] = {}
-    if enabled and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
-    try:
-        yield stop
-    finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-
-
 def _save_state(path: Path, stack: StackedSAE, opt, cfg: TrainConfig, st: _State) -> None:
     """Checkpoint of the whole sweep (rank 0 writes, everyone waits)."""
     if dp.is_main():
@@ -299,7 +291,8 @@ def train_stack(
         _load_state(checkpoint, stack, opt, cfg, st)
     done, t0, last = st.step, time.perf_counter(), time.monotonic()
     elapsed = [m.elapsed_s for m in st.metrics]
-    with _stop_signals(checkpoint is not None) as stop:
+    stop: list[int] = []
+    with signals_to(stop, checkpoint is not None):
         for i, batch in enumerate(cycle_batches(source)):
             if i < done:
                 continue  # replayed to reach the checkpoint's position in the source
@@ -433,7 +426,7 @@ def save_sweep(
         with atomic_dir(out, overwrite, "sweep folder") as tmp:
             for cell, (sae, metrics) in result.items():
                 (tmp / cell_folder(cell)).mkdir()
-                sae._write(tmp / cell_folder(cell))
+                sae.save_into(tmp / cell_folder(cell))
                 (tmp / cell_folder(cell) / "training.json").write_text(
                     json.dumps(metrics.final, indent=2)
                 )
