@@ -90,8 +90,8 @@ class TrainMetrics:
         return self.n_samples / self.elapsed_s if self.elapsed_s > 0 else math.nan
 
     @property
-    def final(self) -> dict[str, float]:
-        """Last recorded value of every per-step metric."""
+    def final(self) -> dict[str, int | float]:
+        """Last recorded value of every per-step metric (the step an int, the rest floats)."""
         names = ("step", "fve", "l0", "dead_fraction", "mse", "aux_loss", "lr")
         return {n: getattr(self, n)[-1] for n in names if getattr(self, n)}
 
