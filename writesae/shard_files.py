@@ -40,6 +40,7 @@ class ShardWriter:
         self.pending: list[Tensor | tuple] = []
 
     def add(self, b: Tensor | tuple, per_shard: int) -> None:
+        """Queue a batch; write a shard once ``per_shard`` samples are queued."""
         self.kind = "write" if isinstance(b, tuple) else "state"
         self.pending.append(b)
         self.total += n_rows(b)
@@ -47,6 +48,7 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the queued samples as the next shard and record the progress."""
         if not self.pending:
             return
         name = f"shard{self.tag}_{len(self.names):05d}.safetensors"
