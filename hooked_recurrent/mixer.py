@@ -3,14 +3,14 @@ and their gradients.
 
 `RecurrentMixer.recur` runs a family's fast path and, when `hook_write` or `hook_state` is hooked,
 builds the writes or the states, hands them to the hooks, finds what changed and applies it: write
-edits propagate through the transitions (`recurrence.propagate_sparse`), state edits assign the
+edits propagate through the transitions (`recurrence.propagate`), state edits assign the
 state (`_assign`). `_AdjointTap` gives backward hooks on both points the adjoint state.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +21,11 @@ from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions, curre
 from hooked_recurrent.memory import write_buffer
 from hooked_recurrent.recurrence import (
     Edits,
-    Response,
+    Propagation,
     Transition,
     adjoint_states,
     chunked_states,
     propagate,
-    propagate_sparse,
     scan,
 )
 from hooked_recurrent.state import RunContext
@@ -268,7 +267,7 @@ class RecurrentMixer(torch.nn.Module):
 
     Without hooks on the write or the state this is just the family's fast (chunked) path. With a
     hook on `hook_write` the writes are built, handed to the hook, and any change is pushed through
-    the transitions (`propagate_sparse`): the returned writes are the layer's inputs. With a hook
+    the transitions (`propagate`): the returned writes are the layer's inputs. With a hook
     on `hook_state` the state trajectory (with the edited writes) is computed, handed to the hook,
     and wherever the returned tensor differs from it the state is assigned: the state at t is the
     returned value and later states follow from it. The outputs are always the fast path's plus
@@ -287,17 +286,54 @@ class RecurrentMixer(torch.nn.Module):
     #: name of the hook holding the write strength (beta, dt), or None when it is 1 (RWKV-7)
     write_strength_hook: str | None = None
 
-    def propagate_edits(
-        self,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        delta: Float[Tensor, "batch pos head d_k d_v"],
-    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
-        """The layer's exact response to additive state edits: `propagate`, step by step.
+    #: the layer index (set by the family's constructor)
+    layer: int
+    #: the hook on the transition's decay (every family has one)
+    hook_decay: RecurrentHookPoint
 
-        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
-        """
-        return propagate(transition, q, delta)
+    @property
+    def W_O(self) -> Float[Tensor, "head d_v d_model"]:
+        """The output projection per head (TransformerLens layout): hook_out = sum_h hook_z[h] @
+        W_O[h] (+ the bias, if any). Every family defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define W_O")
+
+    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
+        """W_O^(h) as a `[d_model, d_v]` matrix: the columns of the output projection that read
+        state head `head` (what `writesae`'s first-order effects go through)."""
+        return self.W_O[head].T
+
+    #: the hooks whose values define the transition, in the order `make_transition` takes them
+    transition_hooks: tuple[str, ...] = ("hook_decay",)
+
+    @staticmethod
+    def make_transition(decay: Tensor, *others: Tensor) -> Transition:
+        """The transition A_t from the values at `transition_hooks` (the forward pass and
+        `transition_from_cache` both build it here). The default: a pure decay."""
+        return Transition(decay)
+
+    def transition_from_cache(self, cache: Mapping[str, Tensor], head: int) -> Transition:
+        """One head's transitions A_t rebuilt from this layer's cached `transition_hooks`, in
+        float64, as tensors `[batch, pos, ...]` of that head (no head axis): what `writesae`'s
+        closed forms step through."""
+        values = [cache[getattr(self, h).name][:, :, head].double() for h in self.transition_hooks]
+        return self.make_transition(*values)
+
+    def hooked_decay(
+        self,
+        decay: Float[Tensor, "batch pos head *k"],
+        log_decay: Float[Tensor, "batch pos head *k"],
+    ) -> tuple[Tensor, Tensor]:
+        """Run `hook_decay` on `decay` = exp(`log_decay`); returns (decay, log decay) where the
+        log is taken only where the hook changed the decay, so the other entries (and every
+        position before an edit) keep their bits."""
+        if not self.hook_decay.active:
+            return decay, log_decay
+        native = decay.clone()  # a hook may edit in place
+        decay = self.hook_decay(decay)
+        changed = decay != native
+        if bool(changed.any()):
+            log_decay = torch.where(changed, decay.log(), log_decay)
+        return decay, log_decay
 
     def state_trajectory(
         self,
@@ -310,7 +346,8 @@ class RecurrentMixer(torch.nn.Module):
     ) -> Float[Tensor, "batch pos head d_k d_v"]:
         """S_t at every position, for `hook_state` and `native_state`: `chunked_states`.
 
-        A family may override this with a faster form of the same recurrence (RWKV-7: chunked).
+        A family may override this with a faster form of the same recurrence (RWKV-7: its own
+        chunked rule).
         """
         return chunked_states(transition, write_k, write_v, S0, writes=writes)
 
@@ -322,12 +359,12 @@ class RecurrentMixer(torch.nn.Module):
         write_k: Float[Tensor, "batch pos head d_k"],
         write_v: Float[Tensor, "batch pos head d_v"],
         S0: Float[Tensor, "batch head d_k d_v"] | None,
-        response: Response | None = None,
+        propagation: Propagation | None = None,
         run: RunContext | None = None,
     ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
         """Run the recurrence: the fast path, plus the exact response to any edit made at
-        `hook_write` or `hook_state`. Returns the reads `[batch, pos, head, d_v]` and the final
-        state `[batch, head, d_k, d_v]`.
+        `hook_write` or `hook_state` (propagated with the family's `propagation`, if any).
+        Returns the reads `[batch, pos, head, d_v]` and the final state `[batch, head, d_k, d_v]`.
 
         With a hook on `hook_state`, the final state of the trajectory the hook was given (no
         state edits) is saved to `run` as `S_native`, and a later call that continues from that
@@ -338,12 +375,11 @@ class RecurrentMixer(torch.nn.Module):
         grad = torch.is_grad_enabled()
         backward_hooks = grad and bool(hw._backward_hooks or hs._backward_hooks)
         if q.shape[1] == 1:  # one decoding step: the plain recurrence is the fast path
-
-            def fast_path() -> tuple[Tensor, Tensor]:
-                return scan(transition, q, write_k, write_v, S0)[:2]
-
+            run_fast: FastPath = lambda: scan(transition, q, write_k, write_v, S0)[:2]  # noqa: E731
+        else:
+            run_fast = fast_path
         if not (hw.active or hs.active or backward_hooks):
-            return fast_path()
+            return run_fast()
 
         writes = None  # the edited writes, when the write hook changed any
         w_edits = w_changed = assigned = carrier_w = carrier_s = None
@@ -376,14 +412,10 @@ class RecurrentMixer(torch.nn.Module):
             if grad and hs._forward_hooks and X.requires_grad:
                 carrier_s = X - native  # zero where nothing was assigned; carries the gradient
 
-        o, S_T = fast_path()
-        shape = (*q.shape[:3], q.shape[-1], write_v.shape[-1])
+        o, S_T = run_fast()
         qf = q.float()
         if w_edits is not None:
-            dense = None
-            if type(self).propagate_edits is not RecurrentMixer.propagate_edits:
-                dense = self.propagate_edits  # the family's own (e.g. chunked) propagation
-            d_o, E_T = propagate_sparse(transition, qf, w_edits, shape, response, dense)
+            d_o, E_T = propagate(transition, qf, w_edits, propagation)
             o, S_T = o + d_o.to(o.dtype), S_T + E_T
         if assigned is not None:
             if writes is None:

@@ -42,8 +42,7 @@ __all__ = [
     "chunked_states",
     "adjoint_states",
     "propagate",
-    "propagate_sparse",
-    "zero_write_response",
+    "Propagation",
 ]
 
 
@@ -162,18 +161,36 @@ def scan(
         if S0 is None
         else S0.float()
     )
-    outs, states = [], []
-    for t in range(T):
-        S = transition.step(S, t)
+
+    def write(S: Tensor, t: int) -> Tensor:
         if writes is not None:
-            S = S + writes[:, t]
-        else:
-            S = S + write_k[:, t, :, :, None] * write_v[:, t, :, None, :]
+            return S + writes[:, t]
+        return S + write_k[:, t, :, :, None] * write_v[:, t, :, None, :]
+
+    outs, S, states = _step_through(transition, S, q, write, keep_states)
+    o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, dv)
+    return o, S, (torch.stack(states, 1) if keep_states else None)
+
+
+def _step_through(
+    transition: Transition,
+    S: Tensor | None,
+    q: Float[Tensor, "batch pos head d_k"],
+    write: Callable[[Tensor | None, int], Tensor],
+    keep_states: bool = False,
+) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+    """S_t = write(A_t(S_{t-1}), t), o_t = S_t^T q_t for every position of `q`, one step at a
+    time. `S` None stands for the zero state (the first transition is then skipped: A(0) = 0).
+
+    Returns the reads (a list over positions), the last state and, with `keep_states`, the states.
+    """
+    outs, states = [], []
+    for t in range(q.shape[1]):
+        S = write(None if S is None else transition.step(S, t), t)
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
         if keep_states:
             states.append(S)
-    o = torch.stack(outs, 1) if outs else q.new_zeros(B, 0, H, dv)
-    return o, S, (torch.stack(states, 1) if keep_states else None)
+    return outs, S, states
 
 
 def chunked_states(
@@ -316,6 +333,8 @@ class Edits:
     t: Tensor
     h: Tensor
     delta: Tensor
+    #: the shape of the layer's states, `[batch, pos, head, d_k, d_v]`
+    shape: tuple[int, ...]
 
     @classmethod
     def found(
@@ -324,81 +343,84 @@ class Edits:
         """edited - native where `changed` `[batch, pos, head]` is set; `native(index)` gives the
         native values at `index` (three index tensors), so nothing of full size is rebuilt."""
         index = changed.nonzero(as_tuple=True)
-        return cls(*index, edited[index].float() - native(index).float())
+        delta = edited[index].float() - native(index).float()
+        return cls(*index, delta, tuple(edited.shape))
+
+    @classmethod
+    def from_dense(cls, delta: Float[Tensor, "batch pos head d_k d_v"]) -> Edits:
+        """The edits of a dense tensor of additive edits (zero where nothing changed)."""
+        touched = delta.ne(0).flatten(3).any(-1)
+        return cls.found(touched, delta, lambda index: delta.new_zeros(()))
 
     def __len__(self) -> int:
         return len(self.t)
 
 
-#: (batch index [n], head index [n], start position, E [n, 1, d_k, d_v]) -> (the reads of the
-#: state E carried from `start` on with zero writes [n, T - start, 1, d_v], the final state):
-#: a family's fast path run on a response, supplied to `recur` by mixers that have one
-Response = Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]]
+@dataclass(frozen=True)
+class Propagation:
+    """A family's fast forms of the response E_t = A_t(E_{t-1}) + dW_t, dO_t = E_t^T q_t; both
+    optional (without them `propagate` steps and uses `chunked_states`).
 
-
-def zero_write_response(
-    rule: Callable[..., tuple[Tensor, Tensor]], inputs: tuple[Tensor, ...], zeroed: set[int]
-) -> Response:
-    """The `Response` of a family whose chunked rule is `rule(*inputs, S0)` -> (o, S_T).
-
-    `inputs` are the rule's per-position tensors `[batch, pos, head, ...]`; those at the indices
-    in `zeroed` carry the write and are replaced by zeros: an edit's response is the same
-    recurrence with no writes, started from the edited state, for the edited (batch, head) pairs.
+    Attributes:
+        carry: (batch index [n], head index [n], start position, E [n, 1, d_k, d_v]) -> (the reads
+            of the state E carried from `start` on with zero writes [n, T - start, 1, d_v], the
+            final state): the family's chunked rule run with zero writes.
+        dense: (the transition of a batch of single heads, their reads, their dense edits
+            [n, T, 1, d_k, d_v]) -> (dO [n, T, 1, d_v], E_T [n, 1, d_k, d_v]): the family's
+            chunked propagation of edits at many positions.
     """
 
-    def response(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
-        args = [
-            x.new_zeros(len(bi), x.shape[1] - start, 1, *x.shape[3:])
-            if i in zeroed
-            else x[bi, start:, hi].unsqueeze(2)
-            for i, x in enumerate(inputs)
-        ]
-        return rule(*args, E0)
+    carry: Callable[[Tensor, Tensor, int, Tensor], tuple[Tensor, Tensor]] | None = None
+    dense: Callable[[Transition, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
-    return response
+    @classmethod
+    def from_rule(
+        cls,
+        rule: Callable[..., tuple[Tensor, Tensor]],
+        inputs: tuple[Tensor, ...],
+        zeroed: set[int],
+        dense: Callable[[Transition, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    ) -> Propagation:
+        """The propagation of a family whose chunked rule is `rule(*inputs, S0)` -> (o, S_T).
 
+        `inputs` are the rule's per-position tensors `[batch, pos, head, ...]`; those at the
+        indices in `zeroed` carry the write and are replaced by zeros: an edit's response is the
+        same recurrence with no writes, started from the edited state, for the edited (batch,
+        head) pairs.
+        """
 
-#: (the transition of a batch of single heads, their reads, their dense edits [n, T, 1, d_k, d_v])
-#: -> (dO [n, T, 1, d_v], E_T [n, 1, d_k, d_v]): a family's chunked propagation of many edits
-DenseResponse = Callable[[Transition, Tensor, Tensor], tuple[Tensor, Tensor]]
+        def carry(bi: Tensor, hi: Tensor, start: int, E0: Tensor) -> tuple[Tensor, Tensor]:
+            args = [
+                x.new_zeros(len(bi), x.shape[1] - start, 1, *x.shape[3:])
+                if i in zeroed
+                else x[bi, start:, hi].unsqueeze(2)
+                for i, x in enumerate(inputs)
+            ]
+            return rule(*args, E0)
+
+        return cls(carry, dense)
 
 
 def propagate(
     transition: Transition,
     q: Float[Tensor, "batch pos head d_k"],
-    delta: Float[Tensor, "batch pos head d_k d_v"],
-) -> tuple[Tensor, Tensor]:
-    """Exact response of the layer to additive state edits `delta` (zero where nothing changed).
-
-    E_t = A_t(E_{t-1}) + delta_t, E_{-1} = 0; returns (dO [batch, pos, head, d_v] with dO_t =
-    E_t^T q_t, E_T [batch, head, d_k, d_v]). Only the (batch, head) pairs with an edit are stepped,
-    and only from the first edited position on, so a rank-1 edit at one position of one head costs
-    O((T - t) d_k d_v).
-    """
-    touched = delta.ne(0).flatten(3).any(-1)  # [b, T, h]
-    edits = Edits.found(touched, delta, lambda index: delta.new_zeros(()))
-    return propagate_sparse(transition, q, edits, tuple(delta.shape))
-
-
-def propagate_sparse(
-    transition: Transition,
-    q: Float[Tensor, "batch pos head d_k"],
-    edits: Edits,
-    shape: tuple[int, ...],
-    response: Response | None = None,
-    dense_response: DenseResponse | None = None,
-) -> tuple[Tensor, Tensor]:
-    """`propagate` for sparse `edits` in a layer whose states have `shape`
-    `[batch, pos, head, d_k, d_v]`.
+    edits: Edits | Float[Tensor, "batch pos head d_k d_v"],
+    fast: Propagation | None = None,
+) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+    """Exact response of a layer to additive state edits (`Edits`, or a dense tensor that is zero
+    where nothing changed): E_t = A_t(E_{t-1}) + delta_t, E_{-1} = 0; returns (dO with
+    dO_t = E_t^T q_t, E_T).
 
     Only the (batch, head) pairs with an edit run, only from the first edited position t0 on, and
     no tensor of the states' full size is made. When the edits span at most `_STEP_SPAN`
-    positions, the response is stepped from t0 to the last edited position t1 (E_t = A_t(E_{t-1})
-    + delta_t); after t1 the writes are zero, so when the mixer supplies `response` the rest runs
-    on the family's chunked fast path. Longer spans run densely: on the family's `dense_response`
-    when it has one, else on `chunked_states`.
+    positions, the response is stepped from t0 to the last edited position t1; after t1 the
+    writes are zero, so with `fast.carry` the rest runs on the family's chunked fast path. Longer
+    spans run densely: on `fast.dense` when the family has one, else on `chunked_states`.
     """
-    B, T, H, dk, dv = shape
+    if isinstance(edits, Tensor):
+        edits = Edits.from_dense(edits)
+    fast = fast or Propagation()
+    B, T, H, dk, dv = edits.shape
     d_o = q.new_zeros(B, T, H, dv)
     E_T = q.new_zeros(B, H, dk, dv)
     if len(edits) == 0:
@@ -412,8 +434,8 @@ def propagate_sparse(
         local = local.index_put((inv, rows), edits.delta[:, None], accumulate=True)
         sub = transition.select(bi, hi, slice(t0, None))
         qsub = q[bi, t0:, hi, None]
-        if dense_response is not None:
-            o, E_last = dense_response(sub, qsub, local)
+        if fast.dense is not None:
+            o, E_last = fast.dense(sub, qsub, local)
         else:
             E = chunked_states(sub, None, None, writes=local)
             o, E_last = torch.einsum("ntokv,ntok->ntov", E, qsub), E[:, -1]
@@ -421,26 +443,24 @@ def propagate_sparse(
         E_T = E_T.index_put((bi, hi), E_last[:, 0].to(E_T.dtype))
         return d_o, E_T
 
-    stop = t1 + 1 if response is not None else T  # step through [t0, stop)
+    stop = t1 + 1 if fast.carry is not None else T  # step through [t0, stop)
     sub = transition.select(bi, hi, slice(t0, stop))
-    qsub = q[bi, t0:stop, hi]  # [n, stop - t0, d_k]
     order = torch.argsort(edits.t, stable=True)
     at, counts = torch.unique_consecutive(edits.t[order], return_counts=True)
     adds = {
-        int(t): (inv[o], edits.delta[o].unsqueeze(1))
+        int(t) - t0: (inv[o], edits.delta[o].unsqueeze(1))
         for t, o in zip(at.tolist(), torch.split(order, counts.tolist()), strict=True)
     }
-    E = q.new_zeros(len(pairs), 1, dk, dv)
-    outs = []
-    for t in range(t0, stop):
-        if t > t0:
-            E = sub.step(E, t - t0)
-        if t in adds:
-            E = E.index_add(0, *adds[t])
-        outs.append(torch.einsum("nhkv,nk->nv", E, qsub[:, t - t0]))
-    d_o = _scatter_pairs(d_o, bi, hi, t0, torch.stack(outs, 1), stop)
+
+    def add(E: Tensor | None, t: int) -> Tensor:
+        if E is None:
+            E = q.new_zeros(len(pairs), 1, dk, dv)
+        return E.index_add(0, *adds[t]) if t in adds else E
+
+    outs, E, _ = _step_through(sub, None, q[bi, t0:stop, hi, None], add)
+    d_o = _scatter_pairs(d_o, bi, hi, t0, torch.stack(outs, 1)[:, :, 0], stop)
     if stop < T:
-        o_rest, E = response(bi, hi, stop, E)
+        o_rest, E = fast.carry(bi, hi, stop, E)
         d_o = _scatter_pairs(d_o, bi, hi, stop, o_rest[:, :, 0].to(d_o.dtype))
     E_T = E_T.index_put((bi, hi), E[:, 0].to(E_T.dtype))
     return d_o, E_T

@@ -61,12 +61,16 @@ class RecurrentState:
             None if self.mask is None else self.mask[idx],
         )
 
-    def repeat(self, n: int) -> RecurrentState:
-        """Each batch row repeated n times in a row (row b -> rows b*n .. b*n+n-1)."""
+    def tile(self, n: int) -> RecurrentState:
+        """The whole batch stacked n times (rows [batch] * n), the layout of `tokens.repeat(n, 1)`:
+        to run n variants of every row from the same state in one call."""
         return RecurrentState(
             self.offset,
-            [{k: v.repeat_interleave(n, dim=0) for k, v in layer.items()} for layer in self.layers],
-            None if self.mask is None else self.mask.repeat_interleave(n, dim=0),
+            [
+                {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in layer.items()}
+                for layer in self.layers
+            ],
+            None if self.mask is None else self.mask.repeat(n, 1),
         )
 
     def to(self, device: torch.device | str) -> RecurrentState:

@@ -63,8 +63,15 @@ class GatedAttention(nn.Module):
             rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "gate"):
-            setattr(self, f"hook_{name}", RecurrentHookPoint())
+        self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_rot_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_attn_scores = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_pattern = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
+        self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run`;

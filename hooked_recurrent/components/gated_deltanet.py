@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from hooked_recurrent.components.conv import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
-from hooked_recurrent.recurrence import Transition, zero_write_response
+from hooked_recurrent.recurrence import Propagation, Transition
 from hooked_recurrent.state import RunContext
 
 
@@ -134,19 +134,21 @@ class GatedDeltaNet(RecurrentMixer):
         self.A_log = nn.Parameter(torch.zeros(n_heads))
         self.norm_w = nn.Parameter(torch.ones(d_v))
         self.W_out = nn.Linear(n_heads * d_v, d_model, bias=False)
-        for name in ("q", "k", "v", "beta", "decay", "read", "gate", "z", "out"):
-            setattr(self, f"hook_{name}", RecurrentHookPoint())
+        self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_k]
+        self.hook_k = RecurrentHookPoint()  # [batch, pos, head, d_k]
+        self.hook_v = RecurrentHookPoint()  # [batch, pos, head, d_v]
+        self.hook_beta = RecurrentHookPoint()  # [batch, pos, head]
+        self.hook_decay = RecurrentHookPoint()  # [batch, pos, head]
+        self.hook_read = RecurrentHookPoint()  # [batch, pos, head, d_v]
+        self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_v]
+        self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_v]
+        self.hook_out = RecurrentHookPoint()  # [batch, pos, d_model]
 
-    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
-        """W_O^(h): the columns of the output projection that read state head `head`."""
-        return self.W_out.weight[:, head * self.d_v : (head + 1) * self.d_v]
+    transition_hooks = ("hook_decay", "hook_beta", "hook_k")
 
-    def transition_from_cache(self, cache, head: int) -> Transition:
-        """One head's transitions A_t, rebuilt from cached `hook_decay`, `hook_beta`, `hook_k`."""
-        p = self.hook_k.name.rsplit(".", 1)[0]
-        alpha = cache[f"{p}.hook_decay"][:, :, head].double()
-        beta = cache[f"{p}.hook_beta"][:, :, head].double()
-        k = cache[f"{p}.hook_k"][:, :, head].double()
+    @staticmethod
+    def make_transition(alpha: Tensor, beta: Tensor, k: Tensor) -> Transition:
+        """A_t(S) = alpha_t (I - beta_t k_t k_t^T) S."""
         return Transition(alpha, -(alpha * beta)[..., None] * k, k)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
@@ -177,28 +179,21 @@ class GatedDeltaNet(RecurrentMixer):
         if m is not None:
             beta, g = beta * m, g * m  # beta 0, decay 1 at padded positions
         beta = self.hook_beta(beta)
-        alpha = g.exp()
-        if self.hook_decay.active:
-            native_alpha = alpha.clone()  # a hook may edit in place
-            alpha = self.hook_decay(alpha)
-            # keep g exactly where the decay was not edited
-            g = torch.where(alpha == native_alpha, g, alpha.log())
+        alpha, g = self.hooked_decay(g.exp(), g)
 
         S0 = None if past is None else past["S"]
-        transition = Transition(alpha, -(alpha * beta)[..., None] * k, k)
-
-        response = zero_write_response(
+        propagation = Propagation.from_rule(
             lambda *x: chunk_gated_delta_rule(*x, self.chunk_size), (q, k, v, beta, g), {2}
         )
         o, S_T = self.recur(
             lambda: chunk_gated_delta_rule(q, k, v, beta, g, S0, self.chunk_size),
-            transition,
+            self.make_transition(alpha, beta, k),
             q,
             beta[..., None] * k,
             v,
             S0,
-            response=response,
-            run=run,
+            propagation,
+            run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o.to(x.dtype))

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from hooked_recurrent.components.conv import causal_conv
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
-from hooked_recurrent.recurrence import Transition, zero_write_response
+from hooked_recurrent.recurrence import Propagation
 from hooked_recurrent.state import RunContext
 
 __all__ = ["Mamba2Mixer", "chunk_ssd", "segment_sum"]
@@ -161,17 +161,15 @@ class Mamba2Mixer(RecurrentMixer):
         self.D = nn.Parameter(torch.ones(n_heads))
         self.norm_w = nn.Parameter(torch.ones(self.d_inner))
         self.W_out = nn.Linear(self.d_inner, d_model, bias=use_bias)
-        for name in ("q", "k", "v", "dt", "decay", "read", "gate", "z", "out"):
-            setattr(self, f"hook_{name}", RecurrentHookPoint())
-
-    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
-        """W_O^(h): the columns of the output projection that read state head `head`."""
-        return self.W_out.weight[:, head * self.head_dim : (head + 1) * self.head_dim]
-
-    def transition_from_cache(self, cache, head: int) -> Transition:
-        """One head's transitions A_t (pure decay), rebuilt from the cached `hook_decay`."""
-        p = self.hook_decay.name.rsplit(".", 1)[0]
-        return Transition(cache[f"{p}.hook_decay"][:, :, head].double())
+        self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_state]  (C, per head)
+        self.hook_k = RecurrentHookPoint()  # [batch, pos, head, d_state]  (B, per head)
+        self.hook_v = RecurrentHookPoint()  # [batch, pos, head, head_dim]  (x)
+        self.hook_dt = RecurrentHookPoint()  # [batch, pos, head]
+        self.hook_decay = RecurrentHookPoint()  # [batch, pos, head]  exp(dt A)
+        self.hook_read = RecurrentHookPoint()  # [batch, pos, head, head_dim]
+        self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, head_dim]
+        self.hook_z = RecurrentHookPoint()  # [batch, pos, head, head_dim]
+        self.hook_out = RecurrentHookPoint()  # [batch, pos, d_model]
 
     def forward(
         self, u: Float[Tensor, "batch pos d_model"], run: RunContext
@@ -202,30 +200,21 @@ class Mamba2Mixer(RecurrentMixer):
             dt = dt * m  # zero write and decay 1 at padded positions
         dt = self.hook_dt(dt)
         log_decay = -self.A_log.float().exp() * dt  # dt A: computed from the (edited) dt
-        decay = log_decay.exp()
-        if self.hook_decay.active:
-            # compare with a copy: a hook may edit in place. Only edited entries take the log of
-            # the new decay, so the others (and every position before an edit) stay bit-exact.
-            native = decay.clone()
-            decay = self.hook_decay(decay)
-            changed = decay != native
-            if bool(changed.any()):
-                log_decay = torch.where(changed, decay.log(), log_decay)
+        decay, log_decay = self.hooked_decay(log_decay.exp(), log_decay)
 
         S0 = None if past is None else past["S"]
-
-        response = zero_write_response(
+        propagation = Propagation.from_rule(
             lambda *x: chunk_ssd(*x, self.chunk_size), (q, k, v, dt, log_decay), {2}
         )
         o, S_T = self.recur(
             lambda: chunk_ssd(q, k, v, dt, log_decay, S0, self.chunk_size),
-            Transition(decay),
+            self.make_transition(decay),
             q,
             k,
             dt[..., None] * v,
             S0,
-            response=response,
-            run=run,
+            propagation,
+            run,
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o)
@@ -239,7 +228,7 @@ class Mamba2Mixer(RecurrentMixer):
         return self.hook_out(self.W_out(y.reshape(Bsz, T, self.d_inner)))
 
     @property
-    def W_O(self) -> Float[Tensor, "head headdim d_model"]:
+    def W_O(self) -> Float[Tensor, "head head_dim d_model"]:
         """The output projection per head (TransformerLens layout): hook_out = sum_h z_h @ W_O[h]
         (+ the bias, if any)."""
         return self.W_out.weight.T.reshape(self.n_heads, self.head_dim, -1)

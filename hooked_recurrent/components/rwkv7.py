@@ -12,7 +12,7 @@ Per token t, with h_t the attn-normed input and h_{-1} the carried `shift` (zero
     k = k~ * (1 + (a - 1) * k_a)                       write key
     S_t = (diag(exp w_t) - (a_t * kappa_t) kappa_t^T) S_{t-1} + k_t v_t^T     S in R^{d_k x d_v}
     o_t = S_t^T r_t                                    no 1/sqrt(d_k) scale
-    y = W_o( (GroupNorm_heads(o) + ((r * k * r_k).sum per head) v) * g )
+    y = W_out( (GroupNorm_heads(o) + ((r * k * r_k).sum per head) v) * g )
 
 GroupNorm uses eps = head_dim * norm_eps (64e-5 at head size 64, BlinkDL's constant). The state is
 kept in the shared layout [d_k, d_v] (key side first); BlinkDL and the `rwkv` package store its
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
 from hooked_recurrent.padding import masked_token_shift
-from hooked_recurrent.recurrence import Transition, scan, zero_write_response
+from hooked_recurrent.recurrence import Propagation, Transition, scan
 from hooked_recurrent.state import RunContext
 
 __all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]
@@ -246,13 +246,28 @@ class TimeMix(RecurrentMixer):
         self.W_r = nn.Linear(C, C, bias=False)
         self.W_k = nn.Linear(C, C, bias=False)
         self.W_v = nn.Linear(C, C, bias=False)
-        self.W_o = nn.Linear(C, C, bias=False)
+        self.W_out = nn.Linear(C, C, bias=False)
         self.ln_x_w = nn.Parameter(torch.ones(C))
         self.ln_x_b = nn.Parameter(torch.zeros(C))
-        for name in ("q", "k", "v", "a", "kappa", "decay", "read", "gate", "z", "out"):
-            setattr(self, f"hook_{name}", RecurrentHookPoint())
+        self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_head]  (r, the receptance)
+        self.hook_k = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_v = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_a = RecurrentHookPoint()  # [batch, pos, head, d_head]  (in-context rate)
+        self.hook_kappa = RecurrentHookPoint()  # [batch, pos, head, d_head]  (removal key)
+        self.hook_decay = RecurrentHookPoint()  # [batch, pos, head, d_head]  exp(w)
+        self.hook_read = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        self.hook_out = RecurrentHookPoint()  # [batch, pos, d_model]
 
-    def propagate_edits(
+    transition_hooks = ("hook_decay", "hook_a", "hook_kappa")
+
+    @staticmethod
+    def make_transition(decay: Tensor, a: Tensor, kappa: Tensor) -> Transition:
+        """A_t(S) = diag(exp w_t) S - (a_t * kappa_t) (kappa_t^T S)."""
+        return Transition(decay, -(a * kappa), kappa)
+
+    def dense_propagation(
         self,
         transition: Transition,
         q: Float[Tensor, "batch pos head d_k"],
@@ -314,18 +329,6 @@ class TimeMix(RecurrentMixer):
             keep_states=True,
         )[2]
 
-    def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
-        """W_O^(h): the columns of the output projection that read state head `head`."""
-        return self.W_o.weight[:, head * self.d_head : (head + 1) * self.d_head]
-
-    def transition_from_cache(self, cache, head: int) -> Transition:
-        """One head's transitions A_t, rebuilt from cached `hook_decay`, `hook_a`, `hook_kappa`."""
-        p = self.hook_decay.name.rsplit(".", 1)[0]
-        decay = cache[f"{p}.hook_decay"][:, :, head].double()
-        a = cache[f"{p}.hook_a"][:, :, head].double()
-        kappa = cache[f"{p}.hook_kappa"][:, :, head].double()
-        return Transition(decay, -(a * kappa), kappa)
-
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Run the time mix on `x` `[batch, pos, d_model]` from the state in `run` (if any); returns
         `[batch, pos, d_model]` and saves the final state and token-shift buffer to `run`.
@@ -367,27 +370,25 @@ class TimeMix(RecurrentMixer):
         w = w.view(B, T, H, N)
         if m is not None:
             w = w * m[..., None]  # decay 1 at padded positions (and no erase: kappa = 0 there)
-        decay = self.hook_decay(w.exp())
-        if self.hook_decay.active:  # keep w bit-for-bit where the decay was not changed
-            w = torch.where(decay == w.exp(), w, decay.log())
+        decay, w = self.hooked_decay(w.exp(), w)
 
         S0 = None if past is None else past["S"]
         erase_a = -(a * kappa)
-
-        response = zero_write_response(
+        propagation = Propagation.from_rule(
             lambda *x: chunk_dplr_rule(*x, self.chunk_size)[:2],
             (r, w, k, v, erase_a, kappa),
             {2, 3},
+            dense=self.dense_propagation,
         )
         o, S_T = self.recur(
             lambda: chunk_dplr_rule(r, w, k, v, erase_a, kappa, S0, self.chunk_size)[:2],
-            Transition(decay, erase_a, kappa),
+            self.make_transition(decay, a, kappa),
             r,
             k,
             v,
             S0,
-            response=response,
-            run=run,
+            propagation,
+            run,
         )
         run.save(self.layer, S=S_T, shift=shift)
         o = self.hook_read(o)
@@ -398,13 +399,13 @@ class TimeMix(RecurrentMixer):
         o = o + (r * k * self.r_k.float()).sum(-1, keepdim=True) * v
         g = self.hook_gate(heads(g))
         z = self.hook_z((o * g).to(x.dtype))
-        return self.hook_out(self.W_o(z.reshape(B, T, C)))
+        return self.hook_out(self.W_out(z.reshape(B, T, C)))
 
     @property
     def W_O(self) -> Float[Tensor, "head d_v d_model"]:
         """The output projection per head (TransformerLens layout):
         hook_out = sum_h hook_z[h] @ W_O[h]."""
-        return self.W_o.weight.T.reshape(self.n_heads, self.d_head, -1)
+        return self.W_out.weight.T.reshape(self.n_heads, self.d_head, -1)
 
 
 class ChannelMix(nn.Module):

@@ -148,7 +148,7 @@ _LAYER_MAP = {
     "attn.W_r.weight": ("attn.r_proj.weight", ""),
     "attn.W_k.weight": ("attn.k_proj.weight", ""),
     "attn.W_v.weight": ("attn.v_proj.weight", ""),
-    "attn.W_o.weight": ("attn.o_proj.weight", ""),
+    "attn.W_out.weight": ("attn.o_proj.weight", ""),
     "attn.ln_x_w": ("attn.g_norm.weight", ""),
     "attn.ln_x_b": ("attn.g_norm.bias", ""),
     "mlp.x_k": ("ffn.x_k", "flat"),

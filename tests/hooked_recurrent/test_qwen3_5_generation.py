@@ -40,6 +40,27 @@ def test_split_forward_equals_whole(pair):
             assert (s3.layers[l][key] - t).abs().max() <= 1e-5, (l, key)
 
 
+@torch.no_grad()
+def test_state_index_tile_clone_continue_like_separate_runs(pair):
+    """RecurrentState.index_batch / tile / clone / to: continuing from the derived state equals
+    running the corresponding rows from the start."""
+    _, model = pair
+    tokens = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(5))
+    whole = model(tokens)
+    _, state = model(tokens[:, :12], return_state=True)
+    rows = torch.tensor([2, 0])
+    part = model(tokens[rows, 12:], state=state.index_batch(rows))
+    assert (part - whole[rows, 12:]).abs().max() <= 1e-5
+    tiled = model(tokens[:, 12:].repeat(2, 1), state=state.tile(2))
+    assert (tiled - whole[:, 12:].repeat(2, 1, 1)).abs().max() <= 1e-5
+    copy = state.clone().to("cpu")
+    for layer in state.layers:
+        for t in layer.values():
+            t.zero_()  # the clone does not share memory with the original
+    again = model(tokens[:, 12:], state=copy)
+    assert (again - whole[:, 12:]).abs().max() <= 1e-5
+
+
 def _argmax_rollout_check(model, prompt, n_new, hooks):
     """Generate with hooks; each new token must be the argmax of run_with_hooks on the result."""
     out = model.generate(prompt, n_new, stop_at_eos=False, fwd_hooks=hooks)

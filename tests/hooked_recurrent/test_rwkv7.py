@@ -185,7 +185,7 @@ def test_chunk_strong_decay_falls_back_exactly():
 
 
 def test_chunked_propagation_matches_step_by_step():
-    """TimeMix.propagate_edits (chunked, dense writes) == the engine's step-by-step `propagate`."""
+    """TimeMix.dense_propagation (chunked, dense writes) == the engine's stepped `propagate`."""
     from hooked_recurrent.components.rwkv7 import TimeMix
     from hooked_recurrent.recurrence import propagate
 
@@ -200,7 +200,7 @@ def test_chunked_propagation_matches_step_by_step():
     delta[1, 20, 2] = torch.outer(torch.randn(K, generator=g), torch.randn(V, generator=g))
     delta[0, 33, 1] = torch.randn(K, V, generator=g)
     mixer = TimeMix(0, 64, 1, 64, 8, 8, 8, 8, chunk_size=16)
-    d_o, E_T = mixer.propagate_edits(tr, q, delta)
+    d_o, E_T = mixer.dense_propagation(tr, q, delta)
     d_o_ref, E_T_ref = propagate(tr, q, delta)
     assert torch.equal(d_o[:, :7], torch.zeros_like(d_o[:, :7]))
     assert (d_o - d_o_ref).abs().max().item() <= 1e-5

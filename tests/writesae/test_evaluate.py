@@ -44,17 +44,21 @@ class _Mixer(RecurrentMixer):
         self.W_v = nn.Linear(d_model, n_heads * d_v, bias=False)
         self.W_a = nn.Linear(d_model, n_heads)
         self.W_b = nn.Linear(d_model, n_heads)
-        self.W_O = nn.Linear(n_heads * d_v, d_model, bias=False)
-        for n in ("q", "k", "v", "beta", "decay", "read"):
-            setattr(self, f"hook_{n}", RecurrentHookPoint())
+        self.W_out = nn.Linear(n_heads * d_v, d_model, bias=False)
+        self.hook_q = RecurrentHookPoint()
+        self.hook_k = RecurrentHookPoint()
+        self.hook_v = RecurrentHookPoint()
+        self.hook_beta = RecurrentHookPoint()
+        self.hook_decay = RecurrentHookPoint()
+        self.hook_read = RecurrentHookPoint()
 
-    def head_output_weight(self, head):
-        return self.W_O.weight[:, head * self.d_v : (head + 1) * self.d_v]
+    @property
+    def W_O(self):
+        return self.W_out.weight.T.reshape(self.n_heads, self.d_v, -1)
 
-    def transition_from_cache(self, cache, head):
-        a = cache["blocks.0.attn.hook_decay"][:, :, head].double()
-        b = cache["blocks.0.attn.hook_beta"][:, :, head].double()
-        k = cache["blocks.0.attn.hook_k"][:, :, head].double()
+    transition_hooks = ("hook_decay", "hook_beta", "hook_k")
+
+    def make_transition(self, a, b, k):
         return Transition(
             a, -(a * b)[..., None] * k if self.erase else None, k if self.erase else None
         )
@@ -68,12 +72,10 @@ class _Mixer(RecurrentMixer):
         v = self.hook_v(self.W_v(x).view(B, T, H, self.d_v))
         beta = self.hook_beta(torch.sigmoid(self.W_b(x)))
         alpha = self.hook_decay(torch.sigmoid(self.W_a(x) + 2.0))
-        tr = Transition(
-            alpha, -(alpha * beta)[..., None] * k if self.erase else None, k if self.erase else None
-        )
+        tr = self.make_transition(alpha, beta, k)
         wk = beta[..., None] * k
         o, _ = self.recur(lambda: scan(tr, q, wk, v)[:2], tr, q, wk, v, None)
-        return self.W_O(self.hook_read(o).reshape(B, T, -1))
+        return self.W_out(self.hook_read(o).reshape(B, T, -1))
 
 
 class _Block(nn.Module):
