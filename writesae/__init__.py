@@ -9,6 +9,7 @@ from writesae.activations import (
     save_shards,
 )
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
+from writesae.dashboards import DashboardConfig, dashboard
 from writesae.interventions import ablate_hook, install_hook, substitute_hook
 from writesae.sae import BaseSAE, FlatSAE, SAEOutput, WriteSAE, load_sae
 from writesae.train import TrainingInterrupted, TrainMetrics, lr_at, train
@@ -35,4 +36,6 @@ __all__ = [
     "substitute_hook",
     "ablate_hook",
     "install_hook",
+    "dashboard",
+    "DashboardConfig",
 ]

@@ -1,4 +1,4 @@
-"""The `writesae` command line: extract, train, evaluate, demo.
+"""The `writesae` command line: extract, train, evaluate, demo, dashboard.
 
 Every option that sets a `WriteSAEConfig` or `TrainConfig` field takes its help text from that
 field's documentation, so the CLI and the library say the same thing.
@@ -20,6 +20,7 @@ import torch
 import typer
 
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
+from writesae.dashboards.command import dashboard_cmd
 from writesae.fileio import atomic_dir, check_target
 
 app = typer.Typer(
@@ -628,10 +629,20 @@ def _demo_outputs(
         steps=metrics.n_steps,
         samples_per_s=metrics.samples_per_s,
     )
-    _evaluate(
+    results = _evaluate(
         m, sae, model, tokens, out, True, True, True, firings, seed,
-        extra=dict(training=training, cell=cell), final=final,
+        extra=dict(training=training, cell=cell, dashboard="dashboard/index.html"), final=final,
     )  # fmt: skip
+    from writesae.dashboards import dashboard
+
+    sub = results.get("substitution") or {}
+    win_rates = (sub.get("population") or {}).get("per_atom")
+    blocks = _blocks(m, _texts(None, "heldout"), 128, None)  # room for the 64-token memory
+    dashboard(sae, m, blocks, out / "dashboard", win_rates=win_rates, model_name=model)
+    typer.echo(f"dashboard: {final / 'dashboard' / 'index.html'}")
+
+
+app.command("dashboard")(_one_line_errors(dashboard_cmd))
 
 
 def main() -> None:

@@ -403,6 +403,15 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
             "![install](install.png)",
             "",
         ]
+    if results.get("dashboard"):
+        L += [
+            "## Atom dashboard",
+            "",
+            f"[Open the atom dashboard]({results['dashboard']}) in a browser (a static page: no "
+            "server, no network): every atom's contexts, histogram, key and value sides, memory "
+            "and nearest atoms.",
+            "",
+        ]
     atoms = results.get("top_atoms")
     if atoms:
         L += [

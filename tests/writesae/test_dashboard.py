@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.pretrained import sample_text
 from writesae import WriteSAE, WriteSAEConfig
-from writesae.dashboard import DashboardConfig, dashboard, load_data
+from writesae.dashboards import DashboardConfig, dashboard, load_data
 
 LAYER, HEAD = 1, 2  # a layer with an attention and a recurrent layer after it
 CFG = DashboardConfig(n_contexts=6, batch_tokens=500, memory_lags=(1, 4, 16), memory_starts=5)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from hooked_recurrent.recurrence import Transition
-from writesae.dashboard.corpus import CorpusStats
+from writesae.dashboards.corpus import CorpusStats
 
 __all__ = ["AtomCodes", "split_codes", "firing_summary", "contexts", "key_side", "read_side"]
 __all__ += ["memory", "nearest"]

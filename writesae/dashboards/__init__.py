@@ -4,7 +4,8 @@ reads and writes, and that open in any browser from disk, with no server and no 
 `dashboard(sae, model, tokens, out)` writes `out/index.html`, its script and style, and
 `out/data.js` (the data, one JSON object assigned to `window.WRITESAE_DASHBOARD`; a browser
 opening a page from disk may not fetch a separate `.json` file, but it runs a local script).
-`load_data(out)` reads that object back in Python.
+`load_data(out)` reads that object back in Python. (The package is `writesae.dashboards`, plural,
+so that `writesae.dashboard` can be the function.)
 
 Per atom: fire rate, mean activation, share of the explained variance, substitution win rate
 (when given), a histogram of its nonzero activations, its top-activating contexts with every
@@ -27,11 +28,11 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from writesae.dashboard import atoms as A
-from writesae.dashboard.corpus import DashboardSAE, corpus_pass, sae_layer
-from writesae.dashboard.value import direct_effect, first_order_effect
+from writesae.dashboards import atoms as A
+from writesae.dashboards.corpus import DashboardSAE, corpus_pass, sae_layer
+from writesae.dashboards.value import direct_effect, first_order_effect
 
-__all__ = ["DashboardConfig", "dashboard", "load_data", "DATA_PREFIX"]
+__all__ = ["DashboardConfig", "dashboard", "write_dashboard", "load_data", "DATA_PREFIX"]
 
 logger = logging.getLogger(__name__)
 DATA_PREFIX = "window.WRITESAE_DASHBOARD = "
@@ -240,7 +241,7 @@ def write_dashboard(data: dict[str, Any], out: str | Path) -> Path:
     """Write `data` as `out/data.js` beside the page's static files; returns `out/index.html`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    static = resources.files("writesae.dashboard") / "static"
+    static = resources.files("writesae.dashboards") / "static"
     for name in STATIC_FILES:
         with resources.as_file(static / name) as src:
             shutil.copyfile(src, out / name)

@@ -34,11 +34,17 @@ class DashboardSAE(Protocol):
     key_factors: Tensor  # [n_atoms, d_k]
     value_factors: Tensor  # [n_atoms, d_v]
 
-    def encode(self, x: Tensor) -> Tensor: ...
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes `[..., n_atoms]` of matrices `[..., d_k, d_v]` (a state SAE)."""
+        ...
 
-    def encode_factors(self, key: Tensor, value: Tensor) -> Tensor: ...
+    def encode_factors(self, key: Tensor, value: Tensor) -> Tensor:
+        """Codes of rank-1 inputs `key value^T` from their factors (a write SAE)."""
+        ...
 
-    def decode_sparse(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor: ...
+    def decode_sparse(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
+        """The reconstruction from the listed atoms and their codes."""
+        ...
 
 
 def sae_layer(sae: DashboardSAE) -> int:
