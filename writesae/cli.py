@@ -561,13 +561,18 @@ def demo(
     steps: int = typer.Option(1500, help=_T["n_steps"]),
     firings: int = typer.Option(600, help="Firings for the substitution test (>= 500)."),
     seed: int = typer.Option(0, help="Seed for everything."),
+    dashboard_tokens: int = typer.Option(
+        32768, help="Held-out tokens (sequences of 128) the atom dashboard runs over."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing --out folder (whole)."
     ),
 ) -> None:
-    """Stream states, train a WriteSAE, run the three evaluations, write the report."""
+    """Stream states, train a WriteSAE, run the three evaluations, write the report and the atom
+    dashboard."""
     _positive("--steps", steps)
     _positive("--firings", firings)
+    _positive("--dashboard-tokens", dashboard_tokens, 128)
     try:
         WriteSAEConfig(d_k=1, d_v=1, n_atoms=n_atoms, k=k)
     except ValueError as e:
@@ -611,6 +616,8 @@ def demo(
     cell = dict(layer=layer, head=head, median_decay=decay, how=how)
     with atomic_dir(out, overwrite, "demo folder") as tmp:
         _demo_outputs(m, sae, metrics, model, firings, seed, tmp, out, tokens, cell)
+        blocks = _blocks(m, _texts(None, "heldout"), 128, dashboard_tokens // 128)
+        _demo_dashboard(m, sae, model, tmp, out, blocks)
     typer.echo(f"done in {time.time() - t0:.0f} s")
 
 
@@ -629,15 +636,19 @@ def _demo_outputs(
         steps=metrics.n_steps,
         samples_per_s=metrics.samples_per_s,
     )
-    results = _evaluate(
+    _evaluate(
         m, sae, model, tokens, out, True, True, True, firings, seed,
         extra=dict(training=training, cell=cell, dashboard="dashboard/index.html"), final=final,
     )  # fmt: skip
-    from writesae.dashboards import dashboard
 
-    sub = results.get("substitution") or {}
-    win_rates = (sub.get("population") or {}).get("per_atom")
-    blocks = _blocks(m, _texts(None, "heldout"), 128, None)  # room for the 64-token memory
+
+def _demo_dashboard(m, sae, model: str, out: Path, final: Path, blocks: torch.Tensor) -> None:
+    """The atom dashboard beside the report (linked from it), with the report's per-atom win
+    rates; sequences of 128 tokens leave room for the 64-token memory."""
+    from writesae.dashboards import dashboard
+    from writesae.dashboards.command import report_win_rates
+
+    win_rates = report_win_rates(out)
     dashboard(sae, m, blocks, out / "dashboard", win_rates=win_rates, model_name=model)
     typer.echo(f"dashboard: {final / 'dashboard' / 'index.html'}")
 

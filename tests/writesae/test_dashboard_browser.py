@@ -37,10 +37,9 @@ def demo_dir(tmp_path_factory):
     given = os.environ.get("WRITESAE_DASHBOARD_DIR")
     if given:
         return Path(given).resolve().parent
-    _need_browser()
     out = tmp_path_factory.mktemp("demo") / "demo"
     args = ["demo", "--out", str(out), "--n-atoms", "32", "--k", "4", "--steps", "20"]
-    r = CliRunner().invoke(app, args + ["--firings", "20"])
+    r = CliRunner().invoke(app, args + ["--firings", "20", "--dashboard-tokens", "2048"])
     assert r.exit_code == 0, r.output
     return out
 
@@ -68,6 +67,21 @@ def test_demo_report_links_the_dashboard(demo_dir):
     per_atom = json.loads((demo_dir / "results.json").read_text())["substitution"]["population"]
     for a, rate in per_atom["per_atom"].items():
         assert data["atoms"][int(a)]["win_rate"] == pytest.approx(rate, rel=1e-4)
+
+
+def test_dashboard_command_on_the_demos_sae(demo_dir, tmp_path):
+    out = tmp_path / "dash"
+    args = ["dashboard", "--sae", str(demo_dir / "sae"), "--out", str(out), "--report"]
+    args += [str(demo_dir), "--n-tokens", "1000", "--context", "96"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    data = load_data(out)
+    assert (data["meta"]["n_seq"], data["meta"]["context"]) == (10, 96)
+    per_atom = json.loads((demo_dir / "results.json").read_text())["substitution"]["population"]
+    shown = {a["atom"]: a["win_rate"] for a in data["atoms"] if a["win_rate"] is not None}
+    assert shown == pytest.approx({int(a): v for a, v in per_atom["per_atom"].items()}, rel=1e-4)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code != 0 and "--overwrite" in again.output
 
 
 def _index_checks(page, atoms):
