@@ -2,10 +2,12 @@
 
     python benchmarks/forward.py [--rounds 15] [--only FAMILY]
 
-Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention),
-batch 4, seq 256, float32, median of interleaved rounds after one warm-up round. The write edit
-is timed with the hook editing in place and returning its input (the TransformerLens idiom) and,
-for comparison, with a hook that returns an edited copy.
+Setup (the issue's): 2 threads, d_model 256, 4 layers (Qwen3.5: 3 Gated DeltaNet + 1 attention;
+Qwen3-Next the same with sparse MoE MLPs, `common.bench_qwen3_next`; Kimi Linear: 3 KDA + 1 MLA,
+MoE, `common.bench_kimi`), batch 4, seq 256, float32,
+median of interleaved rounds after one warm-up round. The write edit is timed with the hook
+editing in place and returning its input (the TransformerLens idiom) and, for comparison, with a
+hook that returns an edited copy.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    bench_kimi,
+    bench_mamba1,
     bench_qwen,
+    bench_qwen3_next,
     bridge_for,
     interleaved_medians,
     rank1_write_edit,
@@ -29,6 +34,7 @@ from common import (  # noqa: E402
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
 
 B, T, VOCAB = 4, 256, 512
+WRITE_HOOK = "blocks.1.attn.hook_write"
 
 
 def inplace_write_edit(position: int, head: int = 0, scale: float = 0.1):
@@ -45,13 +51,33 @@ def inplace_write_edit(position: int, head: int = 0, scale: float = 0.1):
 
 def qwen_rows(rounds: int) -> list[dict]:
     hf = bench_qwen(VOCAB)
-    ours = HookedRecurrentModel.from_hf_model(hf)
-    bridge = bridge_for(hf, VOCAB)
     tokens = torch.randint(0, VOCAB - 3, (B, T))
-    name = "blocks.1.attn.hook_write"
-    in_place = [(name, inplace_write_edit(T // 2))]
-    clone = [(name, rank1_write_edit(T // 2))]
-    base = "HF `Qwen3_5ForCausalLM` forward"
+    rows = gdn_rows(hf, "Qwen3.5", tokens, rounds, bridge=bridge_for(hf, VOCAB))
+    return rows + backward_rows(HookedRecurrentModel.from_hf_model(hf), tokens, rounds)
+
+
+def qwen3_next_rows(rounds: int) -> list[dict]:
+    hf = bench_qwen3_next(VOCAB)
+    return gdn_rows(hf, "Qwen3-Next (MoE)", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
+def mamba1_rows(rounds: int) -> list[dict]:
+    hf = bench_mamba1(VOCAB)
+    return gdn_rows(hf, "Mamba-1", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
+def kimi_rows(rounds: int) -> list[dict]:
+    hf = bench_kimi(VOCAB)
+    return gdn_rows(hf, "Kimi Linear", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
+def gdn_rows(hf, label: str, tokens, rounds: int, bridge=None) -> list[dict]:
+    """Forward, run_with_cache and one write edit of ours against the HF model (and the
+    TransformerBridge, when given)."""
+    ours = HookedRecurrentModel.from_hf_model(hf)
+    in_place = [(WRITE_HOOK, inplace_write_edit(T // 2))]
+    clone = [(WRITE_HOOK, rank1_write_edit(T // 2))]
+    base = f"HF `{type(hf).__name__}` forward"
     runs = {
         base: (lambda: hf(tokens, use_cache=False).logits, None),
         "ours, forward": (lambda: ours(tokens), 1.1),
@@ -64,16 +90,17 @@ def qwen_rows(rounds: int) -> list[dict]:
             lambda: ours.run_with_hooks(tokens, fwd_hooks=clone),
             None,
         ),
-        "TransformerBridge forward": (lambda: bridge(tokens, return_type="logits"), None),
-        "TransformerBridge `run_with_cache()` (its state hooks silent)": (
+    }
+    if bridge is not None:
+        runs["TransformerBridge forward"] = (lambda: bridge(tokens, return_type="logits"), None)
+        runs["TransformerBridge `run_with_cache()` (its state hooks silent)"] = (
             lambda: bridge.run_with_cache(tokens),
             None,
-        ),
-    }
+        )
     meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
-    rows = [
+    return [
         dict(
-            model="Qwen3.5",
+            model=label,
             run=k,
             ms=1e3 * meds[k],
             against=None if k == base else "HF",
@@ -82,10 +109,9 @@ def qwen_rows(rounds: int) -> list[dict]:
         )
         for k in runs
     ]
-    return rows + backward_rows(ours, tokens, name, rounds)
 
 
-def backward_rows(ours, tokens, name: str, rounds: int) -> list[dict]:
+def backward_rows(ours, tokens, rounds: int, name: str = "blocks.1.attn.hook_write") -> list:
     """backward() of one logit, with a backward hook on one `hook_write` (it gets the adjoint
     state dL/dS_t of every position) against the same backward without hooks."""
     got = []
@@ -163,6 +189,54 @@ def rwkv7_rows(rounds: int) -> list[dict]:
     return out
 
 
+def nemotron_h_rows(rounds: int) -> list[dict]:
+    """A random Nemotron-H: d_model 256, 4 blocks (Mamba-2, MLP, Mamba-2, attention), 8 Mamba
+    heads of 64, state 64, 1 group, chunk 64; the edit on the first Mamba-2 block."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(0)
+    cfg = NemotronHConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        layers_block_type=["linear_attention", "mlp", "linear_attention", "full_attention"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        intermediate_size=1024,
+        ssm_state_size=64,
+        mamba_num_heads=8,
+        mamba_head_dim=64,
+        n_groups=1,
+        chunk_size=64,
+    )
+    hf = NemotronHForCausalLM(cfg).eval()
+    ours = HookedRecurrentModel.from_hf_model(hf)
+    tokens = torch.randint(0, VOCAB - 3, (B, T))
+    edit = [("blocks.0.attn.hook_write", inplace_write_edit(T // 2))]
+    base = "HF `NemotronHForCausalLM` forward"
+    runs = {
+        base: (lambda: hf(tokens, use_cache=False).logits, None),
+        "ours, forward": (lambda: ours(tokens), 1.1),
+        "ours, `run_with_cache()`": (lambda: ours.run_with_cache(tokens), 1.3),
+        "ours, rank-1 `hook_write` edit, 1 layer, 1 position (in place)": (
+            lambda: ours.run_with_hooks(tokens, fwd_hooks=edit),
+            1.5,
+        ),
+    }
+    meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
+    return [
+        dict(
+            model="Nemotron-H",
+            run=k,
+            ms=1e3 * meds[k],
+            against=None if k == base else "HF",
+            ratio=meds[k] / meds[base],
+            target=runs[k][1],
+        )
+        for k in runs
+    ]
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | run | median ms | ratio | target | met |",
@@ -177,16 +251,25 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    families = {
+        "qwen3_5": qwen_rows,
+        "qwen3_next": qwen3_next_rows,
+        "kimi_linear": kimi_rows,
+        "mamba2": mamba2_rows,
+        "rwkv7": rwkv7_rows,
+        "nemotron_h": nemotron_h_rows,
+        "mamba1": mamba1_rows,
+    }
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--only", choices=["qwen3_5", "mamba2", "rwkv7"], default=None)
+    ap.add_argument("--only", choices=list(families), default=None)
     args = ap.parse_args()
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, rounds={args.rounds}, "
         f"load average {os.getloadavg()[0]:.2f}\n"
     )
     rows: list[dict] = []
-    for fam, fn in (("qwen3_5", qwen_rows), ("mamba2", mamba2_rows), ("rwkv7", rwkv7_rows)):
+    for fam, fn in families.items():
         if args.only in (None, fam):
             rows += fn(args.rounds)
     print(markdown(rows))

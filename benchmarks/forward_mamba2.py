@@ -17,7 +17,6 @@ import logging
 import os
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
@@ -27,7 +26,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bridge_for  # noqa: E402
+from common import bridge_for, interleaved_times  # noqa: E402
 
 VOCAB = 512
 BATCH, SEQ = 4, 256
@@ -104,16 +103,7 @@ def rows(rounds: int = 7) -> list[dict]:
         ("TL TransformerBridge forward", lambda: bridge(toks, return_type="logits")),
         ("TL TransformerBridge run_with_cache()", lambda: bridge.run_with_cache(toks)),
     ]
-    times: dict[str, list[float]] = {c: [] for c, _ in conds}
-    with torch.no_grad():
-        for r in range(rounds + 1):
-            for name, fn in conds:
-                t = time.perf_counter()
-                out = fn()
-                dt = time.perf_counter() - t
-                del out
-                if r > 0:
-                    times[name].append(dt)
+    times = interleaved_times(dict(conds), rounds=rounds, warmup=1)
     base = statistics.median(times[conds[0][0]])
     base_min = min(times[conds[0][0]])
     return [

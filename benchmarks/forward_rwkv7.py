@@ -17,36 +17,37 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import interleaved_times
 
 SEQ, BATCH = 256, 1
 CONFIG = dict(C=256, L=4, vocab=1024, Dw=32, Da=32, Dv=16, Dg=64, ffn=1024)
 
 
-def _helpers():
-    here = Path(__file__).resolve().parents[1] / "tests" / "hooked_recurrent"
-    sys.path.insert(0, str(here))
-    import rwkv_helpers  # sets RWKV_V7_ON before rwkv.model is imported
+def _rwkv_package_model(path: Path):
+    """The `rwkv` package's RWKV-7 on CPU in fp32 (it appends '.pth' to the name itself)."""
+    os.environ["RWKV_V7_ON"] = "1"  # read when rwkv.model is first imported
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
 
-    return rwkv_helpers
+    return RWKV(model=str(path)[: -len(".pth")], strategy="cpu fp32")
 
 
 def rows(rounds: int = 5) -> list[dict]:
     """Benchmark rows: name, median seconds, ratio, what the ratio is against, and the target."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    h = _helpers()
     from hooked_recurrent import HookedRecurrentModel
+    from hooked_recurrent.pretrained.rwkv7 import random_blinkdl_state_dict
 
     with tempfile.TemporaryDirectory() as d:
-        sd = h.random_blinkdl_state_dict(**CONFIG, seed=0)
+        sd = random_blinkdl_state_dict(**CONFIG, seed=0)
         path = Path(d) / "RWKV-x070-bench.pth"
         torch.save(sd, path)
-        ref = h.rwkv_package_model(path)
+        ref = _rwkv_package_model(path)
         model = HookedRecurrentModel.from_pretrained(str(path)).eval()
     tokens = torch.randint(
         0, CONFIG["vocab"], (BATCH, SEQ), generator=torch.Generator().manual_seed(0)
@@ -79,15 +80,8 @@ def rows(rounds: int = 5) -> list[dict]:
     }
     with torch.no_grad():
         diff = (run_ours()[0] - run_ref()).abs().max().item()
-        for f in cases.values():  # warm-up (TorchScript profiling runs twice)
-            f()
-            f()
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        for _ in range(rounds):
-            for name, f in cases.items():
-                t0 = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t0)
+    # two warm-up rounds: TorchScript profiling runs twice
+    times = interleaved_times(cases, rounds=rounds, warmup=2)
     med = {k: statistics.median(v) for k, v in times.items()}
     ours = med["ours: forward"]
     targets = {

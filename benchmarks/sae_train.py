@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import statistics
@@ -88,6 +89,7 @@ def main() -> None:
 def run_batch(args, sae, key, value, mats, batch: int) -> float:
     """One interleaved comparison at one batch size; prints its table, returns the ratio."""
     sae_f, sae_m = copy.deepcopy(sae), copy.deepcopy(sae)
+    sae_m.cfg = dataclasses.replace(sae.cfg, input_kind="state")  # train checks the input kind
     # interleaved rounds, so that a change in machine load hits both inputs alike
     runs_f, runs_m = [], []
     for r in range(args.rounds):

@@ -5,6 +5,7 @@ TransformerLens style so that edits at `hook_write` / `hook_state` propagate thr
 and every hook fires during generation.
 """
 
+from hooked_recurrent._version import __version__
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.model import HookedRecurrentModel
@@ -13,6 +14,7 @@ from hooked_recurrent.recurrence import Transition, propagate, scan
 from hooked_recurrent.state import RecurrentState
 
 __all__ = [
+    "__version__",
     "HookedRecurrentModel",
     "HookedRecurrentConfig",
     "RecurrentHookPoint",

@@ -101,15 +101,16 @@ class HookedRecurrentConfig:
 
     @property
     def d_mlp(self) -> int | None:
-        """Hidden width of the MLPs; None on Mamba-2 (no MLPs: `attn_only` is True)."""
-        if self.architecture == "mamba2":
+        """Hidden width of the MLPs; None on Mamba-1/2 (no MLPs: `attn_only` is True)."""
+        if self.attn_only:
             return None
         return int(self.hf_config["intermediate_size"])
 
     @property
     def attn_only(self) -> bool:
-        """True when blocks have no MLP (Mamba-2): TransformerLens then skips `mlp_out`."""
-        return self.architecture == "mamba2"
+        """True when blocks have no MLP (Mamba-1, Falcon-Mamba, Mamba-2): TransformerLens then
+        skips `mlp_out`."""
+        return self.architecture in ("mamba", "falcon_mamba", "mamba2")
 
     @property
     def gated_mlp(self) -> bool:

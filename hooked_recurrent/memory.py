@@ -1,4 +1,4 @@
-"""Memory reused between calls: the dense writes handed to `hook_write` hooks.
+"""Memory reused between calls, for the whole package and `writesae`: one pool class.
 
 Kept apart from the engine's mathematics (`recurrence`): this is where the package talks to the
 allocator and the operating system.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["write_buffer"]
+__all__ = ["MemoryPool", "write_buffer", "scratch"]
 
 
 _HUGE_PAGE = 2 << 20
@@ -26,11 +26,11 @@ _libc_madvise: Callable[[int, int, int], int] | None | bool = None
 def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
     """torch.empty(shape), on Linux CPU advised to use transparent huge pages when large.
 
-    The writes of one layer are large (d_k d_v floats per token and head, 128 MiB at batch 4 x 256
-    tokens for 8 heads of 64 x 64) and freshly allocated on every call; on a virtual machine the
-    first touch of each 4 KiB page then costs more than the multiplication that fills it. Huge
-    pages (MADV_HUGEPAGE, honoured in the kernel's default "madvise" mode) cut that 512-fold.
-    Only this allocation is advised; where that is not possible this is plain torch.empty.
+    The writes of one layer hold d_k d_v floats per token and head and are freshly allocated on
+    every call; the first touch of each 4 KiB page can then cost more than the multiplication that
+    fills it. Huge pages (MADV_HUGEPAGE, honoured in the kernel's default "madvise" mode) take
+    one fault per 2 MiB instead. Only this allocation is advised; where that is not possible this
+    is plain torch.empty.
     """
     global _libc_madvise
     t = torch.empty(shape, dtype=like.dtype, device=like.device)
@@ -46,7 +46,7 @@ def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
                 _libc_madvise = libc.madvise
             except (OSError, AttributeError):
                 pass
-    if _libc_madvise:
+    if callable(_libc_madvise):
         start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
         end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
         if end > start:
@@ -54,53 +54,72 @@ def _empty_large(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return t
 
 
-class _WriteBuffer:
-    """One reusable block of memory for the dense writes handed to `hook_write` hooks (CPU only).
+class MemoryPool(threading.local):
+    """Named blocks of CPU memory kept from one call to the next (one set per thread).
 
-    Building `[batch, pos, head, d_k, d_v]` writes into fresh memory costs more in page faults than
-    the multiplication itself, so the memory is kept between calls. It is reused only when nothing
-    outside holds on to it: a hook that keeps the writes (a cache, or a returned view) makes the
-    storage's reference count stay up, and the next call then takes new memory and leaves the old
-    block to its holder. Blocks above `max_bytes` are never kept.
+    Memory taken fresh on every call goes back to the operating system in between, and touching
+    it again page-faults once per page; for large tensors built on every call (the dense writes
+    handed to `hook_write` hooks, the gathered rows and table gradients of a WriteSAE training
+    step) that costs more than the arithmetic that fills them. A block is handed out again only
+    when nothing else holds its storage (its use count is back to what it was when it was made),
+    so a tensor that is still alive is never overwritten: one kept by a hook or a cache, one saved
+    by autograd for a backward pass that has not run yet, or a gradient still held as a
+    parameter's `.grad` or by the caller. The caller then gets new memory and the old block stays
+    with its holder. Requests above `max_bytes`, off the CPU, or on a torch without
+    `torch._C._storage_Use_Count` get plain fresh memory.
+
+    Args:
+        max_bytes: the largest block kept.
+        huge_pages: advise large blocks to use transparent huge pages (Linux, see
+            `_empty_large`).
     """
 
-    max_bytes = 256 << 20
+    def __init__(self, max_bytes: int, huge_pages: bool = False) -> None:
+        self.max_bytes = max_bytes
+        self.huge_pages = huge_pages
+        self.blocks: dict[str, tuple[Tensor, int]] = {}
 
-    def __init__(self) -> None:
-        self.block: Tensor | None = None
-        self.idle_count = 0
+    def _empty(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if self.huge_pages:
+            return _empty_large(shape, like)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
 
-    @staticmethod
-    def _use_count(t: Tensor) -> int:
-        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-    def get(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """Uninitialised memory for a tensor of `shape` and `like`'s dtype and device."""
+    def get(self, shape: tuple[int, ...], like: Tensor, name: str = "") -> Tensor:
+        """Uninitialised memory for a tensor of `shape` and `like`'s dtype and device, from the
+        block called `name` when that block is free and large enough."""
         n = math.prod(shape)
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
         if (
             like.device.type != "cpu"
+            or use_count is None
             or n * like.element_size() > self.max_bytes
-            or not hasattr(torch._C, "_storage_Use_Count")
         ):
-            return _empty_large(shape, like)
-        b = self.block
+            return self._empty(shape, like)
+        block, idle = self.blocks.get(name, (None, -1))
         if (
-            b is None
-            or b.dtype != like.dtype
-            or b.numel() < n
-            or self._use_count(b) != self.idle_count
+            block is None
+            or block.dtype != like.dtype
+            or block.numel() < n
+            or use_count(block.untyped_storage()._cdata) != idle
         ):
-            self.block = b = _empty_large((n,), like)
-            self.idle_count = self._use_count(b)
-        return b[:n].view(shape)
+            block = self._empty((n,), like)
+            self.blocks[name] = (block, use_count(block.untyped_storage()._cdata))
+        return block[:n].view(shape)
+
+    def clear(self) -> None:
+        """Let go of this thread's blocks."""
+        self.blocks.clear()
 
 
-_buffers = threading.local()
+_write_pool = MemoryPool(256 << 20, huge_pages=True)
+
+scratch = MemoryPool(64 << 20)
+"""The pool of `writesae`'s factor loss: its gathered `[batch, 1 + k, d]` rows and its
+`[n_atoms, d]` table gradients, kept between training steps; `writesae.train` clears it when it
+returns."""
 
 
-def write_buffer() -> _WriteBuffer:
-    """This thread's write buffer (threads never share one)."""
-    buf = getattr(_buffers, "write", None)
-    if buf is None:
-        buf = _buffers.write = _WriteBuffer()
-    return buf
+def write_buffer() -> MemoryPool:
+    """This thread's pool for the dense writes handed to `hook_write` hooks (threads never share
+    one); call `.get(shape, like)`."""
+    return _write_pool

@@ -305,11 +305,9 @@ class RecurrentMixer(torch.nn.Module):
     #: the hooks whose values define the transition, in the order `make_transition` takes them
     transition_hooks: tuple[str, ...] = ("hook_decay",)
 
-    @staticmethod
-    def make_transition(decay: Tensor, *others: Tensor) -> Transition:
-        """The transition A_t from the values at `transition_hooks` (the forward pass and
-        `transition_from_cache` both build it here). The default: a pure decay."""
-        return Transition(decay)
+    #: the transition A_t from the values at `transition_hooks` (the forward pass and
+    #: `transition_from_cache` both build it here); the default is a pure decay
+    make_transition: Callable[..., Transition] = staticmethod(Transition)
 
     def transition_from_cache(self, cache: Mapping[str, Tensor], head: int) -> Transition:
         """One head's transitions A_t rebuilt from this layer's cached `transition_hooks`, in
@@ -381,36 +379,23 @@ class RecurrentMixer(torch.nn.Module):
         if not (hw.active or hs.active or backward_hooks):
             return run_fast()
 
-        writes = None  # the edited writes, when the write hook changed any
-        w_edits = w_changed = assigned = carrier_w = carrier_s = None
+        writes = w_edits = w_changed = carrier_w = None
         if hw.active:
-            with hw.providing(
-                native_state=self._native_states(transition, q, write_k, write_v, S0)
-            ):
-                edited, w_edits, w_changed = _hooked_write(hw, write_k, write_v)
-            if w_edits is not None:
-                writes = edited
-            if grad and hw._forward_hooks and edited.requires_grad:
-                # zero in value; carries the gradient of the entries the edits do not cover
-                carrier_w = edited - write_k[..., :, None] * write_v[..., None, :]
-            del edited  # the write buffer is free again once nothing holds it
-
+            writes, w_edits, w_changed, carrier_w = self._run_write_hook(
+                transition, q, write_k, write_v, S0, grad
+            )
+        X = assigned = native = carrier_s = None
+        S0_native = S0
         if hs.active:
             past = None if run is None else run.layer_in(self.layer)
             S0_native = S0 if past is None else past.get("S_native", S0)
-
-            def states() -> Tensor:
-                return self.state_trajectory(
-                    transition, q, write_k, write_v, S0_native, writes=writes
-                )
-
-            X, assigned, native = _hooked_state(hs, states(), states)
+            X, assigned, native, carrier_s = self._run_state_hook(
+                transition, q, write_k, write_v, S0_native, writes, grad
+            )
             if run is not None:
                 run.save(self.layer, S_native=native[:, -1].detach())
             if assigned is None and S0_native is not S0:  # earlier calls assigned states
                 assigned = torch.zeros(native.shape[:3], dtype=torch.bool, device=native.device)
-            if grad and hs._forward_hooks and X.requires_grad:
-                carrier_s = X - native  # zero where nothing was assigned; carries the gradient
 
         o, S_T = run_fast()
         qf = q.float()
@@ -440,6 +425,50 @@ class RecurrentMixer(torch.nn.Module):
             )
             o, S_T = _AdjointTap.apply(info, o, S_T, carrier_w, carrier_s)
         return o, S_T
+
+    def _run_write_hook(
+        self,
+        transition: Transition,
+        q: Tensor,
+        write_k: Tensor,
+        write_v: Tensor,
+        S0: Tensor | None,
+        grad: bool,
+    ) -> tuple[Tensor | None, Edits | None, Tensor | None, Tensor | None]:
+        """Hand the writes to `hook_write`; returns (the edited writes or None when nothing
+        changed, the edits, the changed `[batch, pos, head]` mask, the gradient carrier or None)."""
+        hw = self.hook_write
+        with hw.providing(native_state=self._native_states(transition, q, write_k, write_v, S0)):
+            edited, w_edits, w_changed = _hooked_write(hw, write_k, write_v)
+        carrier = None
+        if grad and hw._forward_hooks and edited.requires_grad:
+            # zero in value; carries the gradient of the entries the edits do not cover
+            carrier = edited - write_k[..., :, None] * write_v[..., None, :]
+        # without edits the write buffer is free again once the caller drops `edited`
+        return (edited if w_edits is not None else None), w_edits, w_changed, carrier
+
+    def _run_state_hook(
+        self,
+        transition: Transition,
+        q: Tensor,
+        write_k: Tensor,
+        write_v: Tensor,
+        S0_native: Tensor | None,
+        writes: Tensor | None,
+        grad: bool,
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Hand the state trajectory (with the edited `writes`, from `S0_native`) to
+        `hook_state`; returns (the returned states, the assigned mask or None, the states it was
+        given, the gradient carrier or None)."""
+
+        def states() -> Tensor:
+            return self.state_trajectory(transition, q, write_k, write_v, S0_native, writes=writes)
+
+        X, assigned, native = _hooked_state(self.hook_state, states(), states)
+        carrier = None
+        if grad and self.hook_state._forward_hooks and X.requires_grad:
+            carrier = X - native  # zero where nothing was assigned; carries the gradient
+        return X, assigned, native, carrier
 
     def _native_states(
         self,

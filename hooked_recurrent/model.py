@@ -6,21 +6,20 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformer_lens import ActivationCache, HookedRootModule
 
 from hooked_recurrent.config import HookedRecurrentConfig
+from hooked_recurrent.generation import GenerationMixin
 from hooked_recurrent.hook_points import RecurrentHookPoint, at_positions, unknown_hook_error
 from hooked_recurrent.state import RecurrentState, RunContext
 from hooked_recurrent.tl_compat import HookedRecurrentCache, TLCompatMixin
 from hooked_recurrent.validation import (
     check_forward_input,
-    check_generate_args,
     check_load_args,
     check_text,
 )
@@ -47,7 +46,7 @@ def _resolve_alias(name: str) -> str:
     return name
 
 
-class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
+class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
     """A recurrent or hybrid language model with TransformerLens hooks on its write, state and read.
 
     Build one with `from_pretrained` (a Hub id, a local Hugging Face checkpoint folder, or the name
@@ -209,7 +208,7 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
         return_type: str | None,
         attention_mask: Int[Tensor, "batch pos"] | None,
         loss_per_token: bool,
-        padding_side: str,
+        padding_side: Literal["right", "left"],
         prepend_bos: bool | None = None,
         stop_at_layer: int | None = None,
         start_at_layer: int | None = None,
@@ -241,23 +240,8 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
             raise ValueError(
                 f"state has batch size {state.batch_size} but tokens have {tokens.shape[0]}"
             )
-        offset = 0 if state is None else state.offset
-        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
-        mask = self._call_mask(attention_mask, tokens, state)
-        run = RunContext(
-            positions=positions,
-            state_in=state,
-            state_out=[{} for _ in self.blocks] if return_state else None,
-            mask=mask,
-        )
-        past_mask = None if state is None else state.mask
-        if mask is not None or past_mask is not None:
-            B, T = tokens.shape[:2]
-            cur = mask if mask is not None else tokens.new_ones(B, T, dtype=torch.bool)
-            past = past_mask if past_mask is not None else cur.new_ones(B, offset)
-            run.key_mask = torch.cat((past.to(cur.device), cur), dim=1)
-            n_real = past.long().sum(-1, keepdim=True).to(cur.device)
-            run.row_positions = (n_real + cur.long().cumsum(-1) - 1).clamp_min(0)
+        run = self._run_context(tokens, state, attention_mask, return_state)
+        offset, positions, mask = (0 if state is None else state.offset), run.positions, run.mask
         n = len(self.blocks)
         first = 0 if start_at_layer is None else start_at_layer + n * (start_at_layer < 0)
         last = n if stop_at_layer is None else stop_at_layer + n * (stop_at_layer < 0)
@@ -290,6 +274,34 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
         if return_state:
             return out, RecurrentState(offset + tokens.shape[1], run.state_out, run.key_mask)
         return out
+
+    def _run_context(
+        self,
+        tokens: Tensor,
+        state: RecurrentState | None,
+        attention_mask: Tensor | None,
+        return_state: bool,
+    ) -> RunContext:
+        """The context of one call: absolute positions, this call's mask and, with padding now or
+        before, the attention layers' key mask and the rows' RoPE positions."""
+        offset = 0 if state is None else state.offset
+        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device)
+        mask = self._call_mask(attention_mask, tokens, state)
+        run = RunContext(
+            positions=positions,
+            state_in=state,
+            state_out=[{} for _ in self.blocks] if return_state else None,
+            mask=mask,
+        )
+        past_mask = None if state is None else state.mask
+        if mask is not None or past_mask is not None:
+            B, T = tokens.shape[:2]
+            cur = mask if mask is not None else tokens.new_ones(B, T, dtype=torch.bool)
+            past = past_mask if past_mask is not None else cur.new_ones(B, offset)
+            run.key_mask = torch.cat((past.to(cur.device), cur), dim=1)
+            n_real = past.long().sum(-1, keepdim=True).to(cur.device)
+            run.row_positions = (n_real + cur.long().cumsum(-1) - 1).clamp_min(0)
+        return run
 
     @staticmethod
     def _call_mask(
@@ -398,8 +410,9 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
             contextlib.ExitStack() as stack,
         ):
             for name in names:
-                stack.enter_context(self.hook_dict[name].caching(cache))
-            out = self(*model_args, **kwargs)
+                hp = cast(RecurrentHookPoint, self.hook_dict[name])
+                stack.enter_context(hp.caching(cache))
+            out: Any = self(*model_args, **kwargs)
             stack.close()
             if incl_bwd:
                 out.backward()
@@ -408,7 +421,7 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
                 k: _cache_view(k, v, device, remove_batch_dim, pos_slice) for k, v in cache.items()
             }
         if return_cache_object:
-            cache = HookedRecurrentCache(cache, self, has_batch_dim=not remove_batch_dim)
+            return out, HookedRecurrentCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
     # ------------------------------------------------------------------ tokens
@@ -476,11 +489,17 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
     ) -> list[str] | list[list[str]]:
         """The string of each token of a text, of tokens `[pos]` or `[1, pos]`, or of a list of
         ids; a list of texts or tokens `[batch, pos]` gives one list per sequence."""
-        tok = self._need_tokenizer()
+        self._need_tokenizer()
         if isinstance(input, list) and input and isinstance(input[0], str):
-            return [self.to_str_tokens(t, prepend_bos=prepend_bos) for t in input]
+            return [self._str_tokens(t, prepend_bos) for t in input]
         if isinstance(input, Tensor) and input.dim() == 2 and input.shape[0] > 1:
-            return [self.to_str_tokens(row) for row in input]
+            return [self._str_tokens(row, prepend_bos) for row in input]
+        # (a list of texts was handled above)
+        return self._str_tokens(input, prepend_bos)  # type: ignore[arg-type]
+
+    def _str_tokens(self, input: str | Tensor | list[int], prepend_bos: bool | None) -> list[str]:
+        """The string of each token of one text or one sequence of ids."""
+        tok = self._need_tokenizer()
         if isinstance(input, str):
             ids = self.to_tokens(input, prepend_bos=prepend_bos)[0]
         else:
@@ -489,120 +508,6 @@ class HookedRecurrentModel(TLCompatMixin, HookedRootModule):
                 raise ValueError(f"expected tokens [pos] or [batch, pos], got {tuple(ids.shape)}")
             ids = ids.reshape(-1)
         return [tok.decode([i]) for i in ids.tolist()]
-
-    # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(
-        self,
-        input: str | list[str] | Int[Tensor, "batch pos"],
-        max_new_tokens: int = 10,
-        *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        stop_at_eos: bool = True,
-        fwd_hooks: Sequence[tuple[str | Callable, Callable]] = (),
-        return_type: Literal["str", "tokens", "input"] = "input",
-        verbose: bool | None = None,
-        seed: int | None = None,
-        freq_penalty: float = 0.0,
-        use_past_kv_cache: bool = True,
-        prepend_bos: bool | None = None,
-    ) -> str | list[str] | Tensor:
-        """Generate, one recurrent step per new token, with every hook live.
-
-        The prompt is run once; each new token is then one step from the carried
-        `RecurrentState` (O(1) per token for recurrent layers; the attention layers of Qwen3.5 use
-        a KV cache). Hooks in `fwd_hooks` fire on the prompt and then on every step with a position
-        axis of length 1; `hook.positions` gives the absolute position (the column), so a hook
-        written against absolute positions acts as in `run_with_hooks` on the whole sequence.
-
-        Prompts of different lengths: a list of texts is padded on the LEFT, with an attention
-        mask, so every row's new tokens follow its last real token, and each row's continuation
-        equals generating its prompt alone. Token prompts may come with their own
-        `attention_mask` (any padding side); it is extended with ones for the new tokens, and each
-        row continues from its last real token. Finished sequences (after `eos_token_id`) are
-        padded with it.
-
-        Sampling (`do_sample=True`) draws from torch's global random number generator, so
-        `torch.manual_seed` makes it reproducible and successive calls differ; with `seed=` it
-        uses a private generator seeded with it instead (the same result every call).
-
-        Unlike TransformerLens (`do_sample=True`), decoding is greedy by default, so that a
-        generation is reproducible and comparable across hook edits; pass `do_sample=True` (and
-        `seed`) to sample. `freq_penalty` subtracts `freq_penalty * count` from the logit of each
-        token already in the sequence, as in TransformerLens. `use_past_kv_cache=False` re-runs the
-        whole sequence at every step instead of carrying the state (same tokens, slower).
-
-        Returns:
-            the full sequences (prompt + new tokens) as text if the input was text (or
-            `return_type="str"`; padding is left out of the text), else as tokens `[batch, pos]`
-            (padding included, as in the prompt).
-        """
-        check_generate_args(self, max_new_tokens, do_sample, temperature, top_k, top_p,
-                            eos_token_id, return_type, seed)  # fmt: skip
-        check_forward_input(self, input)
-        if isinstance(input, (str, list)):
-            tokens, text_mask = self.to_tokens(
-                input, prepend_bos=prepend_bos, padding_side="left", return_mask=True
-            )
-            if attention_mask is None and not isinstance(input, str):
-                attention_mask = text_mask
-        else:
-            tokens = input
-        if return_type == "input":
-            return_type = "str" if isinstance(input, (str, list)) else "tokens"
-        if eos_token_id is None and self.tokenizer is not None:
-            eos_token_id = self.tokenizer.eos_token_id
-        gen = None  # torch's global generator
-        if seed is not None:
-            gen = torch.Generator(device=tokens.device).manual_seed(seed)
-        if verbose is None:
-            verbose = max_new_tokens >= 64
-        mask = self._call_mask(attention_mask, tokens, None)
-        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        out = tokens
-        with self.hooks(fwd_hooks=list(fwd_hooks)):
-            logits, state = self(tokens, return_state=True, attention_mask=mask)
-            if mask is not None:  # each row goes on from its last real token
-                cols = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
-                last = (mask * cols).argmax(-1)
-                logits = logits[torch.arange(len(last), device=last.device), last][:, None]
-            for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-                last = logits[:, -1].float()
-                if freq_penalty:
-                    counts = torch.zeros_like(last).scatter_add_(
-                        1, out, torch.ones_like(out, dtype=last.dtype)
-                    )
-                    last = last - freq_penalty * counts
-                nxt = _sample(last, do_sample, temperature, top_k, top_p, gen)
-                if eos_token_id is not None and stop_at_eos:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-                    finished |= nxt == eos_token_id
-                out = torch.cat((out, nxt[:, None]), dim=1)
-                if step == max_new_tokens - 1:
-                    break
-                if stop_at_eos and eos_token_id is not None and bool(finished.all()):
-                    break
-                if use_past_kv_cache:
-                    logits, state = self(nxt[:, None], state=state, return_state=True)
-                else:
-                    full = None
-                    if mask is not None:
-                        new = mask.new_ones(len(out), out.shape[1] - mask.shape[1])
-                        full = torch.cat((mask, new), 1)
-                    logits = self(out, attention_mask=full)
-        if return_type == "str":
-            if mask is None:
-                text = self.to_string(out)
-            else:
-                keep = torch.cat((mask, mask.new_ones(len(out), out.shape[1] - mask.shape[1])), 1)
-                text = [self.to_string(row[k]) for row, k in zip(out, keep, strict=True)]
-            return text[0] if isinstance(input, str) else text
-        return out
 
 
 def _cache_view(
@@ -643,27 +548,3 @@ def _next_token_loss(
     if per_token:
         return nll
     return nll.sum() / counts.sum()
-
-
-def _sample(
-    logits: Float[Tensor, "batch vocab"],
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    gen: torch.Generator | None,
-) -> Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / max(temperature, 1e-8)
-    if top_k is not None:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, idx = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]

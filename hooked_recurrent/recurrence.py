@@ -14,6 +14,12 @@ with a transition that is diagonal plus rank-1 on the key side and never depends
 | Qwen3.5 Gated DeltaNet| alpha_t (scalar per head)    | -alpha_t beta_t k_t | k_t      |
 | Mamba-2               | exp(dt_t A_h) (scalar)       | none                | none     |
 | RWKV-7                | exp(w_t) (per key channel)   | -(a_t * kappa_t)    | kappa_t  |
+| Mamba-1               | exp(dt_t A) (per state entry)| none                | none     |
+
+For Mamba-1 `diag(d_t) S` is read as the elementwise product d_t * S: its decay has one entry per
+state entry (`[d_k, d_v]` per head). That map is linear, independent of S and its own adjoint, so
+every function here (scan, chunked states, adjoint states, propagation) handles it as it handles
+the other decays.
 
 Because A_t does not depend on S, an edit dW_t of the write (or dS_t of the state) changes every
 later state by a linear response, E_s = A_s(E_{s-1}) + dW_s, and the read by E_s^T q_s. That is how
@@ -40,6 +46,7 @@ __all__ = [
     "Edits",
     "scan",
     "chunked_states",
+    "chunked_reads",
     "adjoint_states",
     "propagate",
     "Propagation",
@@ -51,7 +58,8 @@ class Transition:
     """A_t(S) = diag(decay_t) S + erase_a_t (erase_b_t^T S), for every position t.
 
     Attributes:
-        decay: `[batch, pos, head]` (one per head) or `[batch, pos, head, d_k]` (per key channel).
+        decay: `[batch, pos, head]` (one per head), `[batch, pos, head, d_k]` (per key channel) or
+            `[batch, pos, head, d_k, d_v]` (per state entry, Mamba-1: A_t(S) = decay_t * S).
         erase_a: `[batch, pos, head, d_k]` or None when the family has no removal term.
         erase_b: `[batch, pos, head, d_k]` or None.
     """
@@ -90,12 +98,13 @@ class Transition:
     def masked(self, keep: Float[Tensor, "batch pos head"]) -> Transition:
         """keep_t A_t: the transition zeroed where `keep` is 0 (a state assigned there forgets
         everything before it)."""
-        d = self.decay * (keep if self.decay.dim() == 3 else keep[..., None])
+        d = self.decay * keep[(..., *(None,) * (self.decay.dim() - 3))]
         ea = None if self.erase_a is None else self.erase_a * keep[..., None]
         return Transition(d, ea, self.erase_b)
 
     def adjoint(self) -> Transition:
-        """A_t^*, the adjoint under <X, Y> = tr(X^T Y): diag(decay) + erase_b erase_a^T."""
+        """A_t^*, the adjoint under <X, Y> = tr(X^T Y): diag(decay) + erase_b erase_a^T (an
+        elementwise decay is its own adjoint too)."""
         return Transition(self.decay, self.erase_b, self.erase_a)
 
 
@@ -107,13 +116,14 @@ def _step(
     wk: Tensor | None = None,
     wv: Tensor | None = None,
 ) -> Tensor:
-    """diag(d) S + ea (eb^T S) + wk wv^T for S `[..., d_k, d_v]`, d `[...]` or `[..., d_k]`.
+    """diag(d) S + ea (eb^T S) + wk wv^T for S `[..., d_k, d_v]`, d `[...]`, `[..., d_k]` or
+    `[..., d_k, d_v]`.
 
     The rank-1 terms are added in one batched product, so the step passes over the state's
     memory twice (the decay, then the product).
     """
     K, V = S.shape[-2:]
-    out = S * (d[..., None, None] if d.dim() == S.dim() - 2 else d[..., None])
+    out = _decayed(S, d)
     cols, rows = [], []
     if ea is not None:
         cols.append(ea[..., :, None])
@@ -128,9 +138,17 @@ def _step(
     return torch.baddbmm(out.reshape(-1, K, V), U, R).view(out.shape)
 
 
+def _decayed(S: Tensor, d: Tensor) -> Tensor:
+    """diag(d) S for S `[..., d_k, d_v]` and d `[...]` (scalar), `[..., d_k]` (per key channel)
+    or `[..., d_k, d_v]` (per state entry: the elementwise product)."""
+    extra = S.dim() - d.dim()
+    return S * (d if extra == 0 else d[..., None] if extra == 1 else d[..., None, None])
+
+
 def _apply(S: Tensor, d: Tensor, ea: Tensor | None, eb: Tensor | None) -> Tensor:
-    """diag(d) S + ea (eb^T S) for S `[..., d_k, d_v]`, d `[...]` or `[..., d_k]`."""
-    out = S * (d[..., None, None] if d.dim() == S.dim() - 2 else d[..., None])
+    """diag(d) S + ea (eb^T S) for S `[..., d_k, d_v]`, d `[...]`, `[..., d_k]` or
+    `[..., d_k, d_v]`."""
+    out = _decayed(S, d)
     if ea is not None:
         read = torch.einsum("...k,...kv->...v", eb, S)
         out = out + ea[..., :, None] * read[..., None, :]
@@ -193,6 +211,105 @@ def _step_through(
     return outs, S, states
 
 
+@dataclass
+class _Chunks:
+    """A recurrence cut into n chunks of C positions (float32, zero-padded to n C), for
+    `chunked_states` and `chunked_reads`."""
+
+    n: int
+    C: int
+    pad: int
+    d: Tensor  # [B, n, C, H, ...]
+    ea: Tensor | None
+    eb: Tensor | None
+    W: Tensor | None  # dense writes [B, n, C, H, K, V], or the factors below
+    k: Tensor | None
+    v: Tensor | None
+
+    @classmethod
+    def cut(
+        cls,
+        transition: Transition,
+        write_k: Tensor | None,
+        write_v: Tensor | None,
+        writes: Tensor | None,
+        chunk: int | None,
+    ) -> _Chunks:
+        B, T = transition.decay.shape[:2]
+        C = chunk or max(1, math.isqrt(T - 1) + 1)
+        n = -(-T // C)
+        pad = n * C - T
+
+        def split(x: Tensor | None, fill: float = 0.0) -> Tensor | None:
+            """[B, T, H, ...] -> [B, n, C, H, ...] (float32), padded with `fill`."""
+            if x is None:
+                return None
+            x = x.float()
+            if pad:
+                x = torch.cat((x, x.new_full((B, pad, *x.shape[2:]), fill)), 1)
+            return x.view(B, n, C, *x.shape[2:])
+
+        return cls(
+            n,
+            C,
+            pad,
+            split(transition.decay, 1.0),
+            split(transition.erase_a),
+            split(transition.erase_b),
+            split(writes),
+            split(write_k),
+            split(write_v),
+        )
+
+    def step(self, S: Tensor, i: int, with_write: bool = True) -> Tensor:
+        """A_i(S) + W_i in every chunk at once (without the write when not `with_write`)."""
+        a = None if self.ea is None else self.ea[:, :, i]
+        b = None if self.eb is None else self.eb[:, :, i]
+        d = self.d[:, :, i]
+        if not with_write:
+            return _step(S, d, a, b)
+        if self.W is not None:
+            return _step(S, d, a, b) + self.W[:, :, i]
+        return _step(S, d, a, b, self.k[:, :, i], self.v[:, :, i])
+
+    def starts(self, S0: Tensor | None, K: int, V: int) -> tuple[Tensor, Tensor]:
+        """(the state at every chunk start [B, n, H, K, V], the state after the last chunk).
+
+        In every chunk at once, C steps from a zero state give the chunk's own contribution N_c,
+        and the same steps applied to the identity give the chunk's transition M_c (a decay when
+        there is no removal term, else a K x K matrix); then n steps S_{c+1} = M_c S_c + N_c.
+        """
+        B, n, _, H = self.d.shape[:4]
+        dev = self.d.device
+        local = torch.zeros(B, n, H, K, V, device=dev)
+        if self.ea is None:
+            M = self.d.prod(2)  # [B, n, H, ...]
+        else:
+            M = torch.eye(K, device=dev).expand(B, n, H, K, K)
+        for i in range(self.C):
+            local = self.step(local, i)
+            if self.ea is not None:
+                M = self.step(M, i, with_write=False)
+        S = torch.zeros(B, H, K, V, device=dev) if S0 is None else S0.float()
+        starts = []
+        for c in range(n):
+            starts.append(S)
+            if self.ea is None:
+                S = _apply(S, M[:, c], None, None) + local[:, c]
+            else:
+                S = torch.baddbmm(
+                    local[:, c].reshape(-1, K, V), M[:, c].reshape(-1, K, K), S.reshape(-1, K, V)
+                ).view(B, H, K, V)
+        return torch.stack(starts, 1), S
+
+
+def _sizes(write_k: Tensor | None, write_v: Tensor | None, writes: Tensor | None) -> tuple:
+    """(d_k, d_v) of the writes, dense or as factors."""
+    if writes is not None:
+        return tuple(writes.shape[-2:])
+    return write_k.shape[-1], write_v.shape[-1]
+
+
 def chunked_states(
     transition: Transition,
     write_k: Float[Tensor, "batch pos head d_k"] | None,
@@ -208,8 +325,8 @@ def chunked_states(
     sequential steps instead of T: positions are grouped into n chunks of C, and
 
     1. in every chunk at once, C steps from a zero state give the chunk's own contribution N_c,
-       and the same steps applied to the identity give the chunk's transition M_c (a scalar or
-       per-channel decay when there is no removal term, else a d_k x d_k matrix);
+       and the same steps applied to the identity give the chunk's transition M_c (a scalar,
+       per-channel or per-entry decay when there is no removal term, else a d_k x d_k matrix);
     2. n steps S_{c+1} = M_c S_c + N_c give the state at every chunk start;
     3. C steps from the chunk starts, in every chunk at once, give every state.
 
@@ -219,75 +336,56 @@ def chunked_states(
     in reversed time, as `adjoint_states` does).
     """
     B, T, H = transition.decay.shape[:3]
-    K = transition.decay.shape[3] if transition.decay.dim() == 4 else None
-    if writes is not None:
-        K, V = writes.shape[-2:]
-    else:
-        K, V = write_k.shape[-1], write_v.shape[-1]
+    K, V = _sizes(write_k, write_v, writes)
     dev = transition.decay.device
     if T == 0:
         return torch.zeros(B, 0, H, K, V, device=dev)
-    C = chunk or max(1, math.isqrt(T - 1) + 1)
-    n = -(-T // C)
-    pad = n * C - T
-
-    def split(x: Tensor | None, fill: float = 0.0) -> Tensor | None:
-        """[B, T, H, ...] -> [B, n, C, H, ...] (float32), padded with `fill`."""
-        if x is None:
-            return None
-        x = x.float()
-        if pad:
-            x = torch.cat((x, x.new_full((B, pad, *x.shape[2:]), fill)), 1)
-        return x.view(B, n, C, *x.shape[2:])
-
-    d, ea, eb = split(transition.decay, 1.0), split(transition.erase_a), split(transition.erase_b)
-    W, k, v = split(writes), split(write_k), split(write_v)
-
-    def step(S: Tensor, i: int, with_write: bool = True) -> Tensor:
-        """A_i(S) + W_i in every chunk at once (without the write when not `with_write`)."""
-        a = None if ea is None else ea[:, :, i]
-        b = None if eb is None else eb[:, :, i]
-        if not with_write:
-            return _step(S, d[:, :, i], a, b)
-        if W is not None:
-            return _step(S, d[:, :, i], a, b) + W[:, :, i]
-        return _step(S, d[:, :, i], a, b, k[:, :, i], v[:, :, i])
-
-    # 1. each chunk from zero, and its transition
-    local = torch.zeros(B, n, H, K, V, device=dev)
-    if ea is None:
-        M = d.prod(2)  # [B, n, H] or [B, n, H, K]
-    else:
-        M = torch.eye(K, device=dev).expand(B, n, H, K, K)
-    for i in range(C):
-        local = step(local, i)
-        if ea is not None:
-            M = step(M, i, with_write=False)
-    # 2. the chunk starts
-    S = torch.zeros(B, H, K, V, device=dev) if S0 is None else S0.float()
-    starts = []
-    for c in range(n):
-        starts.append(S)
-        if ea is None:
-            S = _apply(S, M[:, c], None, None) + local[:, c]
-        else:
-            S = torch.baddbmm(
-                local[:, c].reshape(-1, K, V), M[:, c].reshape(-1, K, K), S.reshape(-1, K, V)
-            ).view(B, H, K, V)
-    # 3. every state
-    S = torch.stack(starts, 1)
+    ch = _Chunks.cut(transition, write_k, write_v, writes, chunk)
+    n, C = ch.n, ch.C
+    S, _ = ch.starts(S0, K, V)
     if reverse:  # written straight to position T - 1 - tau (no flip of the result afterwards)
         res = torch.empty(B, n * C, H, K, V, device=dev)
         at = (n * C - 1) - torch.arange(n, device=dev) * C
         for i in range(C):
-            S = step(S, i)
+            S = ch.step(S, i)
             res.index_copy_(1, at - i, S)
-        return res[:, pad:]
+        return res[:, ch.pad :]
     out = []
     for i in range(C):
-        S = step(S, i)
+        S = ch.step(S, i)
         out.append(S)
     return torch.stack(out, 2).reshape(B, n * C, H, K, V)[:, :T]
+
+
+def chunked_reads(
+    transition: Transition,
+    q: Float[Tensor, "batch pos head d_k"],
+    write_k: Float[Tensor, "batch pos head d_k"],
+    write_v: Float[Tensor, "batch pos head d_v"],
+    S0: Float[Tensor, "batch head d_k d_v"] | None = None,
+    chunk: int | None = None,
+) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+    """The reads o_t = S_t^T q_t and the final state, by `chunked_states`'s three passes, without
+    keeping the states: the last pass reads each state as it is made.
+
+    The fast path of a recurrence with no cheaper closed form per chunk (Mamba-1's elementwise
+    decay): about 3 sqrt(T) sequential steps over `[batch, T / C, head, d_k, d_v]`. Float32.
+    """
+    B, T, H, K = q.shape
+    V = write_v.shape[-1]
+    if T == 0:
+        S_T = torch.zeros(B, H, K, V, device=q.device) if S0 is None else S0.float()
+        return q.new_zeros(B, 0, H, V, dtype=torch.float32), S_T
+    ch = _Chunks.cut(transition, write_k, write_v, None, chunk)
+    n, C = ch.n, ch.C
+    S, S_T = ch.starts(S0, K, V)
+    qc = torch.cat((q.float(), q.new_zeros(B, ch.pad, H, K, dtype=torch.float32)), 1)
+    qc = qc.view(B, n, C, H, K)
+    out = []
+    for i in range(C):
+        S = ch.step(S, i)
+        out.append(torch.einsum("bnhkv,bnhk->bnhv", S, qc[:, :, i]))
+    return torch.stack(out, 2).reshape(B, n * C, H, V)[:, :T], S_T
 
 
 def adjoint_states(
@@ -342,9 +440,9 @@ class Edits:
     ) -> Edits:
         """edited - native where `changed` `[batch, pos, head]` is set; `native(index)` gives the
         native values at `index` (three index tensors), so nothing of full size is rebuilt."""
-        index = changed.nonzero(as_tuple=True)
-        delta = edited[index].float() - native(index).float()
-        return cls(*index, delta, tuple(edited.shape))
+        b, t, h = changed.nonzero(as_tuple=True)
+        delta = edited[b, t, h].float() - native((b, t, h)).float()
+        return cls(b, t, h, delta, tuple(edited.shape))
 
     @classmethod
     def from_dense(cls, delta: Float[Tensor, "batch pos head d_k d_v"]) -> Edits:

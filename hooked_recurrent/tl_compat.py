@@ -61,7 +61,7 @@ _MIXER_HOOKS = (
 def _attn_result_input(cache: ActivationCache, model: Any, layer: int) -> Tensor:
     """What `W_O` of block `layer` reads, per head `[..., head, d_head]` (see the module doc)."""
     z = cache[f"blocks.{layer}.attn.hook_z"]
-    if model.cfg.layer_types[layer] == "attention":
+    if getattr(model.blocks[layer].attn, "gated", False):
         z = z * torch.sigmoid(cache[f"blocks.{layer}.attn.hook_gate"])
     return z
 
@@ -157,7 +157,8 @@ class HookedRecurrentCache(ActivationCache):
             layer = n_layers
         incl_attn = mode != "mlp"
         incl_mlp = mode != "attn" and not self.model.cfg.attn_only
-        comps, labels = [], []
+        comps: list[Tensor] = []
+        labels: list[str] = []
         if incl_embeds:
             comps.append(self["blocks.0.hook_resid_pre"])
             labels.append("embed")
@@ -210,7 +211,8 @@ class HookedRecurrentCache(ActivationCache):
         if layer is None or layer == -1:
             layer = n_layers
         self.compute_head_results()
-        comps, labels = [], []
+        comps: list[Tensor] = []
+        labels: list[str] = []
         for l in range(layer):
             r = pos_slice.apply(self[f"blocks.{l}.attn.hook_result"], dim=-3)
             comps.append(r.movedim(-2, 0))
@@ -316,7 +318,7 @@ class TLCompatMixin:
         )
 
     def _attention_stack(self, which: str) -> Tensor:
-        if self.cfg.architecture != "qwen3_5":
+        if not self.cfg.attention_layers:
             raise NotApplicableError(
                 f"{self.cfg.architecture} has no softmax attention, so no {which}; the recurrent "
                 f"mixers' projections are at model.blocks[l].attn (see the hook reference); "
@@ -344,13 +346,18 @@ class TLCompatMixin:
     def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
         """Output projections per head: of the attention layers on Qwen3.5, of every layer
         (the recurrent mixers') on Mamba-2 and RWKV-7."""
-        if self.cfg.architecture == "qwen3_5":
+        if self.cfg.attention_layers:
             return self._attention_stack("W_O")
         return torch.stack([_mixer_W_O(b.attn) for b in self.blocks])
 
     def _mlp_stack(self, name: str) -> Tensor:
         if self.cfg.attn_only:
             raise NotApplicableError(f"{self.cfg.architecture} blocks have no MLP, so no {name}")
+        if any(not hasattr(b.mlp, name) for b in self.blocks):
+            raise NotApplicableError(
+                f"{self.cfg.architecture} has sparse MoE MLPs: the experts' {name} are "
+                f"model.blocks[l].mlp.experts.{name} [expert, out, in], per layer"
+            )
         return torch.stack([getattr(b.mlp, name).weight.T for b in self.blocks])
 
     @property
@@ -373,8 +380,11 @@ class TLCompatMixin:
     @property
     def W_gate_attn(self) -> Float[Tensor, "attn_layer head d_model d_head"]:
         """Qwen3.5 gated attention's output-gate weights (out = W_O(z * sigmoid(x W_gate_attn)))."""
-        if self.cfg.architecture != "qwen3_5":
-            raise NotApplicableError("only Qwen3.5's attention layers have an output gate")
+        if (
+            not self.cfg.attention_layers
+            or not self.blocks[self.cfg.attention_layers[0]].attn.gated
+        ):
+            raise NotApplicableError("only Qwen-family attention layers have an output gate")
         return self._attention_stack("W_gate")
 
     # ------------------------------------------------------------------ tokens

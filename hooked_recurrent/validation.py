@@ -29,8 +29,23 @@ __all__ = [
 _STATE_KEYS = {
     ("qwen3_5", "recurrent"): {"S", "conv"},
     ("qwen3_5", "attention"): {"k", "v"},
+    ("qwen3_5_moe", "recurrent"): {"S", "conv"},
+    ("qwen3_5_moe", "attention"): {"k", "v"},
+    ("qwen3_next", "recurrent"): {"S", "conv"},
+    ("qwen3_next", "attention"): {"k", "v"},
+    ("olmo_hybrid", "recurrent"): {"S", "conv"},
+    ("olmo_hybrid", "attention"): {"k", "v"},
     ("mamba2", "recurrent"): {"S", "conv"},
+    ("mamba", "recurrent"): {"S", "conv"},
+    ("falcon_mamba", "recurrent"): {"S", "conv"},
     ("rwkv7", "recurrent"): {"S", "shift", "mlp_shift"},
+    ("bamba", "recurrent"): {"S", "conv"},
+    ("bamba", "attention"): {"k", "v"},
+    ("nemotron_h", "recurrent"): {"S", "conv"},
+    ("nemotron_h", "attention"): {"k", "v"},
+    ("falcon_h1", "recurrent"): {"S", "conv", "k", "v"},  # Mamba-2 and attention in parallel
+    ("granitemoehybrid", "recurrent"): {"S", "conv"},
+    ("granitemoehybrid", "attention"): {"k", "v"},
 }
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -85,8 +100,8 @@ def check_tokens(model: Any, tokens: Any, name: str = "input") -> None:
         raise ValueError(
             f"{name} has shape {tuple(tokens.shape)}: an empty input; batch and pos must be >= 1"
         )
-    lo, hi = torch.aminmax(tokens)
-    lo, hi = int(lo), int(hi)
+    lo_t, hi_t = torch.aminmax(tokens)
+    lo, hi = int(lo_t), int(hi_t)
     vocab = model.cfg.d_vocab
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import writesae.sae
+import writesae.saes.base
 from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.pretrained import SHIPPED_DIR
 from writesae import ShardSource, TensorSource, WriteSAE, WriteSAEConfig, save_shards
@@ -71,7 +71,7 @@ def test_interrupted_save_leaves_no_folder_and_keeps_the_old_one(tmp_path, monke
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt  # Ctrl-C in the middle of writing the weights
 
-    monkeypatch.setattr(writesae.sae, "save_file", half_write)
+    monkeypatch.setattr(writesae.saes.base, "save_file", half_write)
     with pytest.raises(KeyboardInterrupt):
         _sae(1).save(target, overwrite=True)
     with pytest.raises(KeyboardInterrupt):

@@ -11,7 +11,7 @@ from writesae.activations import (
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
 from writesae.dashboards import DashboardConfig, dashboard
 from writesae.interventions import ablate_hook, install_hook, substitute_hook
-from writesae.sae import BaseSAE, FlatSAE, SAEOutput, WriteSAE, load_sae
+from writesae.saes import SAE_KINDS, BaseSAE, FlatSAE, SAEOutput, WriteSAE, load_sae
 from writesae.train import TrainingInterrupted, TrainMetrics, lr_at, train
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "FlatSAE",
     "SAEOutput",
     "load_sae",
+    "SAE_KINDS",
     "train",
     "TrainMetrics",
     "TrainingInterrupted",

@@ -26,6 +26,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from hooked_recurrent.validation import model_fingerprint
+from writesae.fileio import atomic_dir, check_target, partial_dir
+from writesae.protocols import CacheLike, ModelLike
+
 __all__ = [
     "WriteFactors",
     "TensorSource",
@@ -33,6 +37,8 @@ __all__ = [
     "ShardSource",
     "save_shards",
     "extract_cell",
+    "write_factor_hooks",
+    "write_factors",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,7 +142,7 @@ def _select_positions(p: int, positions: Any) -> Tensor:
     return pos
 
 
-def _check_cell(model: Any, layer: Any, head: Any, kind: Any) -> None:
+def _check_cell(model: ModelLike, layer: object, head: object, kind: object) -> None:
     """The cell (layer, head) and input kind exist in ``model``."""
     if kind not in ("state", "write"):
         raise ValueError(f"kind={kind!r}; expected 'state' or 'write'")
@@ -176,8 +182,36 @@ def _check_positions(positions: Any, p: int) -> None:
         )
 
 
+def write_factor_hooks(model: ModelLike, layer: int) -> list[str]:
+    """The hooks whose activations give layer ``layer``'s writes as factors: ``hook_k``,
+    ``hook_v`` and the mixer's write strength (``hook_beta``, ``hook_dt``) where it has one."""
+    prefix = f"blocks.{layer}.attn"
+    names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
+    strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
+    if strength is not None:
+        names.append(f"{prefix}.{strength}")
+    return names
+
+
+def write_factors(
+    model: ModelLike,
+    cache: CacheLike,
+    layer: int,
+    head: int,
+    positions: Tensor | slice = slice(None),
+) -> WriteFactors:
+    """One head's writes ``X_t = key_t value_t^T`` as factors, from a cache of
+    :func:`write_factor_hooks`: ``key = strength * hook_k``, ``value = hook_v``, each
+    ``[batch, len(positions), d]`` in the cache's dtype."""
+    names = write_factor_hooks(model, layer)
+    key = cache[names[0]][:, positions, head]
+    if len(names) == 3:
+        key = key * cache[names[2]][:, positions, head][..., None]
+    return WriteFactors(key, cache[names[1]][:, positions, head])
+
+
 def extract_cell(
-    model: Any,
+    model: ModelLike,
     tokens: Tensor,
     layer: int,
     head: int,
@@ -189,14 +223,10 @@ def extract_cell(
     Returns states ``[b * P, d_k, d_v]`` (kind ``state``) or write factors with
     ``key = strength * hook_k`` and ``value = hook_v`` (kind ``write``), P = selected positions.
     """
-    prefix = f"blocks.{layer}.attn"
     if kind == "state":
-        names = [f"{prefix}.hook_state"]
+        names = [f"blocks.{layer}.attn.hook_state"]
     elif kind == "write":
-        strength = getattr(model.blocks[layer].attn, "write_strength_hook", None)
-        names = [f"{prefix}.hook_k", f"{prefix}.hook_v"]
-        if strength is not None:
-            names.append(f"{prefix}.{strength}")
+        names = write_factor_hooks(model, layer)
     else:
         raise ValueError(f"kind must be 'state' or 'write', got {kind!r}")
     missing = [n for n in names if n not in model.hook_dict]
@@ -211,10 +241,7 @@ def extract_cell(
     if kind == "state":
         s = cache[names[0]][:, pos, head]
         return s.reshape(-1, *s.shape[-2:]).float()
-    k = cache[names[0]][:, pos, head]
-    v = cache[names[1]][:, pos, head]
-    if len(names) == 3:
-        k = k * cache[names[2]][:, pos, head][..., None]
+    k, v = write_factors(model, cache, layer, head, pos)
     return WriteFactors(k.reshape(-1, k.shape[-1]).float(), v.reshape(-1, v.shape[-1]).float())
 
 
@@ -228,7 +255,7 @@ class ModelSource:
     first half is emitted as batches.
 
     Args:
-        model: a hooked recurrent model (see the model contract in DESIGN.md).
+        model: a hooked recurrent model (:class:`writesae.protocols.ModelLike`).
         texts: iterable of strings (tokenised with ``model.to_tokens``) or token sequences.
         layer: the cell's layer (a recurrent layer).
         head: the cell's state head.
@@ -240,7 +267,7 @@ class ModelSource:
 
     def __init__(
         self,
-        model: Any,
+        model: ModelLike,
         texts: Iterable[Any],
         layer: int,
         head: int,
@@ -278,8 +305,6 @@ class ModelSource:
 
     def provenance(self) -> dict[str, Any]:
         """Where the samples come from: model name and fingerprint, layer, head, input kind."""
-        from hooked_recurrent.validation import model_fingerprint
-
         cfg = getattr(self.model, "cfg", None)
         return {
             "model": getattr(cfg, "model_name", "") or type(self.model).__name__,
@@ -386,8 +411,6 @@ def save_shards(
     continues from the next one: the source is replayed and its first samples skipped (a
     deterministic source gives the same shards as an uninterrupted run).
     """
-    from writesae.fileio import atomic_dir, check_target, partial_dir
-
     if not _is_int(samples_per_shard) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard!r}; expected an int >= 1")
     if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
@@ -396,21 +419,7 @@ def save_shards(
     meta = {**getattr(source, "provenance", lambda: {})(), **(metadata or {})}
     settings = {"samples_per_shard": samples_per_shard, "max_samples": max_samples}
     part = partial_dir(directory)
-    progress_file = part / "progress.json"
-    done: dict[str, Any] = {"shards": [], "n_samples": 0, "kind": None}
-    if part.exists():
-        old = json.loads(progress_file.read_text()) if progress_file.is_file() else None
-        same = old is not None and old.get("settings") == settings and old.get("meta") == meta
-        if resume and same:
-            done = old
-            logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
-        else:
-            if resume:
-                logger.warning(
-                    "%s: the interrupted extract had other settings or provenance; starting over",
-                    part,
-                )
-            shutil.rmtree(part)
+    done = _resume_point(part, settings, meta, resume)
     paths = [directory / n for n in done["shards"]]
     pending: list[Tensor | WriteFactors] = []
     count, total, kind = 0, done["n_samples"], done["kind"]
@@ -421,25 +430,12 @@ def save_shards(
             nonlocal pending, count
             if not pending:
                 return
-            data = _cat(pending)
-            if isinstance(data, WriteFactors):
-                tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
-            else:
-                tensors = {"state": data.contiguous()}
             name = f"shard_{len(paths):05d}.safetensors"
-            save_file(tensors, str(tmp / (name + ".tmp")), metadata={"kind": kind})
-            os.replace(tmp / (name + ".tmp"), tmp / name)
+            _write_shard(tmp / name, _cat(pending), kind)
             paths.append(directory / name)
             pending, count = [], 0
-            state = {
-                "shards": [p.name for p in paths],
-                "n_samples": total,
-                "kind": kind,
-                "settings": settings,
-                "meta": meta,
-            }
-            (tmp / "progress.json.tmp").write_text(json.dumps(state))
-            os.replace(tmp / "progress.json.tmp", progress_file)
+            progress = dict(shards=[p.name for p in paths], n_samples=total, kind=kind)
+            _replace_json(tmp / _PROGRESS, {**progress, "settings": settings, "meta": meta})
 
         if max_samples is None or total < max_samples:
             for b in _skip(source, total):
@@ -456,18 +452,57 @@ def save_shards(
             flush()
         if total == 0:
             raise ValueError("save_shards: the source gave no samples; nothing to write")
-        full = {
-            "kind": kind,
-            "input_kind": kind,
-            "n_samples": total,
-            "shards": [p.name for p in paths],
-            **meta,
-        }
+        full = {"kind": kind, "input_kind": kind, "n_samples": total}
+        full = {**full, "shards": [p.name for p in paths], **meta}
         if hasattr(source, "tokens_seen") and "n_tokens" not in full:
             full["n_tokens"] = source.tokens_seen
         (tmp / SHARD_META).write_text(json.dumps(full, indent=2))
-        progress_file.unlink()
+        (tmp / _PROGRESS).unlink()
     return paths
+
+
+_PROGRESS = "progress.json"
+
+
+def _resume_point(
+    part: Path, settings: dict[str, Any], meta: dict[str, Any], resume: bool
+) -> dict[str, Any]:
+    """The progress of an interrupted extract in ``part`` when resuming it with the same settings
+    and provenance (else ``part`` is removed and the extract starts over)."""
+    progress_file = part / _PROGRESS
+    done: dict[str, Any] = {"shards": [], "n_samples": 0, "kind": None}
+    if part.exists():
+        old = json.loads(progress_file.read_text()) if progress_file.is_file() else None
+        same = old is not None and old.get("settings") == settings and old.get("meta") == meta
+        if resume and same:
+            done = old
+            logger.info("resuming %s after %d shard(s)", part, len(done["shards"]))
+        else:
+            if resume:
+                logger.warning(
+                    "%s: the interrupted extract had other settings or provenance; starting over",
+                    part,
+                )
+            shutil.rmtree(part)
+    return done
+
+
+def _write_shard(path: Path, data: Tensor | WriteFactors, kind: str | None) -> None:
+    """One shard file, complete or not at all (written beside, then renamed)."""
+    if isinstance(data, WriteFactors):
+        tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
+    else:
+        tensors = {"state": data.contiguous()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"kind": kind})
+    os.replace(tmp, path)
+
+
+def _replace_json(path: Path, data: dict[str, Any]) -> None:
+    """``path`` holds ``data`` as JSON, replaced whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 class ShardSource:

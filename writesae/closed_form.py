@@ -1,5 +1,5 @@
 """The closed-form logit shift of a rank-1 state edit: the paper's direct path and the exact first
-order (method specification section 4.8, paper Eq. 1 and App. A).
+order (paper Eq. 1 and App. A, arXiv 2605.12770).
 
 An edit eps u w^T of one head's write (equivalently its state) at position t0 changes that layer's
 reads by an exact linear response (the recurrence is affine in the state, and the layer's own
@@ -27,11 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
+from jaxtyping import Float
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hooked_recurrent.recurrence import Transition
+from hooked_recurrent.state import RecurrentState
+from writesae.activations import write_factors
+from writesae.protocols import CacheLike, HookLike, ModelLike, ReadoutModelLike
 
 __all__ = [
     "EPS_SCALES",
@@ -46,35 +53,32 @@ __all__ = [
 EPS_SCALES = ("write_norm", "absolute")
 
 
-def native_write_norm(model: Any, cache: Any, layer: int, head: int) -> Tensor:
+def native_write_norm(
+    model: ModelLike, cache: CacheLike, layer: int, head: int
+) -> Float[Tensor, "batch pos"]:
     """||W_t||_F of the head's native write at every position, `[batch, pos]` (float64).
 
     The write is rank-1, (s_t k_t) v_t^T with s_t the family's write strength (beta for Qwen3.5,
     dt for Mamba-2, none for RWKV-7), so its norm is |s_t| ||k_t|| ||v_t||, computed from the
-    cached factors without building the d_k x d_v matrices.
+    cached factors (:func:`writesae.activations.write_factors`) without building the d_k x d_v
+    matrices.
     """
-    p = f"blocks.{layer}.attn"
-    mixer = model.blocks[layer].attn
-    n = cache[f"{p}.hook_k"][:, :, head].double().norm(dim=-1)
-    n = n * cache[f"{p}.hook_v"][:, :, head].double().norm(dim=-1)
-    strength = getattr(mixer, "write_strength_hook", None)
-    if strength:
-        n = n * cache[f"{p}.{strength}"][:, :, head].double().abs()
-    return n
+    key, value = write_factors(model, cache, layer, head)
+    return key.double().norm(dim=-1) * value.double().norm(dim=-1)
 
 
 def read_response(
-    model: Any,
-    cache: Any,
+    model: ModelLike,
+    cache: CacheLike,
     layer: int,
     head: int,
     position: int,
     read_position: int,
-    u: Tensor,
-    w: Tensor,
+    u: Float[Tensor, "n d_k"],
+    w: Float[Tensor, "n d_v"],
     rows: Tensor | None = None,
     propagator: str = "exact",
-) -> Tensor:
+) -> Float[Tensor, "n steps d_v"]:
     """The change of the head's read, per unit eps, for the edit u w^T at `position`.
 
     Returns dO `[n, read_position - position + 1, d_v]` (float64) for the positions
@@ -83,8 +87,6 @@ def read_response(
     `u` `[n, d_k]` and `w` `[n, d_v]` are one edit per row; `rows` `[n]` says which prompt of the
     cache each edit is in (default: row i is prompt i).
     """
-    from hooked_recurrent.recurrence import Transition
-
     p = f"blocks.{layer}.attn"
     q = cache[f"{p}.hook_q"][:, :, head].double()
     if rows is None:
@@ -92,16 +94,12 @@ def read_response(
     q = q[rows]
     u, w = u.double(), w.double()
     if propagator == "exact":
-        tr = model.blocks[layer].attn.transition_from_cache(cache, head)
-
-        def pick(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x[rows][:, :, None]
-
-        sub = Transition(pick(tr.decay), pick(tr.erase_a), pick(tr.erase_b))
+        tr = model.blocks[layer].attn.transition_from_cache(cache, head)  # [batch, pos, ...]
     elif propagator == "gate":
-        sub = Transition(cache[f"{p}.hook_decay"][:, :, head].double()[rows][:, :, None])
+        tr = Transition(cache[f"{p}.hook_decay"][:, :, head].double())
     else:
         raise ValueError(f"propagator must be 'gate' or 'exact', not {propagator!r}")
+    sub = tr.map(lambda x: x[rows][:, :, None])  # one head per edit row: [n, pos, 1, ...]
     pu = u[:, None, :, None]  # [n, 1, d_k, 1]
     reads = []
     for s in range(position, read_position + 1):
@@ -111,7 +109,7 @@ def read_response(
     return torch.stack(reads, 1)[:, :, None] * w[:, None, :]
 
 
-def _takes_state(model: Any) -> bool:
+def _takes_state(model: ModelLike) -> bool:
     try:
         return "state" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -119,11 +117,11 @@ def _takes_state(model: Any) -> bool:
 
 
 def run_from(
-    model: Any,
+    model: ModelLike,
     tokens: Tensor,
     start: int,
     fwd_hooks: Sequence[tuple[str, Callable]] = (),
-    state: Any = None,
+    state: RecurrentState | None = None,
 ) -> Tensor:
     """Logits of positions `start..` of `tokens`, with `fwd_hooks`, continuing from `state` (the
     model's state after `tokens[:, :start]`) when the model takes one; otherwise (a stub without a
@@ -134,7 +132,7 @@ def run_from(
     return model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks))[:, start:]
 
 
-def prefix_state(model: Any, tokens: Tensor, start: int) -> Any:
+def prefix_state(model: ModelLike, tokens: Tensor, start: int) -> RecurrentState | None:
     """The model's state after `tokens[:, :start]`, or None (start 0, or a model without state)."""
     if start == 0 or not _takes_state(model):
         return None
@@ -143,25 +141,20 @@ def prefix_state(model: Any, tokens: Tensor, start: int) -> Any:
 
 
 @contextlib.contextmanager
-def _forward_ad_friendly() -> Any:
+def _forward_ad_friendly() -> Iterator[None]:
     """Attention on the math backend: the fused CPU kernels have no forward-mode derivative."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch
-        yield
-        return
     with sdpa_kernel([SDPBackend.MATH]):
         yield
 
 
 def read_jvp(
-    model: Any,
+    model: ModelLike,
     tokens: Tensor,
     layer: int,
     head: int,
     start: int,
-    tangent: Tensor,
-    state: Any = None,
+    tangent: Float[Tensor, "n steps d_v"],
+    state: RecurrentState | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Logits and their derivative when the head's read moves along `tangent`.
 
@@ -174,11 +167,9 @@ def read_jvp(
         (logits, d logits) `[n, T - start, vocab]`, the derivative exact (forward-mode AD through
         everything after `blocks.{layer}.attn.hook_read`).
     """
-    import torch.autograd.forward_ad as fwAD
-
     name = f"blocks.{layer}.attn.hook_read"
 
-    def dual(read: Tensor, hook: Any) -> Tensor:
+    def dual(read: Tensor, hook: HookLike) -> Tensor:
         # the read's position axis starts at `start` (state continued) or at 0 (whole sequence)
         i0 = start - int(hook.positions[0]) if read.shape[1] > tokens.shape[1] - start else 0
         t = torch.zeros_like(read)
@@ -194,7 +185,9 @@ def read_jvp(
     return primal, d
 
 
-def direct_readout(model: Any, layer: int, head: int, w: Tensor, token: Tensor) -> Tensor:
+def direct_readout(
+    model: ReadoutModelLike, layer: int, head: int, w: Float[Tensor, "n d_v"], token: Tensor
+) -> Tensor:
     """<W_O^(h) w, W_U[tok]> for `w` `[n, d_v]` and tokens `[n]` or `[n, m]` (float64)."""
     W_O = model.blocks[layer].attn.head_output_weight(head).double()  # [d_model, d_v]
     W_U = model.unembed.weight.double()  # [vocab, d_model]

@@ -5,8 +5,9 @@ A hook is called as ``fn(write, hook=hook_point)`` with ``write`` of shape
 Only the SAE's head is touched. Positions are *absolute* token positions, read from
 ``hook.positions`` (so the hooks also work during generation, where ``pos`` has length 1).
 
-Conditions of the single-write replacement test (writesae_method.md section 4.3), at a position t
-where the SAE fires, with native write ``D = beta_t k_t v_t^T`` and top atom ``A = u_j w_j^T``::
+Conditions of the single-write replacement test (paper section 3.2 and App. J, arXiv
+2605.12770), at a position t where the SAE fires, with native write ``D = beta_t k_t v_t^T`` and
+top atom ``A = u_j w_j^T``::
 
     substitute (matched_norm):  D -> sign(c_j) * ||D||_F * A / ||A||_F
     substitute (coefficient):   D -> c_j * A
@@ -22,16 +23,22 @@ Which atom fires is decided by the SAE on its own input kind: the native state `
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from writesae.sae import BaseSAE
+from writesae.protocols import HookLike, SAELike
 
-__all__ = ["substitute_hook", "ablate_hook", "install_hook", "HookFn", "check_hook"]
+__all__ = [
+    "substitute_hook",
+    "ablate_hook",
+    "install_hook",
+    "HookFn",
+    "check_hook",
+    "scaled_atom",
+    "random_rank1",
+]
 
 HookFn = Callable[..., Tensor]
 Write = Float[Tensor, "batch pos head d_k d_v"]
@@ -39,7 +46,7 @@ SCALINGS = ("matched_norm", "coefficient")
 
 
 def check_hook(
-    sae: BaseSAE, write: Write, hook: Any, suffixes: tuple[str, ...] = ("hook_write",)
+    sae: SAELike, write: Write, hook: HookLike, suffixes: tuple[str, ...] = ("hook_write",)
 ) -> None:
     """Raise a ValueError naming what does not match between ``sae`` and the hook it is on."""
     cfg = sae.cfg
@@ -69,7 +76,7 @@ def check_hook(
         )
 
 
-def _abs_positions(hook: Any, p: int, device: torch.device) -> Tensor:
+def _abs_positions(hook: HookLike, p: int, device: torch.device) -> Tensor:
     pos = getattr(hook, "positions", None)
     if pos is None:
         return torch.arange(p, device=device)
@@ -79,7 +86,9 @@ def _abs_positions(hook: Any, p: int, device: torch.device) -> Tensor:
     return pos
 
 
-def _position_mask(hook: Any, p: int, positions: Any, device: torch.device) -> Tensor:
+def _position_mask(
+    hook: HookLike, p: int, positions: Iterable[int] | int | None, device: torch.device
+) -> Tensor:
     """Bool [p]: which entries of the pos axis are at one of the requested absolute positions."""
     if positions is None:
         return torch.ones(p, dtype=torch.bool, device=device)
@@ -89,7 +98,7 @@ def _position_mask(hook: Any, p: int, positions: Any, device: torch.device) -> T
     return torch.isin(_abs_positions(hook, p, device), want)
 
 
-def _codes_at(sae: BaseSAE, write: Tensor, hook: Any) -> Float[Tensor, "b p n"]:
+def _codes_at(sae: SAELike, write: Tensor, hook: HookLike) -> Float[Tensor, "b p n"]:
     """SAE codes at every position, from the SAE's own input kind (native state or write)."""
     head = sae.cfg.head
     if sae.cfg.input_kind == "state":
@@ -107,8 +116,52 @@ def _codes_at(sae: BaseSAE, write: Tensor, hook: Any) -> Float[Tensor, "b p n"]:
         return sae.encode(x.to(dt))
 
 
+def scaled_atom(
+    atom: Float[Tensor, "*b d_k d_v"],
+    code: Float[Tensor, "*b"],
+    native_norm: Float[Tensor, "*b"],
+    scale: str | float = "matched_norm",
+) -> Float[Tensor, "*b d_k d_v"]:
+    """The atom ``A`` as a substitute for a native write of Frobenius norm ``native_norm``.
+
+    * ``"matched_norm"``: ``sign(c) ||D||_F A / ||A||_F`` (paper App. J);
+    * ``"coefficient"``: ``c A`` (the atom at its code, the paper's abstract);
+    * a float ``f``: ``sign(c) f ||D||_F A / ||A||_F``, a fraction of the native norm.
+
+    The result has ``atom``'s dtype.
+    """
+    if scale == "coefficient":
+        return code.to(atom.dtype)[..., None, None] * atom
+    f = 1.0 if scale == "matched_norm" else float(scale)
+    sign = torch.where(code < 0, -1.0, 1.0).to(atom.dtype)
+    a_norm = atom.flatten(-2).norm(dim=-1).clamp_min(1e-30)
+    return (sign * f * native_norm.to(atom.dtype) / a_norm)[..., None, None] * atom
+
+
+def random_rank1(
+    rows: int, positions: Iterable[int], d_k: int, d_v: int, seed: int
+) -> Float[Tensor, "rows pos d_k d_v"]:
+    """Random unit-Frobenius rank-1 matrices ``g h^T / (||g|| ||h||)``, ``g, h ~ N(0, I)``
+    (float64): the random control of the substitution test.
+
+    Each absolute position draws its ``rows`` pairs ``(g, h)`` from its own generator, seeded
+    ``seed * 1_000_003 + position``, so a full pass and token-by-token generation draw the same
+    matrices at the same position.
+    """
+    positions = list(positions)
+    g = torch.empty(rows, len(positions), d_k, dtype=torch.float64)
+    h = torch.empty(rows, len(positions), d_v, dtype=torch.float64)
+    for j, pos in enumerate(positions):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(pos))
+        g[:, j] = torch.randn(rows, d_k, generator=gen, dtype=torch.float64)
+        h[:, j] = torch.randn(rows, d_v, generator=gen, dtype=torch.float64)
+    g = g / g.norm(dim=-1, keepdim=True)
+    h = h / h.norm(dim=-1, keepdim=True)
+    return g[..., :, None] * h[..., None, :]
+
+
 def substitute_hook(
-    sae: BaseSAE,
+    sae: SAELike,
     positions: Iterable[int] | int | None = None,
     atom: int | None = None,
     scaling: str = "matched_norm",
@@ -128,7 +181,7 @@ def substitute_hook(
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
 
-    def hook_fn(write: Write, hook: Any) -> Write:
+    def hook_fn(write: Write, hook: HookLike) -> Write:
         check_hook(sae, write, hook)
         b, p, h = write.shape[:3]
         head = sae.cfg.head
@@ -145,13 +198,8 @@ def substitute_hook(
             mask = mask & (c != 0)
         native = write[:, :, head]
         a = sae.atom_matrices(idx).detach().to(native.dtype)  # [b, p, d_k, d_v]
-        if scaling == "matched_norm":
-            sign = torch.where(c < 0, -1.0, 1.0).to(native.dtype)
-            a_norm = a.flatten(-2).norm(dim=-1).clamp_min(1e-30)
-            scale = sign * native.flatten(-2).norm(dim=-1) / a_norm
-        else:
-            scale = c.to(native.dtype)
-        new = torch.where(mask[..., None, None], scale[..., None, None] * a, native)
+        a = scaled_atom(a, c, native.flatten(-2).norm(dim=-1), scaling)
+        new = torch.where(mask[..., None, None], a, native)
         out = write.clone()
         out[:, :, head] = new
         return out
@@ -160,7 +208,7 @@ def substitute_hook(
 
 
 def ablate_hook(
-    sae: BaseSAE,
+    sae: SAELike,
     positions: Iterable[int] | int | None = None,
     control: str = "delete",
     only_firing: bool = False,
@@ -179,7 +227,7 @@ def ablate_hook(
     if control not in ("delete", "random"):
         raise ValueError(f"control must be 'delete' or 'random', got {control!r}")
 
-    def hook_fn(write: Write, hook: Any) -> Write:
+    def hook_fn(write: Write, hook: HookLike) -> Write:
         check_hook(sae, write, hook)
         b, p = write.shape[:2]
         head = sae.cfg.head
@@ -190,16 +238,8 @@ def ablate_hook(
         if control == "delete":
             rep = torch.zeros_like(native)
         else:
-            # one generator per absolute position: the same draw in a full pass and in generation
-            g = torch.empty(b, p, sae.cfg.d_k, dtype=torch.float64)
-            hv = torch.empty(b, p, sae.cfg.d_v, dtype=torch.float64)
-            for j, pos in enumerate(_abs_positions(hook, p, torch.device("cpu")).tolist()):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + pos)
-                g[:, j] = torch.randn(b, sae.cfg.d_k, generator=gen, dtype=torch.float64)
-                hv[:, j] = torch.randn(b, sae.cfg.d_v, generator=gen, dtype=torch.float64)
-            r = (g / g.norm(dim=-1, keepdim=True))[..., :, None] * (
-                hv / hv.norm(dim=-1, keepdim=True)
-            )[..., None, :]
+            positions_ = _abs_positions(hook, p, torch.device("cpu")).tolist()
+            r = random_rank1(b, positions_, sae.cfg.d_k, sae.cfg.d_v, seed)
             r = r.to(native.dtype).to(native.device)
             rep = native.flatten(-2).norm(dim=-1)[..., None, None] * r
         out = write.clone()
@@ -210,16 +250,17 @@ def ablate_hook(
 
 
 def install_hook(
-    sae: BaseSAE,
+    sae: SAELike,
     atom_or_direction: int | tuple[Tensor, Tensor] | Tensor,
     positions: Iterable[int] | int,
-    scale: float = 1.0,
+    scale: float | Float[Tensor, " batch"] = 1.0,
 ) -> HookFn:
     """Hook adding ``scale * A`` to the SAE head's write (or state) at absolute ``positions``.
 
     ``A`` is atom ``i`` (``u_i w_i^T``) for an int, ``u w^T`` for a ``(u [d_k], w [d_v])`` pair,
-    or a given ``[d_k, d_v]`` direction. Works on ``hook_write`` and ``hook_state`` of the SAE's
-    layer, and inside generation (positions come from ``hook.positions``).
+    or a given ``[d_k, d_v]`` direction; ``scale`` is one number or one per batch row. Works on
+    ``hook_write`` and ``hook_state`` of the SAE's layer, and inside generation (positions come
+    from ``hook.positions``).
     """
     cfg = sae.cfg
     if isinstance(atom_or_direction, int):
@@ -244,14 +285,17 @@ def install_hook(
     if positions is None:
         raise ValueError("install needs explicit absolute positions")
 
-    def hook_fn(write: Write, hook: Any) -> Write:
+    def hook_fn(write: Write, hook: HookLike) -> Write:
         check_hook(sae, write, hook, suffixes=("hook_write", "hook_state"))
         p = write.shape[1]
         mask = _position_mask(hook, p, positions, write.device)
         if not bool(mask.any()):
             return write
         out = write.clone()
-        add = scale * direction.to(device=write.device, dtype=write.dtype)
+        if isinstance(scale, Tensor):  # one per batch row: [batch, 1, d_k, d_v]
+            add = (scale[:, None, None, None] * direction).to(write.device, write.dtype)
+        else:
+            add = scale * direction.to(device=write.device, dtype=write.dtype)
         out[:, mask, cfg.head] = out[:, mask, cfg.head] + add
         return out
 

@@ -1,12 +1,13 @@
 """Training loop for WriteSAE / FlatSAE: Adam, warm-up + cosine, AuxK, dead-atom resampling.
 
-Objective per step (writesae_method.md section 3.2), with ``d_in = d_k d_v``::
+Objective per step (the paper's training setup, Table 8, and its reference code; AuxK as in Gao
+et al.), with ``d_in = d_k d_v``::
 
     L = mean_b ||X_b - X_hat_b||_F^2 / d_in  +  aux_coef * L_aux  (+ l1_coef * mean_b ||c_b||_1)
     L_aux = mean_b ||e_b - sum_{j in TopK_aux(dead)} ReLU(p_bj) A_j||_F^2 / d_in,
     e_b = X_b - X_hat_b (detached)
 
-Choices where the paper and the reference code disagree (method file sections 2.4, 3.2, 3.3):
+Choices where the paper and its reference code disagree:
 
 * ``aux_coef`` defaults to 1/32 (Gao et al.); paper 1e-2, code 1.0. Configurable.
 * The AuxK reconstruction omits the decoder bias (Gao et al.; the code includes it), since the
@@ -23,6 +24,7 @@ Choices where the paper and the reference code disagree (method file sections 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -39,9 +41,12 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_recurrent.memory import scratch
 from writesae.activations import WriteFactors
+from writesae.checkpoint import TrainingInterrupted, load_checkpoint, save_checkpoint
 from writesae.config import TrainConfig
-from writesae.sae import BaseSAE, SAEOutput, WriteSAE, _scratch
+from writesae.factor_loss import aux_rank1_sq_error
+from writesae.saes import BaseSAE, SAEOutput, WriteSAE
 
 __all__ = [
     "TrainMetrics",
@@ -179,7 +184,10 @@ def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainCo
             z = torch.relu(sae.pre_acts_at(b, zi))
         if factors and isinstance(sae, WriteSAE):
             vals, idx = _active(out, n)
-            aux_err = _aux_factor_sq_error(sae, b, vals, idx, z, zi, dead, sq_err)
+            aux_err = aux_rank1_sq_error(
+                b.key, b.value, vals, idx, z, zi, dead, sq_err, sae.W_dec_key, sae.W_dec_value,
+                sae.b_dec,
+            )  # fmt: skip
         else:
             x = b.key[..., :, None] * b.value[..., None, :] if factors else b
             recon = out.recon
@@ -193,52 +201,6 @@ def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainCo
     if cfg.l1_coef > 0:
         loss = loss + cfg.l1_coef * out.codes.abs().sum(-1).mean()
     return StepResult(loss, mse, aux, sq_err, out)
-
-
-def _aux_factor_sq_error(
-    sae: WriteSAE,
-    b: WriteFactors,
-    vals: Tensor,
-    idx: Tensor,
-    z: Tensor,
-    zi: Tensor,
-    dead: Tensor,
-    sq_err: Tensor,
-) -> Tensor:
-    """AuxK error ``||e - sum_j z_j A_j||^2`` from factors, ``e = k v^T - X_hat`` detached.
-
-    Expanded as ``||e||^2 - 2 <e, D> + ||D||^2`` with ``||e||^2`` = the main error and::
-
-        <e, D> = sum_j z_j [ (k.u_j)(v.w_j) - u_j^T B w_j - sum_i c_i (u_i.u_j)(w_i.w_j) ]
-        ||D||^2 = z^T (G_u * G_w) z      over the aux atoms j
-
-    The Gram matrices are built once per batch over the dead atoms (and active x dead), then
-    gathered per sample, so the cost does not grow as k_aux^2 (d_k + d_v) per sample.
-    """
-    n = sae.cfg.n_atoms
-    dead_idx = dead.nonzero().squeeze(-1)
-    slot = torch.full((n,), -1, dtype=torch.long)
-    slot[dead_idx] = torch.arange(dead_idx.numel())
-    zs = slot[zi]  # positions of the aux atoms among the dead ones
-    u, w = sae.W_dec_key, sae.W_dec_value
-    ud, wd = u[dead_idx], w[dead_idx]
-    g_dead = (ud @ ud.T) * (wd @ wd.T)  # [n_dead, n_dead], live
-    g_cross = (u.detach() @ ud.T) * (w.detach() @ wd.T)  # [n, n_dead], active side detached
-    dt = z.dtype
-    k, v = b.key.to(dt), b.value.to(dt)
-    kv = (k @ ud.T) * (v @ wd.T)  # [B, n_dead]: (k.u_j)(v.w_j)
-    ed = kv.gather(-1, zs)
-    ubw = sae.bias_inner()
-    if ubw is not None:
-        # B is detached in e; the aux atom side u_j, w_j stays live
-        ubw_live = ((u @ sae.b_dec.detach()) * w).sum(-1)
-        ed = ed - ubw_live[zi]
-    cross = g_cross[idx]  # [B, m, n_dead]
-    cross = cross.gather(-1, zs[:, None, :].expand(-1, idx.shape[-1], -1))  # [B, m, k_aux]
-    ed = ed - (vals.detach()[:, :, None] * cross).sum(1)
-    gz = g_dead[zs[:, :, None], zs[:, None, :]]  # [B, k_aux, k_aux]
-    quad = (gz * z[:, :, None] * z[:, None, :]).sum((-2, -1))
-    return (sq_err.detach() - 2 * (z * ed).sum(-1) + quad).clamp_min(0.0)
 
 
 @torch.no_grad()
@@ -321,72 +283,6 @@ def _batches(source: Iterable[Any]) -> Iterator[Batch]:
             return
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by SIGINT or SIGTERM after a checkpoint was written.
-
-    Attributes:
-        step: the number of steps done (and saved).
-        checkpoint: the checkpoint folder; ``train(..., checkpoint=it, resume=True)`` continues.
-        signum: the signal received.
-    """
-
-    def __init__(self, step: int, checkpoint: Path, signum: int):
-        super().__init__(f"training interrupted at step {step}; checkpoint in {checkpoint}")
-        self.step, self.checkpoint, self.signum = step, checkpoint, signum
-
-
-CHECKPOINT_FILE = "train_state.pt"
-
-
-def _cfg_for_resume(cfg: TrainConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d.pop("progress")
-    return d
-
-
-def _save_checkpoint(
-    path: Path,
-    sae: BaseSAE,
-    opt: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    step: int,
-    since_fired: Tensor,
-    gen: torch.Generator,
-    metrics: TrainMetrics,
-) -> None:
-    from writesae.fileio import atomic_dir
-
-    state = {
-        "step": step,
-        "sae_cfg": sae.cfg.to_dict(),
-        "train_cfg": _cfg_for_resume(cfg),
-        "sae": {k: v.detach().clone() for k, v in sae.state_dict().items()},
-        "optimizer": opt.state_dict(),
-        "since_fired": since_fired.clone(),
-        "generator": gen.get_state(),
-        "metrics": asdict(metrics),
-    }
-    with atomic_dir(path, overwrite=True, what="checkpoint") as tmp:
-        torch.save(state, tmp / CHECKPOINT_FILE)
-
-
-def _load_checkpoint(path: Path, sae: BaseSAE, cfg: TrainConfig) -> dict[str, Any]:
-    f = path / CHECKPOINT_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {f}; run without --resume to start")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise ValueError(f"{f}: cannot read the checkpoint ({e})") from e
-    if state["sae_cfg"] != sae.cfg.to_dict():
-        diff = sorted(k for k, v in sae.cfg.to_dict().items() if state["sae_cfg"].get(k) != v)
-        raise ValueError(f"{f}: the checkpoint is of another SAE config (differs in {diff})")
-    if state["train_cfg"] != _cfg_for_resume(cfg):
-        diff = sorted(k for k, v in _cfg_for_resume(cfg).items() if state["train_cfg"].get(k) != v)
-        raise ValueError(f"{f}: the checkpoint has other training settings (differs in {diff})")
-    return state
-
-
 def _source_cell(source: Any) -> dict[str, Any]:
     """The (layer, head, input kind) a source says its samples come from, where it says."""
     meta = getattr(source, "meta", None)
@@ -442,6 +338,134 @@ def _check_batch(sae: BaseSAE, b: Batch) -> None:
             )
 
 
+def _check_train_args(
+    sae: BaseSAE,
+    checkpoint: str | Path | None,
+    checkpoint_every: int | None,
+    checkpoint_every_s: float,
+    resume: bool,
+) -> None:
+    if checkpoint_every is not None and (
+        not isinstance(checkpoint_every, int)
+        or isinstance(checkpoint_every, bool)
+        or checkpoint_every < 1
+    ):
+        raise ValueError(f"checkpoint_every={checkpoint_every!r}; expected None or an int >= 1")
+    if not (isinstance(checkpoint_every_s, int | float) and checkpoint_every_s > 0):
+        raise ValueError(f"checkpoint_every_s={checkpoint_every_s!r}; expected a number > 0")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint= (the folder to resume from)")
+    if any(p.dtype == torch.float16 for p in sae.parameters()):
+        raise ValueError(
+            "train: float16 parameters do not train with Adam (its eps = 1e-8 and squared "
+            "gradients underflow in float16; the first step gives NaN); use float32 or bfloat16"
+        )
+
+
+@dataclass
+class _Run:
+    """The state of a training run that a checkpoint saves."""
+
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    since_fired: Tensor
+    metrics: TrainMetrics
+    step: int = 0
+
+    def save(self, path: Path, sae: BaseSAE, cfg: TrainConfig, elapsed_s: float) -> None:
+        """Checkpoint the run to ``path`` (its elapsed time first)."""
+        self.metrics.elapsed_s = elapsed_s
+        save_checkpoint(
+            path, sae, self.opt, cfg, self.step, self.since_fired, self.gen, asdict(self.metrics)
+        )
+
+
+def _start(sae: BaseSAE, cfg: TrainConfig, ckpt: Path | None, resume: bool) -> _Run:
+    """A fresh run (optimiser, generator, counters), or the one saved in ``ckpt``."""
+    # fused: one kernel per parameter instead of ~10 small ops
+    opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    run = _Run(opt, gen, torch.zeros(sae.cfg.n_atoms, dtype=torch.long), TrainMetrics())
+    sae.normalize_decoder_()
+    sae.train()
+    if resume:
+        state = load_checkpoint(ckpt, sae, cfg)
+        with torch.no_grad():
+            sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["optimizer"])
+        run.since_fired = state["since_fired"]
+        gen.set_state(state["generator"])
+        run.metrics = TrainMetrics(**state["metrics"])
+        run.step = state["step"]
+        logger.info("resuming from %s at step %d", ckpt, run.step)
+    return run
+
+
+def _optimise(
+    run: _Run, sae: BaseSAE, b: Batch, cfg: TrainConfig, resample_every: int
+) -> tuple[StepResult, float, Tensor]:
+    """One optimiser step on batch ``b``, then the dead-atom counters and resampling; returns
+    the step's loss terms, its learning rate and the dead atoms after it."""
+    lr = lr_at(run.step, cfg)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    dead = run.since_fired >= cfg.dead_steps
+    res = training_step_loss(sae, b, dead, cfg)
+    if not math.isfinite(float(res.loss.detach())):
+        raise FloatingPointError(
+            f"train: the loss is {float(res.loss.detach())} at step {run.step} (learning rate "
+            f"{lr:g}); lower the learning rate, or check the batch for inf/NaN"
+        )
+    run.opt.zero_grad(set_to_none=True)
+    res.loss.backward()
+    run.opt.step()
+    sae.normalize_decoder_()
+    with torch.no_grad():
+        fired = _fired(res.out, sae.cfg.n_atoms)
+        run.since_fired = torch.where(fired, torch.zeros_like(run.since_fired), run.since_fired + 1)
+        dead = run.since_fired >= cfg.dead_steps
+        if resample_every and (run.step + 1) % resample_every == 0 and bool(dead.any()):
+            nres = _resample(sae, run.opt, b, res.sq_err, dead, cfg, run.gen)
+            run.since_fired[dead] = 0
+            run.metrics.n_resampled += nres
+            logger.info("step %d: resampled %d dead atoms", run.step + 1, nres)
+    run.metrics.n_samples += _batch_size(b)
+    run.step += 1
+    return res, lr, dead
+
+
+def _record(
+    metrics: TrainMetrics, step: int, b: Batch, res: StepResult, lr: float, dead: Tensor
+) -> dict[str, str]:
+    """Append the step's FVE, L0, dead fraction, losses and learning rate to ``metrics``."""
+    with torch.no_grad():
+        fve = batch_fve(b, res.sq_err)
+        l0 = float((res.out.codes != 0).sum(-1).double().mean())
+    metrics.step.append(step)
+    metrics.fve.append(fve)
+    metrics.l0.append(l0)
+    metrics.dead_fraction.append(float(dead.double().mean()))
+    metrics.mse.append(float(res.mse.detach()))
+    metrics.aux_loss.append(float(res.aux.detach()))
+    metrics.lr.append(lr)
+    return dict(fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}")
+
+
+@contextlib.contextmanager
+def _signals_to(stop: list[int], on: bool) -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM append their number to ``stop`` (when ``on`` and in the
+    main thread) instead of interrupting."""
+    handlers: dict[int, Any] = {}
+    if on and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
+    try:
+        yield
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
 def train(
     sae: BaseSAE,
     source: Iterable[Any],
@@ -475,135 +499,62 @@ def train(
         :class:`TrainMetrics` with FVE, L0 and dead fraction every ``log_every`` steps.
     """
     cfg = replace(cfg or TrainConfig(), **overrides)
-    if checkpoint_every is not None and (
-        not isinstance(checkpoint_every, int)
-        or isinstance(checkpoint_every, bool)
-        or checkpoint_every < 1
-    ):
-        raise ValueError(f"checkpoint_every={checkpoint_every!r}; expected None or an int >= 1")
-    if not (isinstance(checkpoint_every_s, int | float) and checkpoint_every_s > 0):
-        raise ValueError(f"checkpoint_every_s={checkpoint_every_s!r}; expected a number > 0")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs checkpoint= (the folder to resume from)")
+    _check_train_args(sae, checkpoint, checkpoint_every, checkpoint_every_s, resume)
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    if any(p.dtype == torch.float16 for p in sae.parameters()):
-        raise ValueError(
-            "train: float16 parameters do not train with Adam (its eps = 1e-8 and squared "
-            "gradients underflow in float16; the first step gives NaN); use float32 or bfloat16"
-        )
     _check_source(sae, source)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    # fused: one kernel per parameter instead of ~10 small ops (matters on busy CPUs)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr_at(0, cfg), betas=(0.9, 0.999), fused=True)
-    n = sae.cfg.n_atoms
-    since_fired = torch.zeros(n, dtype=torch.long)
     resample_every = min(cfg.resample_every, max(1, cfg.n_steps // 4)) if cfg.resample_every else 0
-    metrics = TrainMetrics()
-    sae.normalize_decoder_()
-    sae.train()
-    step = 0
-    if resume:
-        state = _load_checkpoint(ckpt, sae, cfg)
-        with torch.no_grad():
-            sae.load_state_dict(state["sae"])
-        opt.load_state_dict(state["optimizer"])
-        since_fired = state["since_fired"]
-        gen.set_state(state["generator"])
-        metrics = TrainMetrics(**state["metrics"])
-        step = state["step"]
-        logger.info("resuming from %s at step %d", ckpt, step)
-    done_before, elapsed_before = step, metrics.elapsed_s
-    t0 = time.perf_counter()
-    last_save = time.monotonic()
+    run = _start(sae, cfg, ckpt, resume)
+    done_before, elapsed_before = run.step, run.metrics.elapsed_s
+    t0, last_save = time.perf_counter(), time.monotonic()
     bar = tqdm(
-        total=cfg.n_steps, initial=step, disable=not cfg.progress, desc="train SAE", unit="step"
+        total=cfg.n_steps, initial=run.step, disable=not cfg.progress, desc="train SAE", unit="step"
     )
     stop: list[int] = []
-    handlers: dict[int, Any] = {}
-    if ckpt is not None and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
-
-    def save() -> None:
-        metrics.elapsed_s = elapsed_before + time.perf_counter() - t0
-        _save_checkpoint(ckpt, sae, opt, cfg, step, since_fired, gen, metrics)
-
     try:
-        batches = _batches(source)
-        for i, b in enumerate(batches):
-            if i == 0:
-                _check_batch(sae, b)
-            if i < done_before:
-                continue  # replayed to reach the checkpoint's position in the source
-            if step >= cfg.n_steps:
-                break
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            dead = since_fired >= cfg.dead_steps
-            res = training_step_loss(sae, b, dead, cfg)
-            if not math.isfinite(float(res.loss.detach())):
-                raise FloatingPointError(
-                    f"train: the loss is {float(res.loss.detach())} at step {step} (learning rate "
-                    f"{lr:g}); lower the learning rate, or check the batch for inf/NaN"
-                )
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            opt.step()
-            sae.normalize_decoder_()
-            with torch.no_grad():
-                fired = _fired(res.out, n)
-                since_fired = torch.where(fired, torch.zeros_like(since_fired), since_fired + 1)
-                dead = since_fired >= cfg.dead_steps
-                if resample_every and (step + 1) % resample_every == 0 and bool(dead.any()):
-                    nres = _resample(sae, opt, b, res.sq_err, dead, cfg, gen)
-                    since_fired[dead] = 0
-                    metrics.n_resampled += nres
-                    logger.info("step %d: resampled %d dead atoms", step + 1, nres)
-            metrics.n_samples += _batch_size(b)
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.n_steps:
-                with torch.no_grad():
-                    fve = batch_fve(b, res.sq_err)
-                    l0 = float((res.out.codes != 0).sum(-1).double().mean())
-                metrics.step.append(step)
-                metrics.fve.append(fve)
-                metrics.l0.append(l0)
-                metrics.dead_fraction.append(float(dead.double().mean()))
-                metrics.mse.append(float(res.mse.detach()))
-                metrics.aux_loss.append(float(res.aux.detach()))
-                metrics.lr.append(lr)
-                bar.set_postfix(
-                    fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}"
-                )
-            bar.update(1)
-            if ckpt is not None and step < cfg.n_steps:
+        with _signals_to(stop, ckpt is not None):
+            for i, b in enumerate(_batches(source)):
+                if i == 0:
+                    _check_batch(sae, b)
+                if i < done_before:
+                    continue  # replayed to reach the checkpoint's position in the source
+                if run.step >= cfg.n_steps:
+                    break
+                res, lr, dead = _optimise(run, sae, b, cfg, resample_every)
+                if run.step % cfg.log_every == 0 or run.step == cfg.n_steps:
+                    bar.set_postfix(**_record(run.metrics, run.step, b, res, lr, dead))
+                bar.update(1)
+                if ckpt is None or run.step >= cfg.n_steps:
+                    continue
+                elapsed = elapsed_before + time.perf_counter() - t0
                 if stop:
-                    save()
-                    raise TrainingInterrupted(step, ckpt, stop[0])
-                due = (
-                    step % checkpoint_every == 0
+                    run.save(ckpt, sae, cfg, elapsed)
+                    raise TrainingInterrupted(run.step, ckpt, stop[0])
+                if (
+                    run.step % checkpoint_every == 0
                     if checkpoint_every is not None
                     else time.monotonic() - last_save >= checkpoint_every_s
-                )
-                if due:
-                    save()
+                ):
+                    run.save(ckpt, sae, cfg, elapsed)
                     last_save = time.monotonic()
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
         bar.close()
-        _scratch.clear()  # memory the factor loss kept between steps
-    if step == 0:
+        scratch.clear()  # memory the factor loss kept between steps
+    return _finish(sae, run, cfg, elapsed_before + time.perf_counter() - t0, stop)
+
+
+def _finish(
+    sae: BaseSAE, run: _Run, cfg: TrainConfig, elapsed_s: float, stop: list[int]
+) -> TrainMetrics:
+    if run.step == 0:
         raise ValueError(
             f"train: the source gave no batch (batch_size {cfg.batch_size}): it holds fewer "
             "samples than one batch; use more data or a smaller batch size"
         )
-    metrics.n_steps = step
-    metrics.elapsed_s = elapsed_before + time.perf_counter() - t0
-    if step < cfg.n_steps:
-        logger.warning("source ran out after %d of %d steps", step, cfg.n_steps)
+    run.metrics.n_steps = run.step
+    run.metrics.elapsed_s = elapsed_s
+    if run.step < cfg.n_steps:
+        logger.warning("source ran out after %d of %d steps", run.step, cfg.n_steps)
     if stop:  # the signal came during the last step: the run is complete, say so and stop
         logger.warning("signal %d received during the last step; training is complete", stop[0])
     sae.eval()
-    return metrics
+    return run.metrics

@@ -2,8 +2,15 @@
 
 q_h, gate_h = split(q_proj x)          (per head: d_head query rows, then d_head gate rows)
 q = rope(qnorm(q)),  k = rope(knorm(k_proj x)),  v = v_proj x
-z = softmax(q k^T / sqrt(d_head) + causal) v
+z = softmax(q k^T * scale + causal) v   (scale = 1 / sqrt(d_head) unless given)
 out = o_proj (z * sigmoid(gate))        (W_Q, W_K, W_V, W_O, W_gate: TransformerLens layout)
+
+With `gated=False` and `qk_norm="none"` it is plain GQA attention with RoPE (MiniMax's softmax
+layers): no gate rows in `q_proj`, no q/k norms, out = o_proj z. OLMo hybrid's attention is
+`gated=False`, `qk_norm="all"` (one RMSNorm over all heads' channels together, weight applied as
+is) and `rotary_dim=0` for its released checkpoints without position encoding (NoPE). The Mamba-2
+hybrids (Bamba, Nemotron-H, Falcon-H1, Granite 4) use `gated=False`, `qk_norm="none"`, optional
+biases, NoPE or RoPE, and Granite's own softmax `scale`.
 """
 
 from __future__ import annotations
@@ -29,6 +36,88 @@ def rotate_partial(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated, xp), dim=-1)
 
 
+def rope_angles(inv_freq: Float[Tensor, " half"], run: RunContext) -> Float[Tensor, "*pos half"]:
+    """The RoPE angles position * inv_freq: `[pos, half]`, or `[batch, pos, half]` with padding
+    (positions counted over each row's real tokens)."""
+    if run.row_positions is None:
+        return run.positions.float()[:, None] * inv_freq[None, :]
+    return run.row_positions.float()[..., None] * inv_freq
+
+
+def attend(
+    mod: nn.Module,
+    q: Float[Tensor, "batch pos head d_qk"],
+    k: Float[Tensor, "batch pos kv_head d_qk"],
+    v: Float[Tensor, "batch pos kv_head d_v"],
+    run: RunContext,
+    scale: float | None = None,
+) -> Float[Tensor, "batch pos head d_v"]:
+    """softmax(q k^T * scale + causal mask) v (scale 1 / sqrt(d_qk) unless given), continuing
+    the KV cache of `mod.layer` in `run` (and saving it there), with padding masks; the scores
+    and the pattern go through `mod.hook_attn_scores` / `mod.hook_pattern` (then computed
+    explicitly, else fused).
+    Key/value heads are shared by consecutive query heads (GQA)."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+    past = run.layer_in(mod.layer)
+    if past is not None and "k" in past:
+        k_all = torch.cat((past["k"], k_all), dim=2)
+        v_all = torch.cat((past["v"], v_all), dim=2)
+    run.save(mod.layer, k=k_all, v=v_all)
+    rep = H // Hkv
+    k_rep = k_all.repeat_interleave(rep, dim=1)
+    v_rep = v_all.repeat_interleave(rep, dim=1)
+
+    n_past = k_all.shape[2] - T
+    allowed = None
+    if run.key_mask is not None:  # padding: no padded key, except a padded query's own
+        Tk = k_all.shape[2]
+        causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(n_past)
+        keys = torch.arange(Tk, device=q.device)
+        own = keys[None, :] == keys[n_past:, None]  # query t's own key, [T, Tk]
+        allowed = causal & (run.key_mask[:, None, None, :] | own)  # [B, 1, T, Tk]
+    if mod.hook_attn_scores.active or mod.hook_pattern.active:
+        Tk = k_all.shape[2]
+        if allowed is None:
+            future = torch.ones(T, Tk, dtype=torch.bool, device=q.device).triu(n_past + 1)
+            mask = torch.zeros(T, Tk, dtype=q.dtype, device=q.device).masked_fill_(
+                future, -math.inf
+            )
+            mask = mask.expand(B * H, T, Tk)
+        else:
+            mask = torch.zeros(B, H, T, Tk, dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill_(~allowed, -math.inf).view(B * H, T, Tk)
+        # q k^T / sqrt(d) + mask in one batched GEMM: one [batch, head, query, key] tensor
+        scores = torch.baddbmm(
+            mask,
+            q.transpose(1, 2).reshape(B * H, T, D),
+            k_rep.reshape(B * H, Tk, D).transpose(1, 2),
+            alpha=scale,
+        ).view(B, H, T, Tk)
+        scores = mod.hook_attn_scores(scores)
+        pattern = mod.hook_pattern(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+        z = torch.matmul(pattern, v_rep)
+    elif allowed is not None:
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed, scale=scale
+        )
+    else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
+        mask = None
+        if n_past and T > 1:
+            mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=q.device).tril(n_past)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k_rep,
+            v_rep,
+            attn_mask=mask,
+            is_causal=not n_past and T > 1,
+            scale=scale,
+        )
+    return z.transpose(1, 2)
+
+
 class GatedAttention(nn.Module):
     """Gated multi-head attention with a KV cache for stepwise decoding.
 
@@ -48,30 +137,53 @@ class GatedAttention(nn.Module):
         rotary_dim: int,
         rope_theta: float,
         eps: float,
+        gated: bool = True,
+        qk_norm: str = "head",
+        bias: bool = False,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
+        if qk_norm not in ("head", "all", "none"):
+            raise ValueError(f"qk_norm must be 'head', 'all' or 'none', not {qk_norm!r}")
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
+        self.gated, self.qk_norm, self.scale = gated, qk_norm, scale
         # the projections as in Hugging Face; the TransformerLens layout is the W_* properties
-        self.q_proj = nn.Linear(d_model, 2 * n_heads * d_head, bias=False)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=False)
-        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=False)
-        self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
-        self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        self.q_proj = nn.Linear(d_model, (1 + gated) * n_heads * d_head, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
+        self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        self.q_norm: nn.Module
+        self.k_norm: nn.Module
+        if qk_norm == "head":  # Qwen: per head, scale (1 + w)
+            self.q_norm = RMSNorm(d_head, eps, zero_centred=True)
+            self.k_norm = RMSNorm(d_head, eps, zero_centred=True)
+        elif qk_norm == "all":  # OLMo: over all heads' channels, scale w
+            self.q_norm = RMSNorm(n_heads * d_head, eps)
+            self.k_norm = RMSNorm(n_kv_heads * d_head, eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
         inv_freq = 1.0 / (
-            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
+            rope_theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / max(rotary_dim, 1))
         )
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
         self.hook_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
-        self.hook_rot_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
+        self.rotary_dim = rotary_dim
+        if rotary_dim:  # NoPE (rotary_dim 0) has nothing to rotate and no rotated hooks
+            self.hook_rot_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
+            self.hook_rot_k = RecurrentHookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_attn_scores = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_pattern = RecurrentHookPoint()  # [batch, head, query_pos, key_pos]
         self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
-        self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
+        if gated:
+            self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
+
+    def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
+        """q or k `[batch, pos, heads, d_head]` through its norm (per head, or over all heads)."""
+        return norm(x.flatten(2)).view_as(x) if self.qk_norm == "all" else norm(x)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Causal attention over `x` `[batch, pos, d_model]`, continuing the KV cache in `run`;
@@ -79,72 +191,24 @@ class GatedAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        qg = self.q_proj(x).view(B, T, H, 2 * D)
-        q, gate = qg[..., :D], qg[..., D:]
-        q = self.hook_q(self.q_norm(q))
-        k = self.hook_k(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)))
+        qg = self.q_proj(x).view(B, T, H, -1)
+        q = self.hook_q(self._norm(self.q_norm, qg[..., :D]))
+        k = self.hook_k(self._norm(self.k_norm, self.k_proj(x).view(B, T, Hkv, D)))
         v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
-        gate = self.hook_gate(gate)
+        gate = self.hook_gate(qg[..., D:]) if self.gated else None
 
-        if run.row_positions is None:
-            freqs = run.positions.float()[:, None] * self.inv_freq[None, :]
-        else:  # padding: positions counted over each row's real tokens, [B, T, rd / 2]
-            freqs = run.row_positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
-        q = self.hook_rot_q(rotate_partial(q, cos, sin))
-        k = self.hook_rot_k(rotate_partial(k, cos, sin))
+        if self.rotary_dim:
+            freqs = rope_angles(self.inv_freq, run)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
+            q = self.hook_rot_q(rotate_partial(q, cos, sin))
+            k = self.hook_rot_k(rotate_partial(k, cos, sin))
 
-        k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
-        past = run.layer_in(self.layer)
-        if past is not None and "k" in past:
-            k_all = torch.cat((past["k"], k_all), dim=2)
-            v_all = torch.cat((past["v"], v_all), dim=2)
-        run.save(self.layer, k=k_all, v=v_all)
-        rep = H // Hkv
-        k_rep = k_all.repeat_interleave(rep, dim=1)
-        v_rep = v_all.repeat_interleave(rep, dim=1)
-
-        n_past = k_all.shape[2] - T
-        allowed = None
-        if run.key_mask is not None:  # padding: no padded key, except a padded query's own
-            Tk = k_all.shape[2]
-            causal = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(n_past)
-            keys = torch.arange(Tk, device=x.device)
-            own = keys[None, :] == keys[n_past:, None]  # query t's own key, [T, Tk]
-            allowed = causal & (run.key_mask[:, None, None, :] | own)  # [B, 1, T, Tk]
-        if self.hook_attn_scores.active or self.hook_pattern.active:
-            Tk = k_all.shape[2]
-            if allowed is None:
-                future = torch.ones(T, Tk, dtype=torch.bool, device=x.device).triu(n_past + 1)
-                mask = torch.zeros(T, Tk, dtype=q.dtype, device=x.device).masked_fill_(
-                    future, -math.inf
-                )
-                mask = mask.expand(B * H, T, Tk)
-            else:
-                mask = torch.zeros(B, H, T, Tk, dtype=q.dtype, device=x.device)
-                mask = mask.masked_fill_(~allowed, -math.inf).view(B * H, T, Tk)
-            # q k^T / sqrt(d) + mask in one batched GEMM: one [batch, head, query, key] tensor
-            scores = torch.baddbmm(
-                mask,
-                q.transpose(1, 2).reshape(B * H, T, D),
-                k_rep.reshape(B * H, Tk, D).transpose(1, 2),
-                alpha=1 / math.sqrt(D),
-            ).view(B, H, T, Tk)
-            scores = self.hook_attn_scores(scores)
-            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(x.dtype))
-            z = torch.matmul(pattern, v_rep)
-        elif allowed is not None:
-            z = F.scaled_dot_product_attention(q.transpose(1, 2), k_rep, v_rep, attn_mask=allowed)
-        else:  # same maths, fused; the explicit path above runs whenever the pattern is hooked
-            mask = None
-            if n_past and T > 1:
-                mask = torch.ones(T, k_all.shape[2], dtype=torch.bool, device=x.device).tril(n_past)
-            z = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k_rep, v_rep, attn_mask=mask, is_causal=not n_past and T > 1
-            )
-        z = self.hook_z(z.transpose(1, 2))  # [B, T, H, D]
-        out = z.reshape(B, T, H * D) * torch.sigmoid(gate.reshape(B, T, H * D))
+        z = attend(self, q, k, v, run, self.scale)
+        z = self.hook_z(z)  # [B, T, H, D]
+        out = z.reshape(B, T, H * D)
+        if self.gated:
+            out = out * torch.sigmoid(gate.reshape(B, T, H * D))
         return self.o_proj(out)
 
     # TransformerLens layout: [head, d_model, d_head] in, [head, d_head, d_model] out
@@ -153,11 +217,13 @@ class GatedAttention(nn.Module):
         """Query weights per head (before q-norm and RoPE): `x @ W_Q[h]`; the gate rows that
         `q_proj` interleaves with them are `W_gate`."""
         H, D = self.n_heads, self.d_head
-        return self.q_proj.weight.view(H, 2 * D, -1)[:, :D].transpose(-1, -2)
+        return self.q_proj.weight.view(H, (1 + self.gated) * D, -1)[:, :D].transpose(-1, -2)
 
     @property
     def W_gate(self) -> Float[Tensor, "head d_model d_head"]:
         """Output-gate weights per head: out = W_O(z * sigmoid(x @ W_gate[h]))."""
+        if not self.gated:
+            raise AttributeError("this attention has no output gate (gated=False)")
         H, D = self.n_heads, self.d_head
         return self.q_proj.weight.view(H, 2 * D, -1)[:, D:].transpose(-1, -2)
 

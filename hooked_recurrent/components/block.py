@@ -12,7 +12,19 @@ from hooked_recurrent.state import RunContext
 class Block(nn.Module):
     """resid_mid = resid_pre + attn(ln1(resid_pre)); resid_post = resid_mid + mlp(ln2(resid_mid)).
 
-    Blocks without an MLP (Mamba-2) have no `ln2`, `mlp`, `hook_resid_mid` or `hook_mlp_out`.
+    Blocks without an MLP (Mamba-2) have no `ln2`, `mlp`, `hook_resid_mid` or `hook_mlp_out`;
+    blocks without a token mixer (Nemotron-H's MLP and MoE blocks: `attn=None`) have no `ln1`,
+    `attn`, `hook_attn_out` or `hook_resid_mid`: resid_post = resid_pre + mlp(ln2(resid_pre)).
+
+    Post-norm blocks (OLMo hybrid's attention layers) pass `ln1=None`, `ln2=None` and norm the
+    outputs instead, with TransformerLens's Gemma-2 names: resid_mid = resid_pre +
+    ln1_post(attn(resid_pre)), resid_post = resid_mid + ln2_post(mlp(resid_mid)); `hook_attn_out`
+    and `hook_mlp_out` are after those norms.
+
+    With `scales` = (a_attn, b_attn, a_mlp, b_mlp) (MiniMax) the residual carried past each
+    sub-layer is its *normalised* input, scaled: resid_mid = a_attn ln1(resid_pre) + b_attn
+    attn(ln1(resid_pre)), resid_post = a_mlp ln2(resid_mid) + b_mlp mlp(ln2(resid_mid));
+    `hook_attn_out` / `hook_mlp_out` are the sub-layer outputs before their b factor.
     """
 
     #: read by TransformerLens's logit lens: `hook_resid_post` is the one stream the model unembeds
@@ -21,31 +33,95 @@ class Block(nn.Module):
     def __init__(
         self,
         layer: int,
-        ln1: nn.Module,
-        attn: nn.Module,
+        ln1: nn.Module | None,
+        attn: nn.Module | None,
         ln2: nn.Module | None = None,
         mlp: nn.Module | None = None,
+        ln1_post: nn.Module | None = None,
+        ln2_post: nn.Module | None = None,
+        scales: tuple[float, float, float, float] | None = None,
     ) -> None:
         super().__init__()
         self.layer = layer
-        self.ln1, self.attn = ln1, attn
-        self.hook_resid_pre = RecurrentHookPoint()
-        self.hook_attn_out = RecurrentHookPoint()
-        self.hook_resid_post = RecurrentHookPoint()
+        if attn is None and mlp is None:
+            raise ValueError(f"block {layer} needs a token mixer (attn), an MLP, or both")
+        if scales is not None and (attn is None or mlp is None):
+            raise ValueError(f"block {layer}: scales need both a token mixer and an MLP")
+        self.attn = attn
+        self.ln1 = None if attn is None else (nn.Identity() if ln1 is None else ln1)
+        self.ln1_post, self.ln2_post, self.scales = ln1_post, ln2_post, scales
+        self.hook_resid_pre = RecurrentHookPoint()  # [batch, pos, d_model]
+        if attn is not None:
+            self.hook_attn_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = RecurrentHookPoint()  # [batch, pos, d_model]
         if mlp is not None:
-            self.ln2, self.mlp = ln2, mlp
-            self.hook_resid_mid = RecurrentHookPoint()
-            self.hook_mlp_out = RecurrentHookPoint()
+            self.ln2, self.mlp = (nn.Identity() if ln2 is None else ln2), mlp
+            if attn is not None:
+                self.hook_resid_mid = RecurrentHookPoint()  # [batch, pos, d_model]
+            self.hook_mlp_out = RecurrentHookPoint()  # [batch, pos, d_model]
         else:
             self.mlp = None
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
-        """One pre-norm block: `x + mixer(norm(x))`, then `+ mlp(norm(.))`; returns `[batch, pos,
-        d_model]`.
-        """
+        """One block: `x + mixer(norm(x))`, then `+ mlp(norm(.))` (or the post-norm or scaled
+        forms above); returns `[batch, pos, d_model]`."""
         resid = self.hook_resid_pre(resid)
-        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid), run))
+        if self.scales is not None:
+            a1, b1, a2, b2 = self.scales
+            h = self.ln1(resid)
+            resid = self.hook_resid_mid(a1 * h + b1 * self.hook_attn_out(self.attn(h, run)))
+            h = self.ln2(resid)
+            return self.hook_resid_post(a2 * h + b2 * self.hook_mlp_out(self.mlp(h, run)))
+        if self.attn is not None:
+            out = self.attn(self.ln1(resid), run)
+            if self.ln1_post is not None:
+                out = self.ln1_post(out)
+            resid = resid + self.hook_attn_out(out)
         if self.mlp is not None:
-            resid = self.hook_resid_mid(resid)
-            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid), run))
+            if self.attn is not None:
+                resid = self.hook_resid_mid(resid)
+            out = self.mlp(self.ln2(resid), run)
+            if self.ln2_post is not None:
+                out = self.ln2_post(out)
+            resid = resid + self.hook_mlp_out(out)
+        return self.hook_resid_post(resid)
+
+
+class ParallelBlock(nn.Module):
+    """Falcon-H1's block: the Mamba-2 mixer and softmax attention read the same normed residual,
+    in parallel, and their outputs are summed; then the MLP.
+
+        n = ln1(resid_pre)
+        resid_mid = resid_pre + attn(n) + attn2(n)        hook_attn_out, hook_attn2_out
+        resid_post = resid_mid + mlp(ln2(resid_mid))      hook_mlp_out
+
+    `attn` is the recurrent (Mamba-2) mixer, so every state hook keeps its name
+    (`blocks.{l}.attn.hook_state`); `attn2` is the attention, with TransformerLens's attention
+    hooks (`blocks.{l}.attn2.hook_pattern`, ...). The family's scalar multipliers are folded into
+    the projections when the weights are converted.
+    """
+
+    hook_out_is_single_residual_stream = True
+
+    def __init__(
+        self, layer: int, ln1: nn.Module, attn: nn.Module, attn2: nn.Module, ln2: nn.Module,
+        mlp: nn.Module,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.layer = layer
+        self.ln1, self.attn, self.attn2, self.ln2, self.mlp = ln1, attn, attn2, ln2, mlp
+        self.hook_resid_pre = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_attn2_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = RecurrentHookPoint()  # [batch, pos, d_model]
+
+    def forward(self, resid: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        """One parallel block (see the class docstring); returns `[batch, pos, d_model]`."""
+        resid = self.hook_resid_pre(resid)
+        n = self.ln1(resid)
+        mixed = self.hook_attn_out(self.attn(n, run)) + self.hook_attn2_out(self.attn2(n, run))
+        resid = self.hook_resid_mid(resid + mixed)
+        resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid), run))
         return self.hook_resid_post(resid)

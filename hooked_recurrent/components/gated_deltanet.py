@@ -96,6 +96,10 @@ def chunk_gated_delta_rule(
 class GatedDeltaNet(RecurrentMixer):
     """Gated DeltaNet token mixer (Qwen3.5 `linear_attention` layers), at `blocks.{l}.attn`.
 
+    With `beta_scale=2` (OLMo hybrid), beta = 2 sigmoid(W_b x) lies in (0, 2), so the factor
+    (I - beta k k^T) has eigenvalue 1 - beta in (-1, 1) along k (DeltaProduct / "negative
+    eigenvalues"); the recurrence and its propagation are otherwise unchanged.
+
     Hooks: `hook_q`, `hook_k` `[batch, pos, head, d_k]` (per state head, l2-normalised, q scaled
     by 1/sqrt(d_k)), `hook_v` `[batch, pos, head, d_v]`, `hook_beta`, `hook_decay` (alpha)
     `[batch, pos, head]`, `hook_write` (beta k v^T) and `hook_state` (S_t)
@@ -118,12 +122,16 @@ class GatedDeltaNet(RecurrentMixer):
         conv_kernel: int,
         eps: float,
         chunk_size: int = 64,
+        beta_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_key_heads, self.d_k, self.d_v = n_heads, n_key_heads, d_k, d_v
         self.chunk_size = chunk_size
         self.eps = eps
+        #: beta = beta_scale * sigmoid(W_b x): 2 lets the transition's eigenvalue along k reach -1
+        #: (OLMo hybrid's `allow_neg_eigval`)
+        self.beta_scale = beta_scale
         n_qkv = 2 * n_key_heads * d_k + n_heads * d_v
         self.W_qkv = nn.Linear(d_model, n_qkv, bias=False)
         self.W_z = nn.Linear(d_model, n_heads * d_v, bias=False)
@@ -175,6 +183,8 @@ class GatedDeltaNet(RecurrentMixer):
         k = self.hook_k(k)
         v = self.hook_v(v.float().view(B, T, H, dv))
         beta = torch.sigmoid(self.W_b(x)).float()
+        if self.beta_scale != 1.0:
+            beta = self.beta_scale * beta
         g = -self.A_log.float().exp() * F.softplus(self.W_a(x).float() + self.dt_bias.float())
         if m is not None:
             beta, g = beta * m, g * m  # beta 0, decay 1 at padded positions
@@ -183,7 +193,11 @@ class GatedDeltaNet(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
         propagation = Propagation.from_rule(
-            lambda *x: chunk_gated_delta_rule(*x, self.chunk_size), (q, k, v, beta, g), {2}
+            lambda q, k, v, beta, g, S0: chunk_gated_delta_rule(
+                q, k, v, beta, g, S0, self.chunk_size
+            ),
+            (q, k, v, beta, g),
+            {2},
         )
         o, S_T = self.recur(
             lambda: chunk_gated_delta_rule(q, k, v, beta, g, S0, self.chunk_size),

@@ -12,6 +12,8 @@ Hugging Face / mamba_ssm layout [headdim, d_state]):
     y_t = o_t + D x_t                                         D skip on the un-scaled x
     y = w * grouped_rmsnorm(y * silu(z))                      gate FIRST, then RMS over groups of
                                                               d_inner / n_groups channels
+                                                              (Falcon-H1: optionally the norm first,
+                                                              or no norm: y * silu(z))
     out = W_out y
 
 Hooks (at `blocks.{l}.attn.`): `hook_q` = C_t and `hook_k` = B_t per head `[batch, pos, head,
@@ -117,8 +119,8 @@ class Mamba2Mixer(RecurrentMixer):
     """Mamba-2 token mixer at `blocks.{l}.attn` (see the module docstring for its equations).
 
     Parameters (Hugging Face name in brackets): `W_in` [in_proj], `conv_w` `[conv_dim, K]` and
-    `conv_b` [conv1d.weight squeezed, conv1d.bias], `dt_bias`, `A_log`, `D`, `norm_w` [norm.weight],
-    `W_out` [out_proj].
+    `conv_b` [conv1d.weight squeezed, conv1d.bias], `dt_bias`, `A_log`, `D`, `norm_w` [norm.weight;
+    None with `gated_norm=False`], `W_out` [out_proj, with a bias `out_bias` (default `use_bias`)].
     """
 
     write_strength_hook = "hook_dt"
@@ -137,6 +139,9 @@ class Mamba2Mixer(RecurrentMixer):
         time_step_limit: tuple[float, float] = (0.0, float("inf")),
         use_conv_bias: bool = True,
         use_bias: bool = False,
+        gated_norm: bool = True,
+        norm_before_gate: bool = False,
+        out_bias: bool | None = None,
     ) -> None:
         super().__init__()
         if n_heads % n_groups:
@@ -159,8 +164,10 @@ class Mamba2Mixer(RecurrentMixer):
         self.dt_bias = nn.Parameter(torch.zeros(n_heads))
         self.A_log = nn.Parameter(torch.zeros(n_heads))
         self.D = nn.Parameter(torch.ones(n_heads))
-        self.norm_w = nn.Parameter(torch.ones(self.d_inner))
-        self.W_out = nn.Linear(self.d_inner, d_model, bias=use_bias)
+        self.norm_w = nn.Parameter(torch.ones(self.d_inner)) if gated_norm else None
+        self.norm_before_gate = norm_before_gate
+        out_bias = use_bias if out_bias is None else out_bias
+        self.W_out = nn.Linear(self.d_inner, d_model, bias=out_bias)
         self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_state]  (C, per head)
         self.hook_k = RecurrentHookPoint()  # [batch, pos, head, d_state]  (B, per head)
         self.hook_v = RecurrentHookPoint()  # [batch, pos, head, head_dim]  (x)
@@ -204,7 +211,9 @@ class Mamba2Mixer(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
         propagation = Propagation.from_rule(
-            lambda *x: chunk_ssd(*x, self.chunk_size), (q, k, v, dt, log_decay), {2}
+            lambda q, k, v, dt, ld, S0: chunk_ssd(q, k, v, dt, ld, S0, self.chunk_size),
+            (q, k, v, dt, log_decay),
+            {2},
         )
         o, S_T = self.recur(
             lambda: chunk_ssd(q, k, v, dt, log_decay, S0, self.chunk_size),
@@ -221,11 +230,25 @@ class Mamba2Mixer(RecurrentMixer):
 
         y = o + self.D.float()[:, None] * v  # D skip on the un-scaled x
         gate = self.hook_gate(z.view(Bsz, T, H, P))
-        y = (y * F.silu(gate.float())).reshape(Bsz, T, G, self.d_inner // G)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        y = (self.norm_w.float() * y.reshape(Bsz, T, self.d_inner)).to(u.dtype)
-        y = self.hook_z(y.view(Bsz, T, H, P))
+        y = self._gate_and_norm(y.reshape(Bsz, T, self.d_inner), gate.reshape(Bsz, T, -1))
+        y = self.hook_z(y.to(u.dtype).view(Bsz, T, H, P))
         return self.hook_out(self.W_out(y.reshape(Bsz, T, self.d_inner)))
+
+    def _gate_and_norm(
+        self, y: Float[Tensor, "batch pos d_inner"], gate: Float[Tensor, "batch pos d_inner"]
+    ) -> Float[Tensor, "batch pos d_inner"]:
+        """y * silu(z), then the grouped RMSNorm (or the norm first with `norm_before_gate`; the
+        gate alone without `gated_norm`), in float32."""
+        g = F.silu(gate.float())
+        if self.norm_w is None:
+            return y * g
+        if not self.norm_before_gate:
+            y = y * g
+        G = self.n_groups
+        yg = y.unflatten(-1, (G, self.d_inner // G))
+        y = (yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        y = self.norm_w.float() * y
+        return y * g if self.norm_before_gate else y
 
     @property
     def W_O(self) -> Float[Tensor, "head head_dim d_model"]:

@@ -37,7 +37,14 @@ from hooked_recurrent.padding import masked_token_shift
 from hooked_recurrent.recurrence import Propagation, Transition, scan
 from hooked_recurrent.state import RunContext
 
-__all__ = ["TimeMix", "ChannelMix", "chunk_dplr_rule", "token_shift", "kappa_normalize"]
+__all__ = [
+    "TimeMix",
+    "ChannelMix",
+    "DplrMixer",
+    "chunk_dplr_rule",
+    "token_shift",
+    "kappa_normalize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +117,7 @@ def chunk_dplr_rule(
         (o [batch, pos, head, d_v], final state [batch, head, d_k, d_v], the states
         [batch, pos, head, d_k, d_v] or None), as `scan`.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1] if writes is None else writes.shape[-1]
+    (B, T, H, K), V = q.shape, (v if writes is None else writes).shape[-1]
     C = max(1, min(chunk_size, T))
     n = math.ceil(T / C)
     pad = n * C - T
@@ -124,12 +130,11 @@ def chunk_dplr_rule(
 
     G = prep(log_decay).cumsum(-2)  # inclusive cumulative log-decay, [B, H, n, C, K]
     last = G[..., -1:, :]
-    lowest = last.detach().min()
-    if not bool(torch.isfinite(lowest)) or float(lowest) < -MAX_CHUNK_LOG_DECAY:
+    if not float(last.detach().min()) >= -MAX_CHUNK_LOG_DECAY:  # also NaN and -inf
         logger.debug("decays too strong for the chunked RWKV-7 path; using the step-by-step scan")
         tr = Transition(log_decay.float().exp(), erase_a.float(), erase_b.float())
-        dense = None if writes is None else writes.float()
-        return scan(tr, q, k, v, S0, writes=dense, keep_states=keep_states)
+        W = None if writes is None else writes.float()
+        return scan(tr, q, k, v, S0, writes=W, keep_states=keep_states)
     q, w, ea, eb = (prep(x) for x in (q, log_decay, erase_a, erase_b))
     inv = (-G).exp()
     q_hat = q * G.exp()
@@ -138,19 +143,35 @@ def chunk_dplr_rule(
     to_end = (last - G).exp()
     if writes is None:
         k, v = prep(k), prep(v)
-        k_chk = k * inv
-        write_u = torch.tril(b_hat @ k_chk.transpose(-1, -2), -1) @ v  # [B, H, n, C, V]
-        write_o = torch.tril(q_hat @ k_chk.transpose(-1, -2)) @ v
-        write_end = (k * to_end).transpose(-1, -2) @ v  # [B, H, n, K, V]
-    else:
-        Wd = prep(writes)  # [B, H, n, C, K, V]
-        Wp = Wd * inv[..., None]  # W'_j = e^{-G_j} W_j, rows scaled
-        incl = Wp.cumsum(-3)
-        write_o = (q_hat[..., None, :] @ incl)[..., 0, :]  # sum_{j<=i} W'_j^T q^_i
-        write_u = (b_hat[..., None, :] @ (incl - Wp))[..., 0, :]  # sum_{j<i} W'_j^T b^_i
-        write_end = (to_end[..., None] * Wd).sum(-3)
+    Wd = None if writes is None else prep(writes)  # [B, H, n, C, K, V]
+    write_u, write_o, write_end, Wp = _write_terms(k, v, Wd, inv, q_hat, b_hat, to_end)
+    W, U0, P, O0, M, N = _wy_solve(
+        q_hat, b_hat, a_chk, ea * to_end, last, write_u, write_o, write_end
+    )
+    starts, S = _chunk_starts(M, N, q.new_zeros(B, H, K, V) if S0 is None else S0.float())
+    o = (O0 + P @ starts).reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
+    if not keep_states:
+        return o, S, None
+    U = W @ starts + U0  # the removal reads u_i, [B, H, n, C, V]
+    states = _chunk_states(G, ea, starts, U, k, v, Wp)
+    return o, S, states.reshape(B, H, n * C, K, V)[:, :, :T].transpose(1, 2)
+
+
+def _wy_solve(
+    q_hat: Tensor,
+    b_hat: Tensor,
+    a_chk: Tensor,
+    a_to_end: Tensor,
+    last: Tensor,
+    write_u: Tensor,
+    write_o: Tensor,
+    write_end: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`chunk_dplr_rule`'s unit-triangular solve in every chunk: U = W S0 + U0, O = P S0 + O0 and
+    the chunk's end state M S0 + N; returns (W, U0, P, O0, M, N)."""
+    K = q_hat.shape[-1]
     L = torch.tril(b_hat @ a_chk.transpose(-1, -2), -1)
-    eye = torch.eye(C, dtype=L.dtype, device=L.device)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
     X = torch.linalg.solve_triangular(
         eye - L, torch.cat((b_hat, write_u), -1), upper=False, unitriangular=True
     )
@@ -158,37 +179,149 @@ def chunk_dplr_rule(
     Qa = torch.tril(q_hat @ a_chk.transpose(-1, -2))
     P = q_hat + Qa @ W  # [B, H, n, C, K]
     O0 = Qa @ U0 + write_o  # [B, H, n, C, V]
-    a_end = (ea * to_end).transpose(-1, -2)  # [B, H, n, K, C]
+    a_end = a_to_end.transpose(-1, -2)  # [B, H, n, K, C]
     M = a_end @ W + torch.diag_embed(last.exp()[..., 0, :])  # [B, H, n, K, K]
     N = a_end @ U0 + write_end  # [B, H, n, K, V]
+    return W, U0, P, O0, M, N
 
-    S = q.new_zeros(B, H, K, V) if S0 is None else S0.float()
+
+def _write_terms(
+    k: Tensor | None,
+    v: Tensor | None,
+    Wd: Tensor | None,
+    inv: Tensor,
+    q_hat: Tensor,
+    b_hat: Tensor,
+    to_end: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """`chunk_dplr_rule`'s write terms, from k_j v_j^T or from dense writes `Wd` = W_j
+    `[B, H, n, C, K, V]`: (the solve's sum_{j<i} W'_j^T b^_i, the reads' sum_{j<=i} W'_j^T q^_i,
+    the chunk end's sum_j e^{G_C - G_j} W_j, and W'_j = e^{-G_j} W_j for dense writes or None)."""
+    if Wd is None:
+        k_chk = k * inv
+        write_u = torch.tril(b_hat @ k_chk.transpose(-1, -2), -1) @ v  # [B, H, n, C, V]
+        write_o = torch.tril(q_hat @ k_chk.transpose(-1, -2)) @ v
+        write_end = (k * to_end).transpose(-1, -2) @ v  # [B, H, n, K, V]
+        return write_u, write_o, write_end, None
+    Wp = Wd * inv[..., None]  # rows scaled
+    incl = Wp.cumsum(-3)
+    write_o = (q_hat[..., None, :] @ incl)[..., 0, :]
+    write_u = (b_hat[..., None, :] @ (incl - Wp))[..., 0, :]
+    write_end = (to_end[..., None] * Wd).sum(-3)
+    return write_u, write_o, write_end, Wp
+
+
+def _chunk_starts(M: Tensor, N: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """S <- M_c S + N_c across the chunks, from S `[B, H, K, V]`: (the state at every chunk start
+    `[B, H, n, K, V]`, the final state)."""
+    B, H, n, K, V = N.shape
     starts = []
     for c in range(n):
         starts.append(S)
         S = torch.baddbmm(
             N[:, :, c].reshape(B * H, K, V), M[:, :, c].reshape(B * H, K, K), S.reshape(B * H, K, V)
         ).view(B, H, K, V)
-    starts = torch.stack(starts, 2)  # [B, H, n, K, V]
-    o = (O0 + P @ starts).reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)
-    if not keep_states:
-        return o, S, None
-    U = W @ starts + U0  # the removal reads u_i, [B, H, n, C, V]
-    # S_i = e^{G_i} S0 + sum_{j<=i} e^{G_i - G_j} (a_j u_j^T + k_j v_j^T): one batched product
-    # over j of the masked, decayed (a_j, k_j) with (u_j, v_j)
+    return torch.stack(starts, 2), S
+
+
+def _chunk_states(
+    G: Tensor,
+    ea: Tensor,
+    starts: Tensor,
+    U: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    Wp: Tensor | None,
+) -> Tensor:
+    """Every state of `chunk_dplr_rule`'s chunks `[B, H, n, C, K, V]`:
+    S_i = e^{G_i} S0 + sum_{j<=i} e^{G_i - G_j} (a_j u_j^T + k_j v_j^T), one batched product over
+    j of the masked, decayed (a_j, k_j) with (u_j, v_j); with dense writes (`Wp` = e^{-G_j} W_j)
+    the write term is e^{G_i} cumsum_j W'_j."""
+    C = G.shape[-2]
     ratio = (G[..., :, None, :] - G[..., None, :, :]).exp()  # [B, H, n, C_i, C_j, K]
     ratio = ratio * torch.ones(C, C, device=G.device).tril()[..., None]
-    if writes is None:
+    if Wp is None:
         Z = torch.cat((ratio * ea[..., None, :, :], ratio * k[..., None, :, :]), -2)
         inside = torch.einsum("...ijk,...jv->...ikv", Z, torch.cat((U, v), -2))
     else:
         inside = torch.einsum("...ijk,...jv->...ikv", ratio * ea[..., None, :, :], U)
         inside = inside + G.exp()[..., None] * Wp.cumsum(-3)
-    states = G.exp()[..., None] * starts[:, :, :, None] + inside
-    return o, S, states.reshape(B, H, n * C, K, V)[:, :, :T].transpose(1, 2)
+    return G.exp()[..., None] * starts[:, :, :, None] + inside
 
 
-class TimeMix(RecurrentMixer):
+class DplrMixer(RecurrentMixer):
+    """A recurrent mixer whose transition is a per-key-channel decay plus a rank-1 removal
+    (RWKV-7, Kimi Delta Attention): its states and edit responses run on `chunk_dplr_rule`.
+
+    Subclasses set `chunk_size`.
+    """
+
+    chunk_size: int = 16
+
+    def dense_propagation(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        delta: Float[Tensor, "batch pos head d_k d_v"],
+    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
+        """E_t = A_t(E_{t-1}) + delta_t, dO_t = E_t^T q_t, by `chunk_dplr_rule` with dense writes.
+
+        Only the (batch, head) pairs with an edit run, from the first edited position on; the
+        outputs before it are exactly zero.
+        """
+        B, T, H, K, V = delta.shape
+        d_o, E_T = delta.new_zeros(B, T, H, V), delta.new_zeros(B, H, K, V)
+        flat = delta.flatten(3)
+        touched = (flat.amax(-1) != 0) | (flat.amin(-1) != 0)  # [B, T, H], without a bool copy
+        first = touched.any(-1).any(0).nonzero()
+        if len(first) == 0:
+            return d_o, E_T
+        t0 = int(first[0])
+        bi, hi = touched.any(1).nonzero(as_tuple=True)
+
+        def pick(x: Tensor) -> Tensor:
+            return x[bi, t0:, hi].unsqueeze(2)  # [pairs, T - t0, 1, ...]
+
+        o, E, _ = chunk_dplr_rule(
+            pick(q),
+            pick(transition.decay).log(),
+            None,
+            None,
+            pick(transition.erase_a),
+            pick(transition.erase_b),
+            None,
+            self.chunk_size,
+            writes=pick(delta),
+        )
+        d_o[bi, t0:, hi] = o[:, :, 0]
+        E_T[bi, hi] = E[:, 0]
+        return d_o, E_T
+
+    def state_trajectory(
+        self,
+        transition: Transition,
+        q: Float[Tensor, "batch pos head d_k"],
+        write_k: Float[Tensor, "batch pos head d_k"] | None,
+        write_v: Float[Tensor, "batch pos head d_v"] | None,
+        S0: Float[Tensor, "batch head d_k d_v"] | None,
+        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
+    ) -> Float[Tensor, "batch pos head d_k d_v"]:
+        """S_t at every position, by `chunk_dplr_rule(keep_states=True)`."""
+        return chunk_dplr_rule(
+            q,
+            transition.decay.log(),
+            write_k,
+            write_v,
+            transition.erase_a,
+            transition.erase_b,
+            S0,
+            self.chunk_size,
+            writes=writes,
+            keep_states=True,
+        )[2]
+
+
+class TimeMix(DplrMixer):
     """RWKV-7 time mix, the token mixer at `blocks.{l}.attn` (equations in the module docstring).
 
     Hooks (per head, float32): `hook_q` (r), `hook_k` (k after its a-update), `hook_a` (a),
@@ -267,68 +400,6 @@ class TimeMix(RecurrentMixer):
         """A_t(S) = diag(exp w_t) S - (a_t * kappa_t) (kappa_t^T S)."""
         return Transition(decay, -(a * kappa), kappa)
 
-    def dense_propagation(
-        self,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        delta: Float[Tensor, "batch pos head d_k d_v"],
-    ) -> tuple[Float[Tensor, "batch pos head d_v"], Float[Tensor, "batch head d_k d_v"]]:
-        """E_t = A_t(E_{t-1}) + delta_t, dO_t = E_t^T q_t, by `chunk_dplr_rule` with dense writes.
-
-        Only the (batch, head) pairs with an edit run, from the first edited position on; the
-        outputs before it are exactly zero.
-        """
-        B, T, H, K, V = delta.shape
-        d_o, E_T = delta.new_zeros(B, T, H, V), delta.new_zeros(B, H, K, V)
-        flat = delta.flatten(3)
-        touched = (flat.amax(-1) != 0) | (flat.amin(-1) != 0)  # [B, T, H], without a bool copy
-        first = touched.any(-1).any(0).nonzero()
-        if len(first) == 0:
-            return d_o, E_T
-        t0 = int(first[0])
-        bi, hi = touched.any(1).nonzero(as_tuple=True)
-
-        def pick(x: Tensor) -> Tensor:
-            return x[bi, t0:, hi].unsqueeze(2)  # [pairs, T - t0, 1, ...]
-
-        o, E, _ = chunk_dplr_rule(
-            pick(q),
-            pick(transition.decay).log(),
-            None,
-            None,
-            pick(transition.erase_a),
-            pick(transition.erase_b),
-            None,
-            self.chunk_size,
-            writes=pick(delta),
-        )
-        d_o[bi, t0:, hi] = o[:, :, 0]
-        E_T[bi, hi] = E[:, 0]
-        return d_o, E_T
-
-    def state_trajectory(
-        self,
-        transition: Transition,
-        q: Float[Tensor, "batch pos head d_k"],
-        write_k: Float[Tensor, "batch pos head d_k"] | None,
-        write_v: Float[Tensor, "batch pos head d_v"] | None,
-        S0: Float[Tensor, "batch head d_k d_v"] | None,
-        writes: Float[Tensor, "batch pos head d_k d_v"] | None = None,
-    ) -> Float[Tensor, "batch pos head d_k d_v"]:
-        """S_t at every position, by `chunk_dplr_rule(keep_states=True)`."""
-        return chunk_dplr_rule(
-            q,
-            transition.decay.log(),
-            write_k,
-            write_v,
-            transition.erase_a,
-            transition.erase_b,
-            S0,
-            self.chunk_size,
-            writes=writes,
-            keep_states=True,
-        )[2]
-
     def forward(self, x: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """Run the time mix on `x` `[batch, pos, d_model]` from the state in `run` (if any); returns
         `[batch, pos, d_model]` and saves the final state and token-shift buffer to `run`.
@@ -375,7 +446,7 @@ class TimeMix(RecurrentMixer):
         S0 = None if past is None else past["S"]
         erase_a = -(a * kappa)
         propagation = Propagation.from_rule(
-            lambda *x: chunk_dplr_rule(*x, self.chunk_size)[:2],
+            lambda q, w, k, v, a, b, S0: chunk_dplr_rule(q, w, k, v, a, b, S0, self.chunk_size)[:2],
             (r, w, k, v, erase_a, kappa),
             {2, 3},
             dense=self.dense_propagation,

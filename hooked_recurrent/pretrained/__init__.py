@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 SHIPPED_DIR = Path(__file__).parent / "models"
 
 
+#: a family's own config: a subclass of `HookedRecurrentConfig` (the callables below take it)
+FamilyConfig = Any
+
+
 @dataclass
 class Family:
     """Everything the package knows about one architecture.
@@ -53,6 +57,8 @@ class Family:
         default_tokenizer: config dict -> a tokenizer for a checkpoint folder whose own tokenizer
             files are missing or unreadable (RWKV-7 fla-hub folders ship remote-code tokenizers).
         ignored_prefixes: source state-dict keys the conversion may leave unused (vision towers).
+        config_from_weights: (source state dict, config) -> a new config with the sizes that only
+            the weights give (RWKV-7's LoRA ranks); called before `convert_state_dict`.
         checkpoints, layout, bridge: documentation for the "Supported models" page.
     """
 
@@ -60,14 +66,15 @@ class Family:
     display: str
     model_types: tuple[str, ...]
     config_from_hf: Callable[[dict[str, Any]], HookedRecurrentConfig]
-    convert_state_dict: Callable[[dict[str, Tensor], HookedRecurrentConfig], dict[str, Tensor]]
-    build_block: Callable[[HookedRecurrentConfig, int], nn.Module]
-    build_final_norm: Callable[[HookedRecurrentConfig], nn.Module]
-    build_embed_norm: Callable[[HookedRecurrentConfig], nn.Module | None] = lambda cfg: None
+    convert_state_dict: Callable[[dict[str, Tensor], FamilyConfig], dict[str, Tensor]]
+    build_block: Callable[[FamilyConfig, int], nn.Module]
+    build_final_norm: Callable[[FamilyConfig], nn.Module]
+    build_embed_norm: Callable[[FamilyConfig], nn.Module | None] = lambda cfg: None
     detect: Callable[[dict[str, Any]], bool] | None = None
     load_file: Callable[[Path], tuple[dict[str, Any], dict[str, Tensor], Any]] | None = None
     default_tokenizer: Callable[[dict[str, Any]], Any] | None = None
     ignored_prefixes: tuple[str, ...] = ()
+    config_from_weights: Callable[[dict[str, Tensor], FamilyConfig], FamilyConfig] | None = None
     #: for the generated "Supported models" page: real checkpoints as "org/name (size)", the
     #: layer layout in one line, and what TransformerLens's TransformerBridge offers for them
     checkpoints: tuple[str, ...] = ()
@@ -85,7 +92,21 @@ def register_family(family: Family) -> Family:
 
 
 #: the modules that register a family when imported (add a new family's module here)
-FAMILY_MODULES = ("qwen3_5", "mamba2", "rwkv7")
+FAMILY_MODULES = (
+    "qwen3_5",
+    "qwen3_next",
+    "olmo_hybrid",
+    "minimax",
+    "kimi_linear",
+    "bailing_hybrid",
+    "mamba2",
+    "rwkv7",
+    "bamba",
+    "nemotron_h",
+    "falcon_h1",
+    "granitemoehybrid",
+    "mamba1",
+)
 
 
 def _load_families() -> None:
@@ -326,6 +347,8 @@ def load_pretrained(
         ) from None
     cfg.dtype = dtype
     cfg.model_name = name_or_path
+    if fam.config_from_weights is not None:
+        cfg = fam.config_from_weights(raw, cfg)
     if path.is_file():
         sd = fam.convert_state_dict(raw, cfg)
     else:
@@ -346,12 +369,15 @@ def load_pretrained(
 
 def convert_hf_model(hf_model: nn.Module) -> tuple[HookedRecurrentConfig, dict[str, Tensor]]:
     """(config, converted state dict) for a `transformers` model in memory."""
-    config = hf_model.config.to_dict()
+    config = getattr(hf_model, "config").to_dict()  # noqa: B009  (nn.Module types it as Tensor)
     fam = family_for_config(config, type(hf_model).__name__)
     cfg = fam.config_from_hf(config)
     cfg.dtype = next(hf_model.parameters()).dtype
     cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
-    sd = fam.convert_state_dict(dict(hf_model.state_dict()), cfg)
+    raw = dict(hf_model.state_dict())
+    if fam.config_from_weights is not None:
+        cfg = fam.config_from_weights(raw, cfg)
+    sd = fam.convert_state_dict(raw, cfg)
     return cfg, sd
 
 

@@ -71,6 +71,11 @@ class Mamba2Config(HookedRecurrentConfig):
         use_conv_bias: [use_conv_bias; conv_bias].
         use_bias: bias on in_proj and out_proj [use_bias; bias].
         tie_word_embeddings: unembedding = embedding [tie_word_embeddings; tie_embeddings].
+        gated_norm: the grouped RMSNorm after the gate (False: y * silu(z) alone; Falcon-H1's
+            `mamba_rms_norm`).
+        norm_before_gate: the norm before the gate (Falcon-H1's `mamba_norm_before_gate`).
+        out_bias: bias on out_proj when it differs from `use_bias` (Falcon-H1's
+            `projectors_bias`); None: `use_bias`.
     """
 
     n_groups: int = 1
@@ -81,6 +86,9 @@ class Mamba2Config(HookedRecurrentConfig):
     use_conv_bias: bool = True
     use_bias: bool = False
     tie_word_embeddings: bool = False
+    gated_norm: bool = True
+    norm_before_gate: bool = False
+    out_bias: bool | None = None
 
     @property
     def d_inner(self) -> int:
@@ -99,8 +107,13 @@ def _limit(pair: Any) -> tuple[float, float]:
 
 
 def is_mamba_ssm_config(config: dict[str, Any]) -> bool:
-    """True for an original `mamba_ssm` config.json (`d_model`, `n_layer`, `ssm_cfg`)."""
-    return "model_type" not in config and {"d_model", "n_layer", "ssm_cfg"} <= set(config)
+    """True for an original `mamba_ssm` config.json of a Mamba-2 model (`d_model`, `n_layer`,
+    `ssm_cfg` with "layer": "Mamba2"; Mamba-1 configs belong to `pretrained/mamba1.py`)."""
+    return (
+        "model_type" not in config
+        and {"d_model", "n_layer", "ssm_cfg"} <= set(config)
+        and (config.get("ssm_cfg") or {}).get("layer") == "Mamba2"
+    )
 
 
 def _from_mamba_ssm(config: dict[str, Any]) -> Mamba2Config:
@@ -158,7 +171,7 @@ def _from_mamba_ssm(config: dict[str, Any]) -> Mamba2Config:
 
 def config_from_hf(config: dict[str, Any]) -> Mamba2Config:
     """Our config from a Hugging Face `Mamba2Config` dict or a `mamba_ssm` config.json dict."""
-    if is_mamba_ssm_config(config):
+    if "model_type" not in config and {"d_model", "n_layer"} <= set(config):
         return _from_mamba_ssm(config)
     d_inner = int(config.get("expand", 2) * config["hidden_size"])
     H, P = config["num_heads"], config["head_dim"]
@@ -215,8 +228,9 @@ def to_hf_config(cfg: Mamba2Config) -> dict[str, Any]:
     )
 
 
-def build_block(cfg: Mamba2Config, layer: int) -> Block:
-    attn = Mamba2Mixer(
+def build_mixer(cfg: Mamba2Config, layer: int) -> Mamba2Mixer:
+    """The Mamba-2 mixer of layer `layer` (also used by the hybrid families' block factories)."""
+    return Mamba2Mixer(
         layer,
         cfg.d_model,
         cfg.n_heads,
@@ -229,31 +243,48 @@ def build_block(cfg: Mamba2Config, layer: int) -> Block:
         cfg.time_step_limit,
         cfg.use_conv_bias,
         cfg.use_bias,
+        cfg.gated_norm,
+        cfg.norm_before_gate,
+        cfg.out_bias,
     )
-    return Block(layer, ln1=RMSNorm(cfg.d_model, cfg.eps), attn=attn)
 
 
-# our name (after "blocks.{l}.") -> Hugging Face / mamba_ssm name (after "backbone.layers.{l}.")
-_LAYER_MAP = {
-    "ln1.w": "norm.weight",
-    "attn.W_in.weight": "mixer.in_proj.weight",
-    "attn.conv_w": "mixer.conv1d.weight",
-    "attn.dt_bias": "mixer.dt_bias",
-    "attn.A_log": "mixer.A_log",
-    "attn.D": "mixer.D",
-    "attn.norm_w": "mixer.norm.weight",
-    "attn.W_out.weight": "mixer.out_proj.weight",
+def build_block(cfg: Mamba2Config, layer: int) -> Block:
+    return Block(layer, ln1=RMSNorm(cfg.d_model, cfg.eps), attn=build_mixer(cfg, layer))
+
+
+#: the Mamba-2 mixer's parameters: our name (after "attn.") -> Hugging Face / mamba_ssm name
+#: (after the mixer's own prefix); the hybrid families use the same names
+MIXER_MAP = {
+    "W_in.weight": "in_proj.weight",
+    "conv_w": "conv1d.weight",
+    "dt_bias": "dt_bias",
+    "A_log": "A_log",
+    "D": "D",
+    "norm_w": "norm.weight",
+    "W_out.weight": "out_proj.weight",
 }
-_CONV_BIAS = {"attn.conv_b": "mixer.conv1d.bias"}
-_PROJ_BIAS = {"attn.W_in.bias": "mixer.in_proj.bias", "attn.W_out.bias": "mixer.out_proj.bias"}
+
+
+def mixer_map(cfg: Mamba2Config, ours: str, theirs: str) -> dict[str, str]:
+    """The mixer's weight names with prefixes (e.g. "attn." and "mixer."), biases and norm as
+    configured."""
+    names = dict(MIXER_MAP)
+    if not cfg.gated_norm:
+        del names["norm_w"]
+    if cfg.use_conv_bias:
+        names["conv_b"] = "conv1d.bias"
+    if cfg.use_bias:
+        names["W_in.bias"] = "in_proj.bias"
+    if cfg.use_bias if cfg.out_bias is None else cfg.out_bias:
+        names["W_out.bias"] = "out_proj.bias"
+    return {ours + k: theirs + v for k, v in names.items()}
 
 
 def _layer_map(cfg: Mamba2Config) -> dict[str, str]:
-    return {
-        **_LAYER_MAP,
-        **(_CONV_BIAS if cfg.use_conv_bias else {}),
-        **(_PROJ_BIAS if cfg.use_bias else {}),
-    }
+    """our name (after "blocks.{l}.") -> Hugging Face / mamba_ssm name (after
+    "backbone.layers.{l}.")"""
+    return {"ln1.w": "norm.weight", **mixer_map(cfg, "attn.", "mixer.")}
 
 
 def convert_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Tensor]:

@@ -14,6 +14,7 @@ package) when their vocabulary has its 65536 entries.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -29,7 +30,14 @@ from hooked_recurrent.components.rwkv7 import ChannelMix, TimeMix
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.pretrained import Family, register_family
 
-__all__ = ["RWKV7Config", "WorldTokenizer", "blinkdl_to_fla", "to_fla_state_dict", "FAMILY"]
+__all__ = [
+    "RWKV7Config",
+    "WorldTokenizer",
+    "blinkdl_to_fla",
+    "to_fla_state_dict",
+    "random_blinkdl_state_dict",
+    "FAMILY",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +178,11 @@ def _layer_names(cfg: RWKV7Config, layer: int) -> dict[str, tuple[str, str]]:
     return {k: v for k, v in _LAYER_MAP.items() if layer > 0 or not re.fullmatch("attn.v[012]", k)}
 
 
-def convert_state_dict(sd: dict[str, Tensor], cfg: RWKV7Config) -> dict[str, Tensor]:
-    """fla-named state dict -> ours. LoRA ranks and the channel-mix width come from the shapes."""
+def config_from_weights(sd: dict[str, Tensor], cfg: RWKV7Config) -> RWKV7Config:
+    """A copy of `cfg` with the LoRA ranks and the channel-mix width read from the weights'
+    shapes (fla configs may leave them out or give other values)."""
     p = "model.layers"
-    shapes = {
+    shapes: dict[str, Any] = {
         "d_decay_lora": sd[f"{p}.0.attn.w_lora.lora.0.weight"].shape[0],
         "d_a_lora": sd[f"{p}.0.attn.a_lora.lora.0.weight"].shape[0],
         "d_gate_lora": sd[f"{p}.0.attn.g_lora.lora.0.weight"].shape[0],
@@ -186,8 +195,12 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: RWKV7Config) -> dict[str, Ten
             logger.info(
                 "RWKV-7: %s = %d from the weights (config said %d)", name, value, getattr(cfg, name)
             )
-            setattr(cfg, name, value)
+    return dataclasses.replace(cfg, **shapes)
 
+
+def convert_state_dict(sd: dict[str, Tensor], cfg: RWKV7Config) -> dict[str, Tensor]:
+    """fla-named state dict -> ours (`cfg` as `config_from_weights` gives it)."""
+    p = "model.layers"
     C = cfg.d_model
     out: dict[str, Tensor] = {}
     for ours, theirs in _MODEL_MAP.items():
@@ -286,7 +299,7 @@ def blinkdl_to_fla(sd: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Ten
         parts[0], parts[2] = "model.layers", _BLINK_PART[parts[2]]
         leaf = parts[3]
         if re.fullmatch("[wvag][012]", leaf):
-            c, i = leaf
+            c, i = leaf[0], leaf[1]
             parts[3] = f"{c}_lora.lora." + {"0": "2.bias", "1": "0.weight", "2": "2.weight"}[i]
             t = t.t() if i in "12" else t.reshape(-1)
         elif parts[2] == "attn" and leaf in _BLINK_PROJ:
@@ -371,6 +384,60 @@ def load_file(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], Any] | Non
     return config, fla, tok
 
 
+def random_blinkdl_state_dict(
+    C: int, L: int, vocab: int, Dw: int, Da: int, Dv: int, Dg: int, ffn: int, seed: int = 0
+) -> dict[str, Tensor]:
+    """Random weights in BlinkDL `.pth` names and shapes (head size 64), scaled so every term of
+    RWKV-7 matters: for tests and benchmarks against the `rwkv` package without downloads.
+
+    Decays spread over the whole range (w0 ~ N(0, 2)), in-context rates and value-residual mixes
+    away from 0 and 1, LoRA matrices non-zero, norms not identity.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape: int, s: float = 1.0, m: float = 0.0) -> Tensor:
+        return m + s * torch.randn(*shape, generator=g)
+
+    def ru(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=g)
+
+    H = C // 64
+    sd = {
+        "emb.weight": rn(vocab, C),
+        "blocks.0.ln0.weight": rn(C, s=0.2, m=1.0),
+        "blocks.0.ln0.bias": rn(C, s=0.1),
+        "ln_out.weight": rn(C, s=0.2, m=1.0),
+        "ln_out.bias": rn(C, s=0.1),
+        "head.weight": rn(vocab, C, s=C**-0.5),
+    }
+    for i in range(L):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2"):
+            sd[b + ln + ".weight"] = rn(C, s=0.2, m=1.0)
+            sd[b + ln + ".bias"] = rn(C, s=0.1)
+        a = b + "att."
+        for c in "rwkvag":
+            sd[a + "x_" + c] = ru(1, 1, C)
+        for c, D, s0 in (("w", Dw, 2.0), ("a", Da, 1.0), ("v", Dv, 1.0)):
+            sd[a + c + "0"] = rn(1, 1, C, s=s0)
+            sd[a + c + "1"] = rn(C, D, s=C**-0.5)
+            sd[a + c + "2"] = rn(D, C, s=D**-0.5)
+        sd[a + "g1"] = rn(C, Dg, s=C**-0.5)
+        sd[a + "g2"] = rn(Dg, C, s=Dg**-0.5)
+        sd[a + "k_k"] = rn(1, 1, C, s=0.3, m=0.8)
+        sd[a + "k_a"] = rn(1, 1, C, s=0.3, m=1.0)
+        sd[a + "r_k"] = rn(H, 64, s=0.1)
+        for p in ("receptance", "key", "value", "output"):
+            sd[a + p + ".weight"] = rn(C, C, s=C**-0.5)
+        sd[a + "ln_x.weight"] = rn(C, s=0.2, m=1.0)
+        sd[a + "ln_x.bias"] = rn(C, s=0.1)
+        f = b + "ffn."
+        sd[f + "x_k"] = ru(1, 1, C)
+        sd[f + "key.weight"] = rn(ffn, C, s=C**-0.5)
+        sd[f + "value.weight"] = rn(C, ffn, s=ffn**-0.5)
+    return sd
+
+
 FAMILY = register_family(
     Family(
         architecture="rwkv7",
@@ -378,6 +445,7 @@ FAMILY = register_family(
         model_types=("rwkv7", "rwkv7_fla"),
         config_from_hf=config_from_hf,
         convert_state_dict=convert_state_dict,
+        config_from_weights=config_from_weights,
         build_block=build_block,
         build_final_norm=lambda cfg: LayerNorm(cfg.d_model, cfg.norm_eps),
         build_embed_norm=lambda cfg: (

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from hooked_recurrent import HookedRecurrentModel, list_pretrained
+from tests.hooked_recurrent.references import brute_force_states
 
 FAMILIES = {
     "qwen3_5": ("tiny-qwen3.5-shakespeare", 1),
@@ -60,39 +61,13 @@ def factors(model, layer, tokens):
     return f
 
 
-def step(f, S, t):
-    """A_t(S) from the factors, S [batch, head, d_k, d_v]."""
-    d = f["decay"][:, t]
-    out = S * (d[..., None, None] if d.dim() == 2 else d[..., None])
-    if f["ea"] is not None:
-        out = (
-            out
-            + f["ea"][:, t, :, :, None]
-            * torch.einsum("bhk,bhkv->bhv", f["eb"][:, t], S)[:, :, None]
-        )
-    return out
-
-
 def brute_force(f, writes=None, assign=None, perturb=None):
     """States and reads, token by token (float64). `writes` [b, T, h, k, v] replace k v^T;
     `assign` = (mask [b, T, h], values) sets the state; `perturb` [b, T, h, k, v] is added to
     every state (zero: a leaf whose gradient is dL/dS_t)."""
-    q = f["q"]
-    B, T, H, K = q.shape
     if writes is None:
         writes = f["wk"][..., :, None] * f["wv"][..., None, :]
-    S = torch.zeros(B, H, K, writes.shape[-1], dtype=torch.float64)
-    states, reads = [], []
-    for t in range(T):
-        S = step(f, S, t) + writes[:, t]
-        if assign is not None:
-            m, X = assign
-            S = torch.where(m[:, t, :, None, None], X[:, t].double(), S)
-        if perturb is not None:
-            S = S + perturb[:, t]
-        states.append(S)
-        reads.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
-    return torch.stack(states, 1), torch.stack(reads, 1)
+    return brute_force_states(f["q"], f["decay"], f["ea"], f["eb"], writes, assign, perturb)
 
 
 def rel(a, b):

@@ -5,41 +5,34 @@ using the Hugging Face layer's own weights, with the edit applied by hand, swapp
 model for the edited layer.
 """
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hooked_recurrent import HookedRecurrentModel
 from tests.hooked_recurrent.qwen_helpers import qwen_hf
+from tests.hooked_recurrent.references import (
+    gdn_transition,
+    hf_gdn_inputs,
+    hf_gdn_output,
+    transition_step,
+)
 
 LAYER, T, POS, HEAD = 1, 40, 17, 1
 
 
 def brute_force_gdn(la, h, edit_name, edit):
-    """Qwen3.5 Gated DeltaNet, one token at a time, with `edit` applied to `edit_name`.
+    """A `transformers` Gated DeltaNet layer (see `references.hf_gdn_projections`), one token at
+    a time,
+    with `edit` applied to `edit_name`.
 
     `edit` is a function of the batch-wide slice at POS, or a dict {position: function of the
     slice at that position} for edits at several positions.
     """
     edits = edit if isinstance(edit, dict) else {POS: edit}
     B, L, _ = h.shape
-    Hk, Hv = la.num_k_heads, la.num_v_heads
-    dk, dv = la.head_k_dim, la.head_v_dim
-    qkv = la.in_proj_qkv(h).transpose(1, 2)
-    conv = F.silu(la.conv1d(qkv)[..., :L]).transpose(1, 2)
-    q, k, v = conv.split((Hk * dk, Hk * dk, Hv * dv), dim=-1)
-    r = Hv // Hk
-
-    def unit(x):
-        return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
-
-    q = unit(q.reshape(B, L, Hk, dk)).repeat_interleave(r, 2) / math.sqrt(dk)
-    k = unit(k.reshape(B, L, Hk, dk)).repeat_interleave(r, 2)
-    v = v.reshape(B, L, Hv, dv).clone()
-    beta = torch.sigmoid(la.in_proj_b(h))
-    alpha = torch.exp(-la.A_log.exp() * F.softplus(la.in_proj_a(h) + la.dt_bias))
+    Hv, dk, dv = la.num_v_heads, la.head_k_dim, la.head_v_dim
+    q, k, v, beta, alpha = hf_gdn_inputs(la, h)
+    v = v.clone()
     for name, x in (("hook_k", k), ("hook_v", v), ("hook_beta", beta), ("hook_decay", alpha)):
         if edit_name == name:
             for t, f in edits.items():
@@ -47,16 +40,12 @@ def brute_force_gdn(la, h, edit_name, edit):
     S = torch.zeros(B, Hv, dk, dv)
     S_nat = S  # the trajectory without state edits: what hook_state is given
     outs = []
+    tr = gdn_transition(k, alpha, beta)
     for t in range(L):
         kt = k[:, t]
 
-        def A(S, t=t, kt=kt):
-            return alpha[:, t, :, None, None] * (
-                S
-                - beta[:, t, :, None, None]
-                * kt[..., :, None]
-                * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :]
-            )
+        def A(S, t=t):
+            return transition_step(*tr, S, t)
 
         W = beta[:, t, :, None, None] * kt[..., :, None] * v[:, t, :, None, :]
         if edit_name == "hook_write" and t in edits:
@@ -67,10 +56,7 @@ def brute_force_gdn(la, h, edit_name, edit):
             X = edits[t](S_nat)
             S = torch.where((X != S_nat).flatten(2).any(-1)[..., None, None], X, S)
         outs.append(torch.einsum("bhkv,bhk->bhv", S, q[:, t]))
-    o = torch.stack(outs, 1)
-    z = la.in_proj_z(h).reshape(B, L, Hv, dv)
-    y = la.norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(B, L, Hv * dv)
-    return la.out_proj(y)
+    return hf_gdn_output(la, h, torch.stack(outs, 1))
 
 
 def _memo(make_delta):

@@ -337,15 +337,15 @@ def test_first_order_equals_the_central_finite_difference(family):
 
 
 def test_planted_substitute_has_the_asked_cosine():
-    from writesae.evaluate import _fro_cos, _planted
+    from writesae.evaluate.substitution import frobenius_cosine, planted_rank1
 
     gen = torch.Generator().manual_seed(0)
     k, v = torch.randn(5, 6, generator=gen), torch.randn(5, 4, generator=gen)
     W = 0.3 * k[:, :, None] * v[:, None, :]
     for c in (0.0, 0.1, 0.5, 0.9, 1.0):
-        P = _planted(W, c, torch.randn(5, 6, generator=gen), torch.randn(5, 4, generator=gen))
+        P = planted_rank1(W, c, torch.randn(5, 6, generator=gen), torch.randn(5, 4, generator=gen))
         assert torch.allclose(P.flatten(-2).norm(dim=-1), torch.ones(5, dtype=P.dtype))
-        assert torch.allclose(_fro_cos(P, W), torch.full((5,), c, dtype=P.dtype), atol=1e-6)
+        assert torch.allclose(frobenius_cosine(P, W), torch.full((5,), c, dtype=P.dtype), atol=1e-6)
 
 
 @torch.no_grad()

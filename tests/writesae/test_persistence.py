@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from writesae import FlatSAE, WriteSAE, WriteSAEConfig, load_sae
-from writesae.sae import CFG_FILE, WEIGHTS_FILE
+from writesae.saes import CFG_FILE, WEIGHTS_FILE
 
 
 def cfg(**kw):
@@ -23,7 +23,7 @@ def cfg(**kw):
     [
         lambda: WriteSAE(cfg(), seed=0),
         lambda: WriteSAE(cfg(encoder="dense", decoder_bias=False), seed=0),
-        lambda: FlatSAE(cfg(architecture="flat"), seed=0),
+        lambda: FlatSAE(cfg(kind="flat"), seed=0),
     ],
 )
 def test_round_trip_identical_codes(tmp_path, make):
@@ -79,7 +79,32 @@ def test_corrupt_and_mismatched_files(tmp_path):
 
 
 def test_load_wrong_class(tmp_path):
-    d = FlatSAE(cfg(architecture="flat")).save(tmp_path / "flat")
+    d = FlatSAE(cfg(kind="flat")).save(tmp_path / "flat")
     with pytest.raises(ValueError, match="not a WriteSAE"):
         WriteSAE.load(d)
     assert isinstance(load_sae(d), FlatSAE)
+
+
+@pytest.mark.parametrize("kind, cls", [("write", WriteSAE), ("flat", FlatSAE)])
+def test_config_saved_with_the_old_key_architecture_loads(tmp_path, kind, cls):
+    """Configs saved before the field was renamed `kind` carry the SAE kind as `architecture`."""
+    sae = cls(cfg(kind=kind), seed=0)
+    d = sae.save(tmp_path / "sae")
+    raw = json.loads((d / CFG_FILE).read_text())
+    raw["architecture"] = raw.pop("kind")
+    (d / CFG_FILE).write_text(json.dumps(raw))
+    loaded = load_sae(d)
+    assert type(loaded) is cls and loaded.cfg == sae.cfg and loaded.cfg.kind == kind
+    x = torch.randn(4, 6, 5)
+    assert torch.equal(loaded.encode(x), sae.encode(x))
+    (d / CFG_FILE).write_text(json.dumps({**raw, "kind": "write" if kind == "flat" else "flat"}))
+    with pytest.raises(ValueError, match="kind=.*architecture="):
+        load_sae(d)
+
+
+def test_registry_names_every_kind():
+    from writesae import SAE_KINDS
+
+    assert SAE_KINDS == {"write": WriteSAE, "flat": FlatSAE}
+    for kind, cls in SAE_KINDS.items():
+        assert cls.kind == kind and cls(cfg(kind=kind)).cfg.kind == kind

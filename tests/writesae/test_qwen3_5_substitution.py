@@ -1,6 +1,6 @@
 """WriteSAE substitution through a tiny random Qwen3.5 equals a hand-made brute-force recurrence.
 
-The reference is written here from the Gated DeltaNet equations (writesae_method.md section 1.1),
+The reference is written from the Gated DeltaNet equations (the WriteSAE paper, section 1.1),
 token by token, with the Hugging Face layer's own weights: first the native recurrence gives S_t,
 the SAE's firing decision is made by hand on S_t, then a second recurrence runs with the native
 write replaced by ``||beta k v^T||_F u_j w_j^T`` at the firing positions.
@@ -8,57 +8,31 @@ write replaced by ``||beta k v^T||_F u_j w_j^T`` at the firing positions.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("hooked_recurrent")
 from hooked_recurrent import HookedRecurrentModel  # noqa: E402
 from tests.hooked_recurrent.qwen_helpers import qwen_hf  # noqa: E402
+from tests.hooked_recurrent.references import (  # noqa: E402
+    brute_force_states,
+    gdn_transition,
+    hf_gdn_inputs,
+    hf_gdn_output,
+)
 from writesae import WriteSAE, WriteSAEConfig  # noqa: E402
 
 LAYER, HEAD, T = 1, 1, 24
 
 
-def gdn_inputs(la, h):
-    """q^, k^, v, beta, alpha of a HF Qwen3.5 GatedDeltaNet layer for hidden states h."""
-    b, L, _ = h.shape
-    hk, hv, dk, dv = la.num_k_heads, la.num_v_heads, la.head_k_dim, la.head_v_dim
-    qkv = F.silu(la.conv1d(la.in_proj_qkv(h).transpose(1, 2))[..., :L]).transpose(1, 2)
-    q, k, v = qkv.split((hk * dk, hk * dk, hv * dv), dim=-1)
-
-    def unit(x):
-        return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
-
-    r = hv // hk
-    q = unit(q.reshape(b, L, hk, dk)).repeat_interleave(r, 2) / math.sqrt(dk)
-    k = unit(k.reshape(b, L, hk, dk)).repeat_interleave(r, 2)
-    v = v.reshape(b, L, hv, dv)
-    beta = torch.sigmoid(la.in_proj_b(h))
-    alpha = torch.exp(-la.A_log.exp() * F.softplus(la.in_proj_a(h) + la.dt_bias))
-    return q, k, v, beta, alpha
-
-
 def run_states(k, alpha, beta, writes):
     """S_t = alpha_t (S - beta_t k k^T S) + W_t, step by step; returns [b, L, h, dk, dv]."""
-    b, L, hv, dk, dv = writes.shape
-    s = torch.zeros(b, hv, dk, dv, dtype=writes.dtype)
-    out = []
-    for t in range(L):
-        kt = k[:, t]
-        kts = torch.einsum("bhk,bhkv->bhv", kt, s)
-        s = alpha[:, t, :, None, None] * (
-            s - beta[:, t, :, None, None] * kt[..., :, None] * kts[..., None, :]
-        )
-        s = s + writes[:, t]
-        out.append(s)
-    return torch.stack(out, 1)
+    q = torch.zeros_like(k)  # the reads are not needed here
+    return brute_force_states(q, *gdn_transition(k, alpha, beta), writes)[0]
 
 
 def brute_force_substituted(la, h, sae, log):
-    q, k, v, beta, alpha = gdn_inputs(la, h)
+    q, k, v, beta, alpha = hf_gdn_inputs(la, h)
     native = beta[..., None, None] * k[..., :, None] * v[..., None, :]
     states = run_states(k, alpha, beta, native)
     e, f = sae.W_enc_key.detach().double(), sae.W_enc_value.detach().double()
@@ -74,11 +48,7 @@ def brute_force_substituted(la, h, sae, log):
                 writes[bi, t, HEAD] = native[bi, t, HEAD].norm() * atom
                 log.append((bi, t))
     states = run_states(k, alpha, beta, writes)
-    o = torch.einsum("blhkv,blhk->blhv", states, q)
-    dv = la.head_v_dim
-    z = la.in_proj_z(h).reshape(*o.shape)
-    y = la.norm(o.reshape(-1, dv), z.reshape(-1, dv)).reshape(*h.shape[:2], -1)
-    return la.out_proj(y)
+    return hf_gdn_output(la, h, torch.einsum("blhkv,blhk->blhv", states, q))
 
 
 @torch.no_grad()

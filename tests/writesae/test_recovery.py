@@ -87,7 +87,7 @@ def _run() -> dict:
             k=min(4, flat_n),
             hook_name=cfg.hook_name,
             head=0,
-            architecture="flat",
+            kind="flat",
         ),
         seed=1,
     )

@@ -85,7 +85,7 @@ def test_parameter_counts_match_paper_formulas():
             k=32,
             hook_name="blocks.9.attn.hook_state",
             head=4,
-            architecture="flat",
+            kind="flat",
         )
     )
     assert w.n_parameters == 8_421_376

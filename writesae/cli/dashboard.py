@@ -1,5 +1,4 @@
-"""`writesae dashboard`: the atom dashboard of a saved SAE, from the command line (registered on
-the `writesae` app in `writesae.cli`)."""
+"""`writesae dashboard`: the atom dashboard of a saved SAE (static HTML, opens from disk)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,20 @@ from pathlib import Path
 
 import typer
 
-__all__ = ["dashboard_cmd", "report_win_rates"]
+from writesae.cli.app import (
+    app,
+    blocks,
+    check_out,
+    load_model,
+    one_line_errors,
+    positive,
+    texts,
+)
+from writesae.dashboards import dashboard as write_dashboard
+from writesae.fileio import atomic_dir
+from writesae.saes import WriteSAE
+
+__all__ = ["dashboard", "report_win_rates"]
 
 
 def report_win_rates(report: Path) -> dict[int, float]:
@@ -22,16 +34,18 @@ def report_win_rates(report: Path) -> dict[int, float]:
     return {int(k): float(v) for k, v in per_atom.items()}
 
 
-def dashboard_cmd(
+@app.command()
+@one_line_errors
+def dashboard(
     sae: Path = typer.Option(..., help="Folder of a saved WriteSAE."),
     out: Path = typer.Option(..., help="Folder for index.html and its data."),
-    model: str = typer.Option(None, help="Model (default: the one the SAE records)."),
-    data: Path = typer.Option(
+    model: str | None = typer.Option(None, help="Model (default: the one the SAE records)."),
+    data: Path | None = typer.Option(
         None, help="Text file (default: the shipped held-out sample, then the training sample)."
     ),
     n_tokens: int = typer.Option(100_000, help="Tokens of text to run (at most)."),
     context: int = typer.Option(128, help="Tokens per sequence."),
-    report: Path = typer.Option(
+    report: Path | None = typer.Option(
         None, help="Report folder of `writesae evaluate` whose per-atom win rates to show."
     ),
     overwrite: bool = typer.Option(
@@ -41,27 +55,24 @@ def dashboard_cmd(
         False, "--allow-other-model", help="Run on a model other than the SAE's."
     ),
 ) -> None:
-    """Write a static HTML dashboard of every atom (open OUT/index.html in a browser; it needs
-    no server and no network)."""
-    from writesae import WriteSAE
-    from writesae.cli import _blocks, _model, _out, _positive, _texts
-    from writesae.dashboards import dashboard
-    from writesae.fileio import atomic_dir
+    """Write a static HTML dashboard of every atom (open OUT/index.html in a browser).
 
-    _positive("--n-tokens", n_tokens)
-    _positive("--context", context, 2)
+    The folder is self-contained: it needs no server and no network.
+    """
+    positive("--n-tokens", n_tokens)
+    positive("--context", context, 2)
     if not sae.is_dir():
         raise typer.BadParameter(f"{sae} is not a folder", param_hint="--sae")
     win_rates = report_win_rates(report) if report is not None else None
-    _out(out, overwrite, "dashboard folder")
+    check_out(out, overwrite, "dashboard folder")
     s = WriteSAE.load(sae)
     name = model or s.cfg.model_name
     if not name:
         raise typer.BadParameter("the SAE records no model; pass --model")
-    m = _model(name)
+    m = load_model(name)
     s.check_model(m, allow_other_model=allow_other_model)
-    texts = _texts(data, "heldout") + ([] if data is not None else _texts(None, "train"))
-    tokens = _blocks(m, texts, context, max(1, n_tokens // context))
+    text = texts(data, "heldout") + ([] if data is not None else texts(None, "train"))
+    tokens = blocks(m, text, context, max(1, n_tokens // context))
     with atomic_dir(out, overwrite, "dashboard folder") as tmp:
-        dashboard(s, m, tokens, tmp, win_rates=win_rates, model_name=name)
+        write_dashboard(s, m, tokens, tmp, win_rates=win_rates, model_name=name)
     typer.echo(f"dashboard: {out / 'index.html'} ({tokens.numel()} tokens)")

@@ -1,0 +1,5 @@
+"""`python -m writesae.cli`: the `writesae` command line."""
+
+from writesae.cli import main
+
+main()

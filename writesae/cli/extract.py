@@ -1,0 +1,74 @@
+"""`writesae extract`: one cell's states (or write factors) into safetensors shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from writesae.activations import ModelSource, save_shards
+from writesae.cli.app import (
+    DEFAULT_MODEL,
+    SAE_HELP,
+    app,
+    blocks,
+    cell,
+    check_input_kind,
+    check_out,
+    check_text,
+    load_model,
+    one_line_errors,
+    positive,
+    texts,
+)
+
+
+@app.command()
+@one_line_errors
+def extract(
+    out: Path = typer.Option(..., help="Folder for the safetensors shards."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Model name, folder or Hub id."),
+    text: Path | None = typer.Option(
+        None, help="Text file (default: the shipped training sample)."
+    ),
+    layer: int | None = typer.Option(None, help="Recurrent layer (default: the middle one)."),
+    head: int = typer.Option(0, help=SAE_HELP["head"]),
+    input_kind: str = typer.Option("state", help=SAE_HELP["input_kind"]),
+    context: int = typer.Option(128, help="Tokens per block."),
+    max_samples: int | None = typer.Option(None, help="Stop after this many samples."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing --out folder (whole)."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted extract from its last complete shard."
+    ),
+) -> None:
+    """Stream one cell's states (or write factors) from a model into safetensors shards.
+
+    shards.json records the model, layer, head, input kind and token count (train reads them).
+    """
+    positive("--context", context)
+    positive("--max-samples", max_samples)
+    check_input_kind(input_kind)
+    check_text(text)
+    check_out(out, overwrite, "shard folder")
+    m = load_model(model)
+    layer, head = cell(m, layer, head)
+    src = ModelSource(
+        m,
+        blocks(m, texts(text, "train"), context, None),
+        layer,
+        head,
+        kind=input_kind,
+        context_len=context,
+        max_samples=max_samples,
+    )
+    paths = save_shards(
+        src,
+        out,
+        max_samples=max_samples,
+        metadata=dict(model=model, layer=layer, head=head, kind=input_kind, input_kind=input_kind),
+        overwrite=overwrite,
+        resume=resume,
+    )
+    typer.echo(f"wrote {len(paths)} shard(s) to {out}")
