@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from hooked_recurrent.recurrence import Transition
@@ -33,7 +34,7 @@ def split_codes(stats: CorpusStats, n_atoms: int) -> AtomCodes:
     return AtomCodes(list(stats.pos[order].split(counts)), list(stats.value[order].split(counts)))
 
 
-def firing_summary(value: Tensor, n_tokens: int, bins: int) -> dict:
+def firing_summary(value: Float[Tensor, " n"], n_tokens: int, bins: int) -> dict:
     """Fire rate, mean and max activation, and the histogram of the nonzero activations
     (`bins` equal bins over [0, max], counted with `numpy.histogram`)."""
     v = value.double().numpy()
@@ -55,7 +56,12 @@ def _window(T: int, t: int, left: int, right: int) -> tuple[int, int]:
 
 
 def contexts(
-    stats: CorpusStats, pos: Tensor, value: Tensor, n: int, left: int, right: int
+    stats: CorpusStats,
+    pos: Int[Tensor, " n"],
+    value: Float[Tensor, " n"],
+    n: int,
+    left: int,
+    right: int,
 ) -> list[dict]:
     """The atom's `n` top-activating positions, each with its window of tokens and the atom's
     activation at every token of the window."""
@@ -111,7 +117,7 @@ def _starts(pos: Tensor, value: Tensor, T: int, lag: int, n: int) -> Tensor:
 
 def memory(
     stats: CorpusStats,
-    u: Tensor,
+    u: Float[Tensor, "n_atoms d_k"],
     codes: AtomCodes,
     lags: tuple[int, ...],
     n_starts: int,
@@ -151,7 +157,7 @@ def memory(
     return decay_only, exact, count
 
 
-def nearest(factors: Tensor, n: int) -> tuple[Tensor, Tensor]:
+def nearest(factors: Float[Tensor, "n_atoms d"], n: int) -> tuple[Tensor, Tensor]:
     """For each row, the `n` other rows of largest |cosine| and their (signed) cosines."""
     f = factors.detach().double()
     f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
