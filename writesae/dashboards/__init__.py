@@ -29,8 +29,9 @@ from jaxtyping import Int
 from torch import Tensor
 
 from writesae.dashboards import atoms as A
-from writesae.dashboards.corpus import DashboardSAE, corpus_pass, sae_layer
+from writesae.dashboards.corpus import CorpusStats, corpus_pass, sae_layer
 from writesae.dashboards.value import direct_effect, first_order_effect
+from writesae.protocols import ConfiguredModelLike, RankOneSAELike
 
 __all__ = ["DashboardConfig", "dashboard", "write_dashboard", "load_data", "DATA_PREFIX"]
 
@@ -86,7 +87,7 @@ def _r(x: float, digits: int = 5) -> float | None:
     return None if x != x else float(f"{x:.{digits}g}")
 
 
-def _vocab(model: Any) -> list[str]:
+def _vocab(model: ConfiguredModelLike) -> list[str]:
     n = model.cfg.d_vocab
     tok = getattr(model, "tokenizer", None)
     if tok is None:
@@ -115,7 +116,13 @@ def _tokens(effect: Tensor, other: Tensor, n: int, largest: bool) -> list[dict]:
     return [dict(token=t, value=_r(effect[t]), other=_r(other[t])) for t in top]
 
 
-def _value_side(model: Any, sae: Any, stats: Any, codes: A.AtomCodes, cfg: DashboardConfig):
+def _value_side(
+    model: ConfiguredModelLike,
+    sae: RankOneSAELike,
+    stats: CorpusStats,
+    codes: A.AtomCodes,
+    cfg: DashboardConfig,
+):
     """First-order and direct-path effects `[n_atoms, vocab]` (see `value.py`)."""
     T = stats.tokens.shape[1]
     sites = []
@@ -170,7 +177,13 @@ def _atom_record(i: int, stats, codes, extra: dict, cfg: DashboardConfig) -> dic
     )
 
 
-def _meta(model: Any, sae: Any, stats: Any, cfg: DashboardConfig, name: str | None) -> dict:
+def _meta(
+    model: ConfiguredModelLike,
+    sae: RankOneSAELike,
+    stats: CorpusStats,
+    cfg: DashboardConfig,
+    name: str | None,
+) -> dict:
     c = sae.cfg
     return dict(
         model=name or getattr(c, "model_name", None) or "",
@@ -192,8 +205,8 @@ def _meta(model: Any, sae: Any, stats: Any, cfg: DashboardConfig, name: str | No
 
 @torch.no_grad()
 def dashboard(
-    sae: DashboardSAE,
-    model: Any,
+    sae: RankOneSAELike,
+    model: ConfiguredModelLike,
     tokens: Int[Tensor, "n_seq pos"],
     out: str | Path,
     *,

@@ -16,38 +16,18 @@ Per batch of sequences the model runs once with the SAE's layer cached, and:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from hooked_recurrent.recurrence import Transition
+from writesae.protocols import CacheLike, ConfiguredModelLike, RankOneSAELike
 
-__all__ = ["DashboardSAE", "CorpusStats", "corpus_pass", "sae_layer"]
-
-
-class DashboardSAE(Protocol):
-    """What the dashboard needs from an SAE: a rank-1 dictionary (u_i, w_i) and its encoder."""
-
-    cfg: Any
-    key_factors: Tensor  # [n_atoms, d_k]
-    value_factors: Tensor  # [n_atoms, d_v]
-
-    def encode(self, x: Tensor) -> Tensor:
-        """Codes `[..., n_atoms]` of matrices `[..., d_k, d_v]` (a state SAE)."""
-        ...
-
-    def encode_factors(self, key: Tensor, value: Tensor) -> Tensor:
-        """Codes of rank-1 inputs `key value^T` from their factors (a write SAE)."""
-        ...
-
-    def decode_sparse(self, values: Tensor, indices: Tensor, bias: bool = True) -> Tensor:
-        """The reconstruction from the listed atoms and their codes."""
-        ...
+__all__ = ["CorpusStats", "corpus_pass", "sae_layer"]
 
 
-def sae_layer(sae: DashboardSAE) -> int:
+def sae_layer(sae: RankOneSAELike) -> int:
     """The layer of the SAE's hook (`blocks.{layer}.attn.hook_state`)."""
     return int(sae.cfg.hook_prefix.split(".")[1])
 
@@ -82,14 +62,16 @@ class CorpusStats:
     transition: Transition
 
 
-def _names(model: Any, layer: int, kind: str) -> list[str]:
+def _names(model: ConfiguredModelLike, layer: int, kind: str) -> list[str]:
     """The layer's hooks to cache: every per-token hook, and the state only for a state SAE."""
     prefix = f"blocks.{layer}.attn."
     skip = ("hook_write", "hook_state") if kind == "write" else ("hook_write",)
     return [n for n in model.hook_dict if n.startswith(prefix + "hook_") and not n.endswith(skip)]
 
 
-def _input(model: Any, cache: Any, sae: DashboardSAE, layer: int) -> tuple[Tensor, Tensor]:
+def _input(
+    model: ConfiguredModelLike, cache: CacheLike, sae: RankOneSAELike, layer: int
+) -> tuple[Tensor, Tensor]:
     """The SAE's input X `[N, d_k, d_v]` at every position of the batch and its codes `[N, n]`."""
     p, head = f"blocks.{layer}.attn", sae.cfg.head
     dt = sae.key_factors.dtype
@@ -104,7 +86,7 @@ def _input(model: Any, cache: Any, sae: DashboardSAE, layer: int) -> tuple[Tenso
     return key[:, :, None] * val[:, None, :], sae.encode_factors(key, val)
 
 
-def _fve_terms(sae: DashboardSAE, x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+def _fve_terms(sae: RankOneSAELike, x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
     """Per-atom increase of the squared error when the atom is removed, `[n]`, and the squared
     error of the full reconstruction (scalar), for one batch."""
     m = max(1, int((codes != 0).sum(-1).max()))
@@ -130,8 +112,8 @@ def _keep_top(best: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor], m: int):
 
 @torch.no_grad()
 def corpus_pass(
-    model: Any,
-    sae: DashboardSAE,
+    model: ConfiguredModelLike,
+    sae: RankOneSAELike,
     tokens: Int[Tensor, "n_seq pos"],
     n_reads: int = 8,
     batch_tokens: int = 8192,

@@ -15,20 +15,20 @@ side) says which way the tokens move.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from writesae.closed_form import direct_readout, read_jvp
+from writesae.protocols import ReadoutModelLike
 
 __all__ = ["first_order_effect", "direct_effect"]
 
 
 @torch.no_grad()
 def first_order_effect(
-    model: Any,
+    model: ReadoutModelLike,
     tokens: Int[Tensor, "n_seq pos"],
     layer: int,
     head: int,
@@ -69,7 +69,7 @@ def first_order_effect(
 
 @torch.no_grad()
 def direct_effect(
-    model: Any, layer: int, head: int, w: Float[Tensor, "n_atoms d_v"], chunk: int = 32
+    model: ReadoutModelLike, layer: int, head: int, w: Float[Tensor, "n_atoms d_v"], chunk: int = 32
 ) -> Float[Tensor, "n_atoms vocab"]:
     """<W_O^(h) w_i, W_U[tok]> for every atom and every token (float64)."""
     vocab = model.unembed.weight.shape[0]
