@@ -156,7 +156,8 @@ def corpus_pass(
         reads = cache[f"{p}.hook_q"][:, :, head].float().flatten(0, 1) @ u.T  # [N, n]
         top = reads.abs().topk(min(n_reads, reads.shape[0]), dim=0).indices.T  # [n, m]
         best = _keep_top(best, (reads.T.gather(1, top), top + r0 * T), n_reads)
-        trans.append(model.blocks[layer].attn.transition_from_cache(cache, head))
+        cached = {n: cache[n] for n in names}  # a Mapping, as transition_from_cache takes
+        trans.append(model.blocks[layer].attn.transition_from_cache(cached, head))
     N = n_seq * T
     tss = float(sum_x2 - (sum_x * sum_x).sum() / N)
     transition = Transition(
