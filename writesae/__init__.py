@@ -11,6 +11,7 @@ from writesae.activations import (
 )
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
 from writesae.corpus import Corpus
+from writesae.dashboards import DashboardConfig, dashboard
 from writesae.interventions import ablate_hook, install_hook, substitute_hook
 from writesae.saes import SAE_KINDS, BaseSAE, FlatSAE, SAEOutput, WriteSAE, load_sae
 from writesae.sweep import StackedSAE, save_sweep, sweep
@@ -44,4 +45,6 @@ __all__ = [
     "substitute_hook",
     "ablate_hook",
     "install_hook",
+    "dashboard",
+    "DashboardConfig",
 ]
