@@ -20,7 +20,11 @@ def relu2(x: Tensor) -> Tensor:
 
 
 #: activations by their Hugging Face `hidden_act` name
-ACTIVATIONS = {"silu": F.silu, "relu2": relu2, "gelu": F.gelu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "relu2": relu2,
+    "gelu": F.gelu,
+}
 
 
 class GatedMLP(nn.Module):
