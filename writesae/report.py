@@ -429,12 +429,23 @@ def _top_atoms_md(atoms: list[dict[str, Any]]) -> list[str]:
     return L + [""]
 
 
+def _dashboard_md(link: str) -> list[str]:
+    return [
+        "## Atom dashboard",
+        "",
+        f"[Open the atom dashboard]({link}) in a browser (static files: no server, no network): "
+        "every atom's contexts, histogram, key and value sides, memory and nearest atoms.",
+        "",
+    ]
+
+
 _SECTIONS = (
     ("training", _training_md),
     ("cell", _cell_md),
     ("substitution", _substitution_md),
     ("closed_form", _closed_form_md),
     ("install", _install_md),
+    ("dashboard", _dashboard_md),
     ("top_atoms", _top_atoms_md),
 )
 
