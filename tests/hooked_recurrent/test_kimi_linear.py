@@ -161,7 +161,7 @@ def test_transition_from_cache_rebuilds_the_states(pair):
     p = f"blocks.{layer}.attn."
     with torch.no_grad():
         _, cache = model.run_with_cache(fc.tokens(VOCAB, 2, 10), names_filter=lambda n: p in n)
-    tr = model.blocks[layer].attn.transition_from_cache(cache, 1)
+    tr = model.blocks[layer].attn.transition_from_cache(dict(cache.items()), 1)
     S, W = cache[p + "hook_state"][:, :, 1].double(), cache[p + "hook_write"][:, :, 1].double()
     for t in range(1, 10):
         torch.testing.assert_close(tr.step(S[:, t - 1], t) + W[:, t], S[:, t])
