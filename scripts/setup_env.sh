@@ -20,3 +20,13 @@ for pkg in fla mamba_ssm causal_conv1d; do
     exit 1
   fi
 done
+# The dashboard's browser test drives Debian's chromium through the playwright package (a test
+# extra); never `playwright install`, which downloads its own browser. Without root or apt the
+# test skips and says why.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "note: chromium not installed (needs root and apt); the dashboard browser test will skip" >&2
+  fi
+fi

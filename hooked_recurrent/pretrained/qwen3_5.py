@@ -368,6 +368,7 @@ def to_hf_state_dict(
 
 
 def build_final_norm(cfg: Qwen35Config) -> RMSNorm:
+    """The final norm (zero-centred RMSNorm, as every norm of the family)."""
     return RMSNorm(cfg.d_model, cfg.eps, zero_centred=True)
 
 

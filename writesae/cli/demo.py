@@ -1,4 +1,5 @@
-"""`writesae demo`: stream states, train a WriteSAE, run the three evaluations, write the report."""
+"""`writesae demo`: stream states, train a WriteSAE, run the three evaluations, write the report
+and the atom dashboard beside it."""
 
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from writesae.cli.app import (
     positive,
     texts,
 )
+from writesae.cli.dashboard import report_win_rates
 from writesae.cli.evaluate import run_evaluations
 from writesae.cli.train import train_sae
 from writesae.config import WriteSAEConfig
+from writesae.dashboards import dashboard as write_dashboard
 from writesae.evaluate import median_decays, memory_cell
 from writesae.fileio import atomic_dir
 from writesae.saes import WriteSAE
@@ -72,13 +75,17 @@ def demo(
     steps: int = typer.Option(TRAIN_DEFAULT["n_steps"], help=TRAIN_HELP["n_steps"]),
     firings: int = typer.Option(600, help="Firings for the substitution test (>= 500)."),
     seed: int = typer.Option(TRAIN_DEFAULT["seed"], help="Seed for everything."),
+    dashboard_tokens: int = typer.Option(
+        32768, help="Held-out tokens (sequences of 128) the atom dashboard runs over."
+    ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing --out folder (whole)."
     ),
 ) -> None:
-    """Stream states, train a WriteSAE, run the three evaluations, write the report."""
+    """Stream states, train a WriteSAE, run the evaluations, write the report and dashboard."""
     positive("--steps", steps)
     positive("--firings", firings)
+    positive("--dashboard-tokens", dashboard_tokens, 128)
     try:
         WriteSAEConfig(d_k=1, d_v=1, n_atoms=n_atoms, k=k)
     except ValueError as e:
@@ -105,6 +112,8 @@ def demo(
     cell_info = dict(layer=layer, head=head, median_decay=decay, how=how)
     with atomic_dir(out, overwrite, "demo folder") as tmp:
         _demo_outputs(m, sae, metrics, model, firings, seed, tmp, out, tokens, cell_info)
+        dash_tokens = blocks(m, texts(None, "heldout"), 128, dashboard_tokens // 128)
+        _demo_dashboard(m, sae, model, tmp, out, dash_tokens)
     typer.echo(f"done in {time.time() - t0:.0f} s")
 
 
@@ -132,5 +141,16 @@ def _demo_outputs(
     )
     run_evaluations(
         m, sae, model, tokens, out, (True, True, True), firings, seed,
-        extra=dict(training=training, cell=cell_info), final=final,
+        extra=dict(training=training, cell=cell_info, dashboard="dashboard/index.html"),
+        final=final,
     )  # fmt: skip
+
+
+def _demo_dashboard(
+    m: HookedRecurrentModel, sae: WriteSAE, model: str, out: Path, final: Path, tokens: torch.Tensor
+) -> None:
+    """The atom dashboard beside the report (which links it), with the report's per-atom win
+    rates; sequences of 128 tokens leave room for the 64-token memory."""
+    win_rates = report_win_rates(out)
+    write_dashboard(sae, m, tokens, out / "dashboard", win_rates=win_rates, model_name=model)
+    typer.echo(f"dashboard: {final / 'dashboard' / 'index.html'}")
