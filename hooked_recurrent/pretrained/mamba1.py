@@ -30,6 +30,7 @@ from hooked_recurrent.components.mamba1 import Mamba1Mixer
 from hooked_recurrent.components.norms import RMSNorm
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.pretrained import Family, register_family
+from hooked_recurrent.pretrained.mamba2 import backbone_to_hf, convert_backbone
 
 __all__ = [
     "Mamba1Config",
@@ -244,45 +245,12 @@ def _layer_map(cfg: Mamba1Config) -> dict[str, str]:
 
 def convert_state_dict(sd: dict[str, Tensor], cfg: Mamba1Config) -> dict[str, Tensor]:
     """A `MambaForCausalLM`, `FalconMambaForCausalLM` or `mamba_ssm` state dict in our names."""
-    embed = sd.get("backbone.embeddings.weight", sd.get("backbone.embedding.weight"))
-    if embed is None:
-        raise KeyError(
-            "no backbone.embeddings.weight (Hugging Face) or backbone.embedding.weight "
-            "(mamba_ssm): not a Mamba state dict"
-        )
-    if embed.shape[0] != cfg.d_vocab:
-        raise ValueError(
-            f"embedding has {embed.shape[0]} rows but the config gives a vocabulary of "
-            f"{cfg.d_vocab} (after padding to pad_vocab_size_multiple)"
-        )
-    out = {"embed.weight": embed, "ln_final.w": sd["backbone.norm_f.weight"]}
-    lm_head = sd.get("lm_head.weight")  # read even when tied: mamba_ssm saves both names
-    if not cfg.tie_word_embeddings and lm_head is None:
-        raise KeyError("untied Mamba checkpoint lacks lm_head.weight")
-    out["unembed.weight"] = embed if cfg.tie_word_embeddings else lm_head
-    for layer in range(cfg.n_layers):
-        for ours, theirs in _layer_map(cfg).items():
-            key = f"backbone.layers.{layer}.{theirs}"
-            if key not in sd:
-                raise KeyError(f"Mamba checkpoint lacks {key}")
-            t = sd[key]
-            out[f"blocks.{layer}.{ours}"] = t[:, 0, :] if ours == "attn.conv_w" else t
-    return out
+    return convert_backbone(sd, cfg, _layer_map(cfg), "Mamba")
 
 
 def to_hf_state_dict(sd: dict[str, Tensor], cfg: Mamba1Config) -> dict[str, Tensor]:
     """Our state dict in `MambaForCausalLM` / `FalconMambaForCausalLM` names."""
-    out = {
-        "backbone.embeddings.weight": sd["embed.weight"],
-        "backbone.norm_f.weight": sd["ln_final.w"],
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["unembed.weight"]
-    for layer in range(cfg.n_layers):
-        for ours, theirs in _layer_map(cfg).items():
-            t = sd[f"blocks.{layer}.{ours}"]
-            out[f"backbone.layers.{layer}.{theirs}"] = t[:, None, :] if ours == "attn.conv_w" else t
-    return out
+    return backbone_to_hf(sd, cfg, _layer_map(cfg))
 
 
 _COMMON: dict[str, Any] = dict(

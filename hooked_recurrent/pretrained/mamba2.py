@@ -287,13 +287,18 @@ def _layer_map(cfg: Mamba2Config) -> dict[str, str]:
     return {"ln1.w": "norm.weight", **mixer_map(cfg, "attn.", "mixer.")}
 
 
-def convert_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Tensor]:
-    """A `Mamba2ForCausalLM` or `mamba_ssm` state dict in our names."""
+def convert_backbone(
+    sd: dict[str, Tensor], cfg: Any, layer_map: dict[str, str], name: str
+) -> dict[str, Tensor]:
+    """A Mamba-layout state dict (Hugging Face `backbone.embeddings` or `mamba_ssm`
+    `backbone.embedding`, `backbone.layers.{l}.*`, `backbone.norm_f`, `lm_head`) in our names,
+    with `layer_map` {ours: theirs} per layer; `name` goes in the error messages. Shared by the
+    Mamba-1 and Mamba-2 families."""
     embed = sd.get("backbone.embeddings.weight", sd.get("backbone.embedding.weight"))
     if embed is None:
         raise KeyError(
             "no backbone.embeddings.weight (Hugging Face) or backbone.embedding.weight "
-            "(mamba_ssm): not a Mamba-2 state dict"
+            f"(mamba_ssm): not a {name} state dict"
         )
     if embed.shape[0] != cfg.d_vocab:
         raise ValueError(
@@ -301,22 +306,22 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Te
             f"{cfg.d_vocab} (after padding to pad_vocab_size_multiple)"
         )
     out = {"embed.weight": embed, "ln_final.w": sd["backbone.norm_f.weight"]}
-    lm_head = sd.get("lm_head.weight")
+    lm_head = sd.get("lm_head.weight")  # read even when tied: mamba_ssm saves both names
     if not cfg.tie_word_embeddings and lm_head is None:
-        raise KeyError("untied Mamba-2 checkpoint lacks lm_head.weight")
+        raise KeyError(f"untied {name} checkpoint lacks lm_head.weight")
     out["unembed.weight"] = embed if cfg.tie_word_embeddings else lm_head
     for layer in range(cfg.n_layers):
-        for ours, theirs in _layer_map(cfg).items():
+        for ours, theirs in layer_map.items():
             key = f"backbone.layers.{layer}.{theirs}"
             if key not in sd:
-                raise KeyError(f"Mamba-2 checkpoint lacks {key}")
+                raise KeyError(f"{name} checkpoint lacks {key}")
             t = sd[key]
             out[f"blocks.{layer}.{ours}"] = t[:, 0, :] if ours == "attn.conv_w" else t
     return out
 
 
-def to_hf_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Tensor]:
-    """Our state dict in `Mamba2ForCausalLM` names (for saving a checkpoint)."""
+def backbone_to_hf(sd: dict[str, Tensor], cfg: Any, layer_map: dict[str, str]) -> dict[str, Tensor]:
+    """Our state dict in the Hugging Face Mamba layout (`convert_backbone` backwards)."""
     out = {
         "backbone.embeddings.weight": sd["embed.weight"],
         "backbone.norm_f.weight": sd["ln_final.w"],
@@ -324,11 +329,21 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Tens
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["unembed.weight"]
     for layer in range(cfg.n_layers):
-        for ours, theirs in _layer_map(cfg).items():
+        for ours, theirs in layer_map.items():
             t = sd[f"blocks.{layer}.{ours}"]
             key = f"backbone.layers.{layer}.{theirs}"
             out[key] = t[:, None, :] if ours == "attn.conv_w" else t
     return out
+
+
+def convert_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Tensor]:
+    """A `Mamba2ForCausalLM` or `mamba_ssm` state dict in our names."""
+    return convert_backbone(sd, cfg, _layer_map(cfg), "Mamba-2")
+
+
+def to_hf_state_dict(sd: dict[str, Tensor], cfg: Mamba2Config) -> dict[str, Tensor]:
+    """Our state dict in `Mamba2ForCausalLM` names (for saving a checkpoint)."""
+    return backbone_to_hf(sd, cfg, _layer_map(cfg))
 
 
 FAMILY = register_family(
