@@ -90,7 +90,8 @@ class TensorSource:
             raise ValueError(f"states must be [N, d_k, d_v], got shape {tuple(data.shape)}")
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"TensorSource: batch_size={batch_size!r}; expected an int >= 1")
-        self.data = data
+        # a pair of tensors became WriteFactors above
+        self.data = cast(Tensor | WriteFactors, data)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -308,7 +309,7 @@ class ModelSource:
         drop_last: bool = True,
         cells: Sequence[tuple[int, int]] | None = None,
     ):
-        self.cells = [(layer, head)] if cells is None else [tuple(c) for c in cells]
+        self.cells = [(layer, head)] if cells is None else [(c_l, c_h) for c_l, c_h in cells]
         self._dict_batches = cells is not None
         if not self.cells:
             raise ValueError("ModelSource: cells is empty; give at least one (layer, head)")
@@ -416,10 +417,10 @@ class ModelSource:
             if self.max_samples is not None and seen >= self.max_samples:
                 return
 
-    def __iter__(self) -> Iterator[Tensor | WriteFactors]:
+    def __iter__(self) -> Iterator[Samples]:
         g = torch.Generator().manual_seed(self.seed + self._epoch)
         self._epoch += 1
-        buf: Tensor | WriteFactors | None = None
+        buf: Samples | None = None
         for s in self._samples():
             buf = s if buf is None else cat_rows([buf, s])
             while n_rows(buf) >= self.buffer_size:
@@ -495,7 +496,7 @@ def save_shards(
                 logger.warning("%s: the interrupted extract had other settings; restarting", part)
             shutil.rmtree(part)
     dp.barrier()  # rank 0 has cleared a stale partial folder before anyone writes
-    fresh = dict(shards=[], n_samples=0, kind=None)
+    fresh: dict[str, Any] = dict(shards=[], n_samples=0, kind=None)
     done = (resume and progress_record(part / f"progress{tag}.json", **record)) or fresh
     if done["shards"]:
         logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))

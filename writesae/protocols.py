@@ -22,6 +22,7 @@ __all__ = [
     "ModelLike",
     "ConfiguredModelLike",
     "ReadoutModelLike",
+    "ConfiguredReadoutModelLike",
     "HookLike",
     "PositionedHookLike",
     "CacheLike",
@@ -64,6 +65,8 @@ class MixerLike(Protocol):
     """A recurrent layer's mixer (`model.blocks[l].attn`), as the evaluations read it."""
 
     n_heads: int
+    # the hook of the write strength (``"hook_beta"``, ``"hook_dt"``), None where writes have none
+    write_strength_hook: str | None
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
         """The output projection of one head, ``W_O`` [d_model, d_v]."""
@@ -150,6 +153,12 @@ class ReadoutModelLike(ModelLike, Protocol):
     def unembed(self) -> UnembedLike:
         """The unembedding (``weight`` [vocab, d_model])."""
         ...
+
+
+@runtime_checkable
+class ConfiguredReadoutModelLike(ConfiguredModelLike, ReadoutModelLike, Protocol):
+    """A :class:`ConfiguredModelLike` that is also a :class:`ReadoutModelLike` (a
+    `HookedRecurrentModel`): what the dashboard reads, config and logits both."""
 
 
 @runtime_checkable

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from safetensors.torch import save_file
 from torch import Tensor
 
 from writesae import distributed as dp
 from writesae.samples import cat_rows, n_rows
+
+if TYPE_CHECKING:  # activations imports this module
+    from writesae.activations import WriteFactors
 
 __all__ = ["ShardWriter", "progress_record", "write_shard", "replace_json"]
 
@@ -61,7 +64,8 @@ class ShardWriter:
 
 def write_shard(path: Path, data: Tensor | tuple, kind: str | None) -> None:
     """One shard file, complete or not at all (written beside, then renamed)."""
-    named = data._asdict() if isinstance(data, tuple) else {"state": data}  # key, value
+    # a tuple here is write factors, a named tuple: key, value
+    named = cast("WriteFactors", data)._asdict() if isinstance(data, tuple) else {"state": data}
     tensors = {k: t.contiguous() for k, t in named.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"kind": kind})

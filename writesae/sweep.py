@@ -25,10 +25,10 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -218,8 +218,8 @@ def _record(
     for c, (cell, r) in enumerate(zip(cells, results, strict=True)):
         with torch.no_grad():
             fve = batch_fve(batch[cell], dp.gather(r.sq_err.detach()).cpu())  # host batch
-            l0 = (r.out.codes != 0).sum(-1).double().mean()
-            l0, mse, aux = dp.mean_over_ranks([l0, r.mse.detach(), r.aux.detach()])
+            l0_local = (r.out.codes != 0).sum(-1).double().mean()
+            l0, mse, aux = dp.mean_over_ranks([l0_local, r.mse.detach(), r.aux.detach()])
         m = st.metrics[c]
         for name, v in (("step", st.step), ("fve", fve), ("l0", l0), ("dead_fraction", dead[c])):
             getattr(m, name).append(v)
@@ -293,7 +293,8 @@ def train_stack(
     elapsed = [m.elapsed_s for m in st.metrics]
     stop: list[int] = []
     with signals_to(stop, checkpoint is not None):
-        for i, batch in enumerate(cycle_batches(source)):
+        # a sweep's source (a ModelSource with cells) gives dicts {cell: batch}
+        for i, batch in enumerate(cast(Iterator[dict[Cell, Any]], cycle_batches(source))):
             if i < done:
                 continue  # replayed to reach the checkpoint's position in the source
             if st.step >= cfg.n_steps:
@@ -381,7 +382,11 @@ def sweep(
     cfg = replace(cfg or TrainConfig(), **overrides)
     dp.init()
     device = next(model.parameters()).device
-    cells = parse_cells(model, None, None) if cells == "all" else [tuple(c) for c in cells]
+    cells = (
+        cast(list[Cell], parse_cells(model, None, None))
+        if cells == "all"
+        else [cast(Cell, tuple(c)) for c in cells]
+    )
     fp, name = model_fingerprint(model), model_name or getattr(model.cfg, "model_name", None)
     saes = [
         WriteSAE(

@@ -286,8 +286,9 @@ def resample_dead(
     return nd
 
 
-def cycle_batches(source: Iterable[Any]) -> Iterator[Batch]:
-    """Cycle through ``source``; re-iterate it when exhausted (one epoch per pass)."""
+def cycle_batches(source: Iterable[Any]) -> Iterator[Batch | dict]:
+    """Cycle through ``source``; re-iterate it when exhausted (one epoch per pass). A sweep's
+    source gives dicts ``{cell: batch}``."""
     while True:
         got = False
         for b in source:
@@ -467,8 +468,8 @@ def _record(
     """Append the step's FVE, L0, dead fraction, losses and learning rate to ``metrics``."""
     with torch.no_grad():
         fve = batch_fve(b, dp.gather(res.sq_err.detach()).cpu())
-        l0 = (res.out.codes != 0).sum(-1).double().mean()
-        l0, mse, aux = dp.mean_over_ranks([l0, res.mse.detach(), res.aux.detach()])
+        l0_local = (res.out.codes != 0).sum(-1).double().mean()
+        l0, mse, aux = dp.mean_over_ranks([l0_local, res.mse.detach(), res.aux.detach()])
     metrics.step.append(step)
     metrics.fve.append(fve)
     metrics.l0.append(l0)
@@ -541,7 +542,8 @@ def train(
     stop: list[int] = []
     try:
         with signals_to(stop, ckpt is not None):
-            for i, b in enumerate(cycle_batches(source)):
+            # train's sources give single batches (dicts {cell: batch} are a sweep's)
+            for i, b in enumerate(cast(Iterator[Batch], cycle_batches(source))):
                 if i == 0:
                     _check_batch(sae, b)
                 if i < done_before:

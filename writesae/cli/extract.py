@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import typer
+from torch import Tensor
 
 from writesae import distributed as dp
-from writesae.activations import ModelSource, save_shards
+from writesae.activations import ModelSource, WriteFactors, save_shards
 from writesae.cli.app import (
     DATA_HELP,
     DEFAULT_MODEL,
@@ -63,7 +66,7 @@ def extract(
         max_samples=max_samples, share=False, drop_last=False,
     )  # fmt: skip
     paths = save_shards(
-        src,
+        cast(Iterable[Tensor | WriteFactors], src),  # one cell: single batches, no dicts
         out,
         max_samples=max_samples,
         metadata=dict(model=model, layer=layer, head=head, kind=input_kind, input_kind=input_kind),

@@ -31,7 +31,7 @@ from torch import Tensor
 from writesae.dashboards import atoms as A
 from writesae.dashboards.corpus import CorpusStats, corpus_pass, sae_layer
 from writesae.dashboards.value import direct_effect, first_order_effect
-from writesae.protocols import ConfiguredModelLike, RankOneSAELike
+from writesae.protocols import ConfiguredModelLike, ConfiguredReadoutModelLike, RankOneSAELike
 
 __all__ = ["DashboardConfig", "dashboard", "write_dashboard", "load_data", "DATA_PREFIX"]
 
@@ -81,8 +81,9 @@ class DashboardConfig:
             raise ValueError("left, right, n_nearest must be >= 0 and every memory lag >= 1")
 
 
-def _r(x: float, digits: int = 5) -> float | None:
-    """A float rounded to `digits` significant digits (None for NaN: JSON has no NaN)."""
+def _r(x: float | Tensor, digits: int = 5) -> float | None:
+    """A float (or a one-element tensor) rounded to `digits` significant digits (None for NaN:
+    JSON has no NaN)."""
     x = float(x)
     return None if x != x else float(f"{x:.{digits}g}")
 
@@ -117,7 +118,7 @@ def _tokens(effect: Tensor, other: Tensor, n: int, largest: bool) -> list[dict]:
 
 
 def _value_side(
-    model: ConfiguredModelLike,
+    model: ConfiguredReadoutModelLike,
     sae: RankOneSAELike,
     stats: CorpusStats,
     codes: A.AtomCodes,
@@ -206,7 +207,7 @@ def _meta(
 @torch.no_grad()
 def dashboard(
     sae: RankOneSAELike,
-    model: ConfiguredModelLike,
+    model: ConfiguredReadoutModelLike,
     tokens: Int[Tensor, "n_seq pos"],
     out: str | Path,
     *,

@@ -143,7 +143,7 @@ def memory(
         if len(owner) == 0:
             continue
         steps = torch.cat(starts)[:, None] + torch.arange(1, lag + 1)  # [n, lag]
-        sub = tr.map(lambda t, steps=steps: t[steps])  # [n, lag, 1, ...]
+        sub = tr.map(lambda t: t[steps])  # [n, lag, 1, ...]  # noqa: B023 (used at once)
         unit = u.double()[owner] / u.double()[owner].norm(dim=-1, keepdim=True)
         for result, tran in ((decay_only, Transition(sub.decay)), (exact, sub)):
             pu = unit[:, None, :, None]  # [n, head 1, d_k, d_v 1]

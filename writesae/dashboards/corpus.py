@@ -16,13 +16,14 @@ Per batch of sequences the model runs once with the SAE's layer cached, and:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from hooked_recurrent.recurrence import Transition
-from writesae.protocols import CacheLike, ConfiguredModelLike, RankOneSAELike
+from writesae.protocols import CacheLike, ConfiguredModelLike, MixerLike, RankOneSAELike
 
 __all__ = ["CorpusStats", "corpus_pass", "sae_layer"]
 
@@ -79,7 +80,7 @@ def _input(
         x = cache[f"{p}.hook_state"][:, :, head].to(dt).flatten(0, 1)
         return x, sae.encode(x)
     key = cache[f"{p}.hook_k"][:, :, head].to(dt).flatten(0, 1)
-    strength = model.blocks[layer].attn.write_strength_hook
+    strength = cast(MixerLike, model.blocks[layer].attn).write_strength_hook
     if strength:
         key = key * cache[f"{p}.{strength}"][:, :, head].to(dt).flatten(0, 1)[:, None]
     val = cache[f"{p}.hook_v"][:, :, head].to(dt).flatten(0, 1)
@@ -131,7 +132,8 @@ def corpus_pass(
     pos, atom, value, trans = [], [], [], []
     drop = torch.zeros(n, dtype=torch.float64)
     sse = torch.zeros((), dtype=torch.float64)
-    sum_x, sum_x2 = 0.0, torch.zeros((), dtype=torch.float64)
+    sum_x: float | Tensor = 0.0  # a tensor [d_k, d_v] once a batch has run
+    sum_x2 = torch.zeros((), dtype=torch.float64)
     key_sum = torch.zeros(vocab, n)
     key_count = torch.zeros(vocab)
     best = (torch.zeros(n, 0), torch.zeros(n, 0, dtype=torch.long))
@@ -157,9 +159,9 @@ def corpus_pass(
         top = reads.abs().topk(min(n_reads, reads.shape[0]), dim=0).indices.T  # [n, m]
         best = _keep_top(best, (reads.T.gather(1, top), top + r0 * T), n_reads)
         cached = {n: cache[n] for n in names}  # a Mapping, as transition_from_cache takes
-        trans.append(model.blocks[layer].attn.transition_from_cache(cached, head))
+        trans.append(cast(MixerLike, model.blocks[layer].attn).transition_from_cache(cached, head))
     N = n_seq * T
-    tss = float(sum_x2 - (sum_x * sum_x).sum() / N)
+    tss = float(sum_x2 - (cast(Tensor, sum_x) * sum_x).sum() / N)
     transition = Transition(
         *(
             None if getattr(trans[0], f) is None else torch.cat([getattr(t, f) for t in trans])
