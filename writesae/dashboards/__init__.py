@@ -81,7 +81,7 @@ class DashboardConfig:
             raise ValueError("left, right, n_nearest must be >= 0 and every memory lag >= 1")
 
 
-def _r(x: float, digits: int = 5) -> float | None:
+def _r(x: float | Tensor, digits: int = 5) -> float | None:
     """A float rounded to `digits` significant digits (None for NaN: JSON has no NaN)."""
     x = float(x)
     return None if x != x else float(f"{x:.{digits}g}")
