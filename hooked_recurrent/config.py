@@ -1,4 +1,5 @@
-"""Model configuration: the fields every family shares, and one small dataclass per family."""
+"""Model configuration: the fields every family shares (`HookedRecurrentConfig`); each family
+subclasses it in its own `hooked_recurrent.pretrained` module (e.g. `Qwen35Config`)."""
 
 from __future__ import annotations
 

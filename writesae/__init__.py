@@ -6,12 +6,15 @@ from writesae.activations import (
     TensorSource,
     WriteFactors,
     extract_cell,
+    extract_cells,
     save_shards,
 )
 from writesae.config import TrainConfig, WriteSAEConfig, field_help
+from writesae.corpus import Corpus
 from writesae.dashboards import DashboardConfig, dashboard
 from writesae.interventions import ablate_hook, install_hook, substitute_hook
 from writesae.saes import SAE_KINDS, BaseSAE, FlatSAE, SAEOutput, WriteSAE, load_sae
+from writesae.sweep import StackedSAE, save_sweep, sweep
 from writesae.train import TrainingInterrupted, TrainMetrics, lr_at, train
 
 __all__ = [
@@ -34,6 +37,11 @@ __all__ = [
     "ShardSource",
     "save_shards",
     "extract_cell",
+    "extract_cells",
+    "sweep",
+    "save_sweep",
+    "StackedSAE",
+    "Corpus",
     "substitute_hook",
     "ablate_hook",
     "install_hook",

@@ -12,23 +12,27 @@ Every source is an iterable whose ``__iter__`` runs one epoch and yields batches
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard, cast
 
 import torch
 from jaxtyping import Float
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from hooked_recurrent.validation import model_fingerprint
+from writesae import distributed as dp
 from writesae.fileio import atomic_dir, check_target, partial_dir
-from writesae.protocols import CacheLike, ModelLike
+from writesae.protocols import CacheLike, ModelLike, TextModelLike
+from writesae.samples import Samples, cat_rows, exchange, map_samples, n_rows, take_rows
+from writesae.shard_files import ShardWriter, progress_record
 
 __all__ = [
     "WriteFactors",
@@ -37,6 +41,7 @@ __all__ = [
     "ShardSource",
     "save_shards",
     "extract_cell",
+    "extract_cells",
     "write_factor_hooks",
     "write_factors",
 ]
@@ -53,24 +58,8 @@ class WriteFactors(NamedTuple):
     value: Float[Tensor, "B d_v"]
 
 
-def _is_int(x: Any) -> bool:
+def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _n(data: Tensor | WriteFactors) -> int:
-    return data.key.shape[0] if isinstance(data, WriteFactors) else data.shape[0]
-
-
-def _take(data: Tensor | WriteFactors, idx: Tensor) -> Tensor | WriteFactors:
-    if isinstance(data, WriteFactors):
-        return WriteFactors(data.key[idx], data.value[idx])
-    return data[idx]
-
-
-def _cat(parts: Sequence[Tensor | WriteFactors]) -> Tensor | WriteFactors:
-    if isinstance(parts[0], WriteFactors):
-        return WriteFactors(torch.cat([p.key for p in parts]), torch.cat([p.value for p in parts]))
-    return torch.cat(list(parts))
 
 
 class TensorSource:
@@ -109,11 +98,11 @@ class TensorSource:
         self._epoch = 0
 
     def __len__(self) -> int:
-        n = _n(self.data)
+        n = n_rows(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[Tensor | WriteFactors]:
-        n = _n(self.data)
+        n = n_rows(self.data)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self._epoch)
             order = torch.randperm(n, generator=g)
@@ -124,7 +113,7 @@ class TensorSource:
             idx = order[i : i + self.batch_size]
             if self.drop_last and idx.numel() < self.batch_size:
                 break
-            yield _take(self.data, idx)
+            yield take_rows(self.data, idx)
 
 
 def _select_positions(p: int, positions: Any) -> Tensor:
@@ -210,6 +199,51 @@ def write_factors(
     return WriteFactors(key, cache[names[1]][:, positions, head])
 
 
+def _cell_hooks(model: ModelLike, layer: int, kind: str) -> list[str]:
+    """Hooks holding a layer's samples: ``hook_state``, or :func:`write_factor_hooks`."""
+    if kind == "state":
+        names = [f"blocks.{layer}.attn.hook_state"]
+    elif kind == "write":
+        names = write_factor_hooks(model, layer)
+    else:
+        raise ValueError(f"kind must be 'state' or 'write', got {kind!r}")
+    missing = [n for n in names if n not in model.hook_dict]
+    if missing:
+        raise ValueError(f"model has no hook(s) {missing} (layer {layer} is not recurrent?)")
+    return names
+
+
+def extract_cells(
+    model: ModelLike,
+    tokens: Tensor,
+    cells: Sequence[tuple[int, int]],
+    kind: str = "state",
+    positions: Any = None,
+) -> dict[tuple[int, int], Tensor | WriteFactors]:
+    """Per-position samples of several cells ``(layer, head)`` from one forward pass.
+
+    Returns ``{cell: samples}`` with the samples of :func:`extract_cell` for every cell.
+    """
+    names = {layer: _cell_hooks(model, layer, kind) for layer, _ in cells}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=sum(names.values(), []))
+    pos = _select_positions(tokens.shape[-1], positions)
+    out: dict[tuple[int, int], Tensor | WriteFactors] = {}
+    for layer, head in cells:
+        n_heads = cache[names[layer][0]].shape[2]
+        if not 0 <= head < n_heads:
+            raise ValueError(f"head {head} out of range: {names[layer][0]} has {n_heads} heads")
+        if kind == "state":
+            s = cache[names[layer][0]][:, pos, head]
+            out[layer, head] = s.reshape(-1, *s.shape[-2:]).float()
+            continue
+        k, v = write_factors(model, cache, layer, head, pos)
+        out[layer, head] = WriteFactors(
+            k.reshape(-1, k.shape[-1]).float(), v.reshape(-1, v.shape[-1]).float()
+        )
+    return out
+
+
 def extract_cell(
     model: ModelLike,
     tokens: Tensor,
@@ -223,26 +257,7 @@ def extract_cell(
     Returns states ``[b * P, d_k, d_v]`` (kind ``state``) or write factors with
     ``key = strength * hook_k`` and ``value = hook_v`` (kind ``write``), P = selected positions.
     """
-    if kind == "state":
-        names = [f"blocks.{layer}.attn.hook_state"]
-    elif kind == "write":
-        names = write_factor_hooks(model, layer)
-    else:
-        raise ValueError(f"kind must be 'state' or 'write', got {kind!r}")
-    missing = [n for n in names if n not in model.hook_dict]
-    if missing:
-        raise ValueError(f"model has no hook(s) {missing} (layer {layer} is not recurrent?)")
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=names)
-    pos = _select_positions(tokens.shape[-1], positions)
-    n_heads = cache[names[0]].shape[2]
-    if not 0 <= head < n_heads:
-        raise ValueError(f"head {head} out of range: {names[0]} has {n_heads} heads")
-    if kind == "state":
-        s = cache[names[0]][:, pos, head]
-        return s.reshape(-1, *s.shape[-2:]).float()
-    k, v = write_factors(model, cache, layer, head, pos)
-    return WriteFactors(k.reshape(-1, k.shape[-1]).float(), v.reshape(-1, v.shape[-1]).float())
+    return extract_cells(model, tokens, [(layer, head)], kind, positions)[layer, head]
 
 
 class ModelSource:
@@ -263,6 +278,15 @@ class ModelSource:
         positions: positions within each block to keep (None = all, ``"last"``, list, slice).
         context_len: block length in tokens; ``model_batch_size`` blocks per forward pass.
         max_samples: stop after this many samples per epoch (None = exhaust ``texts``).
+        share: under ``torchrun``, every rank runs the model on its share of the block batches
+            and (True) the ranks exchange samples so that each yields the single-process stream,
+            or (False) each yields only its own samples (see ``_rounds``).
+        drop_last: drop the last samples of an epoch that do not fill a batch (False: yield them
+            as a short batch; extraction keeps every sample).
+        cells: several cells ``[(layer, head), ...]`` (``layer`` and ``head`` are then ignored):
+            one forward pass per block batch serves them all, and every batch is a dict
+            ``{cell: samples}`` shuffled with one permutation, so each cell's stream equals that
+            of a one-cell source with the same seed (used by :func:`writesae.sweep`).
     """
 
     def __init__(
@@ -280,8 +304,16 @@ class ModelSource:
         max_samples: int | None = None,
         seed: int = 0,
         device: str | torch.device | None = None,
+        share: bool = True,
+        drop_last: bool = True,
+        cells: Sequence[tuple[int, int]] | None = None,
     ):
-        _check_cell(model, layer, head, kind)
+        self.cells = [(layer, head)] if cells is None else [tuple(c) for c in cells]
+        self._dict_batches = cells is not None
+        if not self.cells:
+            raise ValueError("ModelSource: cells is empty; give at least one (layer, head)")
+        for cell_layer, cell_head in self.cells:
+            _check_cell(model, cell_layer, cell_head, kind)
         for name, v in (
             ("batch_size", batch_size),
             ("buffer_size", buffer_size),
@@ -301,6 +333,7 @@ class ModelSource:
         self.batch_size, self.buffer_size = batch_size, max(buffer_size, 2 * batch_size)
         self.context_len, self.model_batch_size = context_len, model_batch_size
         self.max_samples, self.seed, self.device = max_samples, seed, device
+        self.share, self.drop_last = share, drop_last
         self._epoch = 0
 
     def provenance(self) -> dict[str, Any]:
@@ -319,7 +352,8 @@ class ModelSource:
     def _token_stream(self) -> Iterator[Tensor]:
         for item in self.texts:
             if isinstance(item, str):
-                toks = self.model.to_tokens(item)
+                # texts as strings need a model with a tokenizer (token ids do not)
+                toks = cast(TextModelLike, self.model).to_tokens(item)
             else:
                 toks = torch.as_tensor(item)
             yield toks.reshape(-1).long()
@@ -338,21 +372,46 @@ class ModelSource:
         if rows:
             yield torch.stack(rows)
 
-    def _samples(self) -> Iterator[Tensor | WriteFactors]:
-        seen = 0
+    def _extract(self, block: Tensor) -> Samples:
+        """The samples of one block batch (on the CPU)."""
+        if self.device is not None:
+            block = block.to(self.device)
+        s = extract_cells(self.model, block, self.cells, self.kind, self.positions)
+        s = map_samples(s, lambda t: t.cpu())
+        return s if self._dict_batches else s[self.cells[0]]
+
+    def _rounds(self) -> Iterator[Samples]:
+        """The samples of every block batch, in order.
+
+        Under ``torchrun`` with W ranks the block batches go round in groups of W: rank r runs
+        the model on the r-th of each group only. With ``share`` the ranks then exchange their
+        samples, so every rank yields the single-process stream; without it each rank yields its
+        own block batches' samples (distributed extraction: the ranks' union is the stream).
+        """
+        w, r = dp.world_size(), dp.rank()
         self.tokens_seen = 0
-        for block in self._blocks():
-            self.tokens_seen += block.numel()
-            if self.device is not None:
-                block = block.to(self.device)
-            s = extract_cell(self.model, block, self.layer, self.head, self.kind, self.positions)
-            if isinstance(s, WriteFactors):
-                s = WriteFactors(s.key.cpu(), s.value.cpu())
+        blocks = self._blocks()
+        while group := list(itertools.islice(blocks, w)):
+            self.tokens_seen += sum(b.numel() for b in group)
+            if w == 1:
+                yield self._extract(group[0])
+                continue
+            # a rank without a block in the last group contributes no rows of the right shapes
+            if r < len(group):
+                mine = self._extract(group[r])
             else:
-                s = s.cpu()
+                mine = take_rows(self._extract(group[0][:1, :1]), torch.arange(0))
+            # one item per block batch, so the shuffle buffer fills as in one process
+            for s in exchange(mine) if self.share else [mine]:
+                if n_rows(s):
+                    yield s
+
+    def _samples(self) -> Iterator[Samples]:
+        seen = 0
+        for s in self._rounds():
             if self.max_samples is not None:
-                s = _take(s, torch.arange(min(_n(s), self.max_samples - seen)))
-            seen += _n(s)
+                s = take_rows(s, torch.arange(min(n_rows(s), self.max_samples - seen)))
+            seen += n_rows(s)
             yield s
             if self.max_samples is not None and seen >= self.max_samples:
                 return
@@ -362,17 +421,18 @@ class ModelSource:
         self._epoch += 1
         buf: Tensor | WriteFactors | None = None
         for s in self._samples():
-            buf = s if buf is None else _cat([buf, s])
-            while _n(buf) >= self.buffer_size:
-                buf = _take(buf, torch.randperm(_n(buf), generator=g))
+            buf = s if buf is None else cat_rows([buf, s])
+            while n_rows(buf) >= self.buffer_size:
+                buf = take_rows(buf, torch.randperm(n_rows(buf), generator=g))
                 half = (self.buffer_size // 2 // self.batch_size) * self.batch_size
                 for i in range(0, half, self.batch_size):
-                    yield _take(buf, torch.arange(i, i + self.batch_size))
-                buf = _take(buf, torch.arange(half, _n(buf)))
-        if buf is not None and _n(buf) > 0:
-            buf = _take(buf, torch.randperm(_n(buf), generator=g))
-            for i in range(0, _n(buf) - self.batch_size + 1, self.batch_size):
-                yield _take(buf, torch.arange(i, i + self.batch_size))
+                    yield take_rows(buf, torch.arange(i, i + self.batch_size))
+                buf = take_rows(buf, torch.arange(half, n_rows(buf)))
+        if buf is not None and n_rows(buf) > 0:
+            buf = take_rows(buf, torch.randperm(n_rows(buf), generator=g))
+            end = n_rows(buf) if not self.drop_last else n_rows(buf) - self.batch_size + 1
+            for i in range(0, end, self.batch_size):
+                yield take_rows(buf, torch.arange(i, min(i + self.batch_size, n_rows(buf))))
 
 
 def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
@@ -380,11 +440,11 @@ def _skip(source: Iterable[Any], n: int) -> Iterator[Any]:
     for b in source:
         if isinstance(b, tuple | list) and not isinstance(b, WriteFactors):
             b = WriteFactors(*b)
-        if n >= _n(b):
-            n -= _n(b)
+        if n >= n_rows(b):
+            n -= n_rows(b)
             continue
         if n:
-            b = _take(b, torch.arange(n, _n(b)))
+            b = take_rows(b, torch.arange(n, n_rows(b)))
             n = 0
         yield b
 
@@ -410,99 +470,60 @@ def save_shards(
     ``overwrite=True``. After an interruption, ``resume=True`` keeps the complete shards and
     continues from the next one: the source is replayed and its first samples skipped (a
     deterministic source gives the same shards as an uninterrupted run).
+
+    Under ``torchrun`` every rank writes the samples its source gives (a :class:`ModelSource`
+    with ``share=False`` gives each rank its own block batches) as ``shard_r{rank}_{i}``, with
+    its own progress record; rank 0 writes ``shards.json`` listing every rank's shards.
     """
     if not _is_int(samples_per_shard) or samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard!r}; expected an int >= 1")
     if max_samples is not None and (not _is_int(max_samples) or max_samples < 1):
         raise ValueError(f"max_samples={max_samples!r}; expected None or an int >= 1")
+    if max_samples is not None and dp.active():
+        raise ValueError("save_shards: max_samples is for one process; leave it out with torchrun")
     directory = check_target(directory, overwrite, "shard folder")
     meta = {**getattr(source, "provenance", lambda: {})(), **(metadata or {})}
-    settings = {"samples_per_shard": samples_per_shard, "max_samples": max_samples}
+    record = {
+        "settings": {"samples_per_shard": samples_per_shard, "max_samples": max_samples},
+        "meta": meta,
+    }
     part = partial_dir(directory)
-    done = _resume_point(part, settings, meta, resume)
-    paths = [directory / n for n in done["shards"]]
-    pending: list[Tensor | WriteFactors] = []
-    count, total, kind = 0, done["n_samples"], done["kind"]
-
-    with atomic_dir(directory, overwrite, "shard folder", tmp=part) as tmp:
-
-        def flush() -> None:
-            nonlocal pending, count
-            if not pending:
-                return
-            name = f"shard_{len(paths):05d}.safetensors"
-            _write_shard(tmp / name, _cat(pending), kind)
-            paths.append(directory / name)
-            pending, count = [], 0
-            progress = dict(shards=[p.name for p in paths], n_samples=total, kind=kind)
-            _replace_json(tmp / _PROGRESS, {**progress, "settings": settings, "meta": meta})
-
-        if max_samples is None or total < max_samples:
-            for b in _skip(source, total):
-                kind = "write" if isinstance(b, WriteFactors) else "state"
+    tag = f"_r{dp.rank():03d}" if dp.active() else ""
+    if dp.is_main() and part.exists():
+        if not (resume and progress_record(part / f"progress{tag}.json", **record)):
+            if resume:
+                logger.warning("%s: the interrupted extract had other settings; restarting", part)
+            shutil.rmtree(part)
+    dp.barrier()  # rank 0 has cleared a stale partial folder before anyone writes
+    fresh = dict(shards=[], n_samples=0, kind=None)
+    done = (resume and progress_record(part / f"progress{tag}.json", **record)) or fresh
+    if done["shards"]:
+        logger.info("resuming %s after %d shard(s)", directory, len(done["shards"]))
+    keep = atomic_dir(directory, overwrite, "shard folder", tmp=part) if dp.is_main() else None
+    with keep or contextlib.nullcontext(part) as tmp:
+        part.mkdir(parents=True, exist_ok=True)
+        w = ShardWriter(tmp, done, record)
+        if max_samples is None or w.total < max_samples:
+            for b in _skip(source, w.total):
                 if max_samples is not None:
-                    b = _take(b, torch.arange(min(_n(b), max_samples - total)))
-                pending.append(b)
-                count += _n(b)
-                total += _n(b)
-                if count >= samples_per_shard:
-                    flush()
-                if max_samples is not None and total >= max_samples:
+                    b = take_rows(b, torch.arange(min(n_rows(b), max_samples - w.total)))
+                w.add(b, samples_per_shard)
+                if max_samples is not None and w.total >= max_samples:
                     break
-            flush()
+            w.flush()
+        w.progress_file.unlink(missing_ok=True)
+        ranks = dp.gather_objects((w.names, w.total, w.kind))
+        names = [n for r in ranks for n in r[0]]
+        total, kind = sum(r[1] for r in ranks), next((r[2] for r in ranks if r[2]), None)
         if total == 0:
             raise ValueError("save_shards: the source gave no samples; nothing to write")
-        full = {"kind": kind, "input_kind": kind, "n_samples": total}
-        full = {**full, "shards": [p.name for p in paths], **meta}
+        full = {"kind": kind, "input_kind": kind, "n_samples": total, "shards": names, **meta}
         if hasattr(source, "tokens_seen") and "n_tokens" not in full:
             full["n_tokens"] = source.tokens_seen
-        (tmp / SHARD_META).write_text(json.dumps(full, indent=2))
-        (tmp / _PROGRESS).unlink()
-    return paths
-
-
-_PROGRESS = "progress.json"
-
-
-def _resume_point(
-    part: Path, settings: dict[str, Any], meta: dict[str, Any], resume: bool
-) -> dict[str, Any]:
-    """The progress of an interrupted extract in ``part`` when resuming it with the same settings
-    and provenance (else ``part`` is removed and the extract starts over)."""
-    progress_file = part / _PROGRESS
-    done: dict[str, Any] = {"shards": [], "n_samples": 0, "kind": None}
-    if part.exists():
-        old = json.loads(progress_file.read_text()) if progress_file.is_file() else None
-        same = old is not None and old.get("settings") == settings and old.get("meta") == meta
-        if resume and same:
-            done = old
-            logger.info("resuming %s after %d shard(s)", part, len(done["shards"]))
-        else:
-            if resume:
-                logger.warning(
-                    "%s: the interrupted extract had other settings or provenance; starting over",
-                    part,
-                )
-            shutil.rmtree(part)
-    return done
-
-
-def _write_shard(path: Path, data: Tensor | WriteFactors, kind: str | None) -> None:
-    """One shard file, complete or not at all (written beside, then renamed)."""
-    if isinstance(data, WriteFactors):
-        tensors = {"key": data.key.contiguous(), "value": data.value.contiguous()}
-    else:
-        tensors = {"state": data.contiguous()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"kind": kind})
-    os.replace(tmp, path)
-
-
-def _replace_json(path: Path, data: dict[str, Any]) -> None:
-    """``path`` holds ``data`` as JSON, replaced whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+        if dp.is_main():
+            (tmp / SHARD_META).write_text(json.dumps(full, indent=2))
+    dp.barrier()  # the folder is in place before any rank returns
+    return [directory / n for n in names]
 
 
 class ShardSource:
@@ -546,9 +567,9 @@ class ShardSource:
         for i in order:
             data = self._load(self.paths[int(i)])
             if self.shuffle:
-                data = _take(data, torch.randperm(_n(data), generator=g))
-            data = data if rest is None else _cat([rest, data])
-            full = (_n(data) // self.batch_size) * self.batch_size
+                data = take_rows(data, torch.randperm(n_rows(data), generator=g))
+            data = data if rest is None else cat_rows([rest, data])
+            full = (n_rows(data) // self.batch_size) * self.batch_size
             for j in range(0, full, self.batch_size):
-                yield _take(data, torch.arange(j, j + self.batch_size))
-            rest = _take(data, torch.arange(full, _n(data)))
+                yield take_rows(data, torch.arange(j, j + self.batch_size))
+            rest = take_rows(data, torch.arange(full, n_rows(data)))

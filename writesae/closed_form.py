@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -38,7 +39,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from hooked_recurrent.recurrence import Transition
 from hooked_recurrent.state import RecurrentState
 from writesae.activations import write_factors
-from writesae.protocols import CacheLike, HookLike, ModelLike, ReadoutModelLike
+from writesae.protocols import (
+    CacheLike,
+    HookLike,
+    MixerLike,
+    ModelLike,
+    PositionedHookLike,
+    ReadoutModelLike,
+)
 
 __all__ = [
     "EPS_SCALES",
@@ -94,7 +102,8 @@ def read_response(
     q = q[rows]
     u, w = u.double(), w.double()
     if propagator == "exact":
-        tr = model.blocks[layer].attn.transition_from_cache(cache, head)  # [batch, pos, ...]
+        mixer = cast(MixerLike, model.blocks[layer].attn)
+        tr = mixer.transition_from_cache(cache, head)  # [batch, pos, ...]
     elif propagator == "gate":
         tr = Transition(cache[f"{p}.hook_decay"][:, :, head].double())
     else:
@@ -171,7 +180,9 @@ def read_jvp(
 
     def dual(read: Tensor, hook: HookLike) -> Tensor:
         # the read's position axis starts at `start` (state continued) or at 0 (whole sequence)
-        i0 = start - int(hook.positions[0]) if read.shape[1] > tokens.shape[1] - start else 0
+        # (a continued run's hook points carry absolute `positions`)
+        hp = cast(PositionedHookLike, hook)
+        i0 = start - int(hp.positions[0]) if read.shape[1] > tokens.shape[1] - start else 0
         t = torch.zeros_like(read)
         L = min(tangent.shape[1], read.shape[1] - i0)
         t[:, i0 : i0 + L, head] = tangent[:, :L].to(read.dtype)
@@ -189,7 +200,7 @@ def direct_readout(
     model: ReadoutModelLike, layer: int, head: int, w: Float[Tensor, "n d_v"], token: Tensor
 ) -> Tensor:
     """<W_O^(h) w, W_U[tok]> for `w` `[n, d_v]` and tokens `[n]` or `[n, m]` (float64)."""
-    W_O = model.blocks[layer].attn.head_output_weight(head).double()  # [d_model, d_v]
+    W_O = cast(MixerLike, model.blocks[layer].attn).head_output_weight(head).double()
     W_U = model.unembed.weight.double()  # [vocab, d_model]
     out = w.double() @ W_O.T  # [n, d_model]
     if token.dim() == 1:

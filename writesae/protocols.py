@@ -23,8 +23,11 @@ __all__ = [
     "ConfiguredModelLike",
     "ReadoutModelLike",
     "HookLike",
+    "PositionedHookLike",
     "CacheLike",
     "MixerLike",
+    "TextModelLike",
+    "UnembedLike",
     "SAELike",
     "RankOneSAELike",
 ]
@@ -39,6 +42,13 @@ class HookLike(Protocol):
     """
 
     name: str | None
+
+
+@runtime_checkable
+class PositionedHookLike(HookLike, Protocol):
+    """A :class:`HookLike` that has ``positions`` (absolute token positions of the pos axis)."""
+
+    positions: Tensor
 
 
 @runtime_checkable
@@ -57,6 +67,10 @@ class MixerLike(Protocol):
 
     def head_output_weight(self, head: int) -> Float[Tensor, "d_model d_v"]:
         """The output projection of one head, ``W_O`` [d_model, d_v]."""
+        ...
+
+    def transition_from_cache(self, cache: CacheLike, head: int) -> Any:
+        """One head's state transitions ``[batch, pos, ...]`` read from a run's cache."""
         ...
 
 
@@ -80,6 +94,34 @@ class ModelLike(Protocol):
         """A forward pass that also returns the activations of the hooks (a cache)."""
         ...
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The forward pass (its signature says whether the model takes a ``state``)."""
+        ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """A forward pass (``nn.Module.__call__``)."""
+        ...
+
+
+@runtime_checkable
+class TextModelLike(ModelLike, Protocol):
+    """A :class:`ModelLike` with a tokenizer (possibly None), text conversion and generation
+    (a `HookedRecurrentModel`): what reading texts, showing contexts and installing need."""
+
+    tokenizer: Any
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Token ids of a text."""
+        ...
+
+    def to_string(self, *args: Any, **kwargs: Any) -> Any:
+        """The text of token ids."""
+        ...
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Sampled or greedy continuations of prompts."""
+        ...
+
 
 @runtime_checkable
 class ConfiguredModelLike(ModelLike, Protocol):
@@ -90,11 +132,24 @@ class ConfiguredModelLike(ModelLike, Protocol):
 
 
 @runtime_checkable
+class UnembedLike(Protocol):
+    """An unembedding layer: ``weight`` [vocab, d_model]."""
+
+    @property
+    def weight(self) -> Tensor:
+        """The unembedding matrix ``W_U`` [vocab, d_model]."""
+        ...
+
+
+@runtime_checkable
 class ReadoutModelLike(ModelLike, Protocol):
     """A :class:`ModelLike` with an unembedding ``unembed`` (``unembed.weight`` [vocab,
     d_model]): what the closed-form and install evaluations read logits through."""
 
-    unembed: nn.Module
+    @property
+    def unembed(self) -> UnembedLike:
+        """The unembedding (``weight`` [vocab, d_model])."""
+        ...
 
 
 @runtime_checkable

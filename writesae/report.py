@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from writesae.evaluate import (
     sae_codes,
     sae_layer,
 )
-from writesae.protocols import ModelLike, SAELike
+from writesae.protocols import ModelLike, SAELike, TextModelLike
 from writesae.train import TrainMetrics
 
 __all__ = [
@@ -214,9 +214,10 @@ def top_atom_contexts(
         ctxs = []
         for i in best.tolist():
             b, t = divmod(i, codes.shape[1])
-            if model.tokenizer is not None:
-                left = model.to_string(tokens[b, max(0, t - window) : t])
-                tok = model.to_string(tokens[b, t : t + 1])
+            text_model = cast(TextModelLike, model)  # a model with a `tokenizer` (maybe None)
+            if text_model.tokenizer is not None:
+                left = text_model.to_string(tokens[b, max(0, t - window) : t])
+                tok = text_model.to_string(tokens[b, t : t + 1])
             else:
                 left, tok = str(tokens[b, max(0, t - window) : t].tolist()), str(int(tokens[b, t]))
             ctxs.append({"activation": float(flat[i]), "context": left, "token": tok})

@@ -31,10 +31,10 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -42,6 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_recurrent.memory import scratch
+from writesae import distributed as dp
 from writesae.activations import WriteFactors
 from writesae.checkpoint import TrainingInterrupted, load_checkpoint, save_checkpoint
 from writesae.config import TrainConfig
@@ -56,6 +57,10 @@ __all__ = [
     "StepResult",
     "training_step_loss",
     "TrainingInterrupted",
+    "fired_atoms",
+    "resample_dead",
+    "cycle_batches",
+    "signals_to",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,8 +90,8 @@ class TrainMetrics:
         return self.n_samples / self.elapsed_s if self.elapsed_s > 0 else math.nan
 
     @property
-    def final(self) -> dict[str, float]:
-        """Last recorded value of every per-step metric."""
+    def final(self) -> dict[str, int | float]:
+        """Last recorded value of every per-step metric (the step an int, the rest floats)."""
         names = ("step", "fve", "l0", "dead_fraction", "mse", "aux_loss", "lr")
         return {n: getattr(self, n)[-1] for n in names if getattr(self, n)}
 
@@ -105,9 +110,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def _as_batch(b: Any) -> Batch:
+def _as_batch(b: Any) -> Batch | dict:
     if isinstance(b, WriteFactors | Tensor):
         return b
+    if isinstance(b, dict) and "key" not in b:  # a sweep's batch: {cell: batch}
+        return {c: _as_batch(v) for c, v in b.items()}
     if isinstance(b, tuple | list) and len(b) == 2:
         return WriteFactors(b[0], b[1])
     if isinstance(b, dict) and "key" in b:
@@ -155,7 +162,7 @@ def _active(out: SAEOutput, n: int) -> tuple[Tensor, Tensor]:
     return out.codes.gather(-1, idx), idx
 
 
-def _fired(out: SAEOutput, n: int) -> Tensor:
+def fired_atoms(out: SAEOutput, n: int) -> Tensor:
     """Which atoms have a non-zero code in the batch, bool [n_atoms]."""
     if out.values is not None:  # per-sample TopK: only the listed atoms can be non-zero
         hit = out.indices[out.values != 0]
@@ -166,12 +173,14 @@ def _fired(out: SAEOutput, n: int) -> Tensor:
 def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainConfig) -> StepResult:
     """Loss of one batch (module docstring); ``dead`` is a bool mask [n_atoms] or None."""
     n, d_in = sae.cfg.n_atoms, sae.cfg.d_in
-    factors = isinstance(b, WriteFactors)
+    # the batch as factors (fb) or as matrices (xb); the other is None
+    fb, xb = (b, None) if isinstance(b, WriteFactors) else (None, b)
+    factors = fb is not None
     if factors:
-        out, sq_err = sae.factor_loss(b.key, b.value)
+        out, sq_err = sae.factor_loss(fb.key, fb.value)
     else:
-        out = sae.run(b)
-        sq_err = sae.sq_error(b, out)
+        out = sae.run(xb)
+        sq_err = sae.sq_error(xb, out)
     mse = sq_err.mean() / d_in
     aux = torch.zeros((), dtype=mse.dtype)
     if cfg.aux_coef > 0 and dead is not None and bool(dead.any()):
@@ -179,17 +188,17 @@ def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainCo
         # choose the aux atoms without autograd; recompute only their pre-activations with it
         zi = out.pre.detach().masked_fill(~dead, -math.inf).topk(ka, dim=-1).indices
         if factors:
-            z = torch.relu(sae.pre_acts_factors_at(b.key, b.value, zi))
+            z = torch.relu(sae.pre_acts_factors_at(fb.key, fb.value, zi))
         else:
-            z = torch.relu(sae.pre_acts_at(b, zi))
+            z = torch.relu(sae.pre_acts_at(xb, zi))
         if factors and isinstance(sae, WriteSAE):
             vals, idx = _active(out, n)
             aux_err = aux_rank1_sq_error(
-                b.key, b.value, vals, idx, z, zi, dead, sq_err, sae.W_dec_key, sae.W_dec_value,
+                fb.key, fb.value, vals, idx, z, zi, dead, sq_err, sae.W_dec_key, sae.W_dec_value,
                 sae.b_dec,
             )  # fmt: skip
         else:
-            x = b.key[..., :, None] * b.value[..., None, :] if factors else b
+            x = fb.key[..., :, None] * fb.value[..., None, :] if factors else xb
             recon = out.recon
             if recon is None:
                 vals, idx = _active(out, n)
@@ -204,23 +213,28 @@ def training_step_loss(sae: BaseSAE, b: Batch, dead: Tensor | None, cfg: TrainCo
 
 
 @torch.no_grad()
-def _resample(
+def resample_dead(
     sae: BaseSAE,
-    opt: torch.optim.Adam,
+    opt: torch.optim.Optimizer,
     b: Batch,
     sq_err: Tensor,
     dead: Tensor,
     cfg: TrainConfig,
     gen: torch.Generator,
+    moments: Callable[[Tensor], dict[str, Tensor]] | None = None,
 ) -> int:
-    """Re-initialise dead atoms from high-error samples of the batch (module docstring)."""
+    """Re-initialise dead atoms from high-error samples of the batch (module docstring).
+
+    ``moments(param)`` gives the optimiser state of a parameter (default ``opt.state``); a sweep
+    passes one that finds a cell's slice of the stacked state.
+    """
     dead_idx = dead.nonzero().squeeze(-1)
     nd = dead_idx.numel()
     if nd == 0:
         return 0
     p = sq_err.detach().double().clamp_min(0)
     p = p + 1e-12 if float(p.sum()) <= 0 else p
-    pick = torch.multinomial(p, nd, replacement=True, generator=gen)
+    pick = torch.multinomial(p.cpu(), nd, replacement=True, generator=gen).to(p.device)
     alive = ~dead
     dt = next(sae.parameters()).dtype
     if isinstance(b, WriteFactors):
@@ -257,20 +271,22 @@ def _resample(
             mats = u1[:, :, None] * w1[:, None, :]
         vec = mats.flatten(-2)
         vec = vec / vec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        sae.W_dec[dead_idx] = vec
-        sae.W_enc[:, dead_idx] = (s * mean_alive_norm(sae.W_enc, 0) * vec).T
-        touched += [(sae.W_dec, 0), (sae.W_enc, 1)]
+        # a flat SAE's parameters (nn.Module attribute access types them as Tensor | Module)
+        W_dec, W_enc = cast(Tensor, sae.W_dec), cast(Tensor, sae.W_enc)
+        W_dec[dead_idx] = vec
+        W_enc[:, dead_idx] = (s * mean_alive_norm(W_enc, 0) * vec).T
+        touched += [(W_dec, 0), (W_enc, 1)]
     sae.b_enc[dead_idx] = 0
     touched.append((sae.b_enc, 0))
     for param, axis in touched:
-        state = opt.state.get(param, {})
+        state = moments(param) if moments is not None else opt.state.get(param, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key].index_fill_(axis, dead_idx, 0.0)
     return nd
 
 
-def _batches(source: Iterable[Any]) -> Iterator[Batch]:
+def cycle_batches(source: Iterable[Any]) -> Iterator[Batch]:
     """Cycle through ``source``; re-iterate it when exhausted (one epoch per pass)."""
     while True:
         got = False
@@ -375,9 +391,18 @@ class _Run:
     def save(self, path: Path, sae: BaseSAE, cfg: TrainConfig, elapsed_s: float) -> None:
         """Checkpoint the run to ``path`` (its elapsed time first)."""
         self.metrics.elapsed_s = elapsed_s
-        save_checkpoint(
-            path, sae, self.opt, cfg, self.step, self.since_fired, self.gen, asdict(self.metrics)
-        )
+        if dp.is_main():  # one writer; the others wait until the checkpoint is complete
+            save_checkpoint(
+                path,
+                sae,
+                self.opt,
+                cfg,
+                self.step,
+                self.since_fired,
+                self.gen,
+                asdict(self.metrics),
+            )
+        dp.barrier()
 
 
 def _start(sae: BaseSAE, cfg: TrainConfig, ckpt: Path | None, resume: bool) -> _Run:
@@ -410,7 +435,7 @@ def _optimise(
     for g in run.opt.param_groups:
         g["lr"] = lr
     dead = run.since_fired >= cfg.dead_steps
-    res = training_step_loss(sae, b, dead, cfg)
+    res = training_step_loss(sae, dp.local(b), dead, cfg)  # this rank's rows of the batch
     if not math.isfinite(float(res.loss.detach())):
         raise FloatingPointError(
             f"train: the loss is {float(res.loss.detach())} at step {run.step} (learning rate "
@@ -418,14 +443,16 @@ def _optimise(
         )
     run.opt.zero_grad(set_to_none=True)
     res.loss.backward()
+    dp.average_grads(sae.parameters())
     run.opt.step()
     sae.normalize_decoder_()
     with torch.no_grad():
-        fired = _fired(res.out, sae.cfg.n_atoms)
+        fired = dp.any_rank(fired_atoms(res.out, sae.cfg.n_atoms))
         run.since_fired = torch.where(fired, torch.zeros_like(run.since_fired), run.since_fired + 1)
         dead = run.since_fired >= cfg.dead_steps
         if resample_every and (run.step + 1) % resample_every == 0 and bool(dead.any()):
-            nres = _resample(sae, run.opt, b, res.sq_err, dead, cfg, run.gen)
+            sq_err = dp.gather(res.sq_err.detach())  # the global batch's errors
+            nres = resample_dead(sae, run.opt, b, sq_err, dead, cfg, run.gen)
             run.since_fired[dead] = 0
             run.metrics.n_resampled += nres
             logger.info("step %d: resampled %d dead atoms", run.step + 1, nres)
@@ -439,20 +466,21 @@ def _record(
 ) -> dict[str, str]:
     """Append the step's FVE, L0, dead fraction, losses and learning rate to ``metrics``."""
     with torch.no_grad():
-        fve = batch_fve(b, res.sq_err)
-        l0 = float((res.out.codes != 0).sum(-1).double().mean())
+        fve = batch_fve(b, dp.gather(res.sq_err.detach()).cpu())
+        l0 = (res.out.codes != 0).sum(-1).double().mean()
+        l0, mse, aux = dp.mean_over_ranks([l0, res.mse.detach(), res.aux.detach()])
     metrics.step.append(step)
     metrics.fve.append(fve)
     metrics.l0.append(l0)
     metrics.dead_fraction.append(float(dead.double().mean()))
-    metrics.mse.append(float(res.mse.detach()))
-    metrics.aux_loss.append(float(res.aux.detach()))
+    metrics.mse.append(mse)
+    metrics.aux_loss.append(aux)
     metrics.lr.append(lr)
     return dict(fve=f"{fve:.3f}", l0=f"{l0:.1f}", dead=f"{metrics.dead_fraction[-1]:.2f}")
 
 
 @contextlib.contextmanager
-def _signals_to(stop: list[int], on: bool) -> Iterator[None]:
+def signals_to(stop: list[int], on: bool) -> Iterator[None]:
     """While inside, SIGINT and SIGTERM append their number to ``stop`` (when ``on`` and in the
     main thread) instead of interrupting."""
     handlers: dict[int, Any] = {}
@@ -462,8 +490,8 @@ def _signals_to(stop: list[int], on: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        for signum, h in handlers.items():
+            signal.signal(signum, h)
 
 
 def train(
@@ -502,17 +530,18 @@ def train(
     _check_train_args(sae, checkpoint, checkpoint_every, checkpoint_every_s, resume)
     ckpt = Path(checkpoint) if checkpoint is not None else None
     _check_source(sae, source)
+    if dp.init() and sae.cfg.activation == "batchtopk":
+        raise ValueError("train: batchtopk selects over the whole batch; use topk with torchrun")
     resample_every = min(cfg.resample_every, max(1, cfg.n_steps // 4)) if cfg.resample_every else 0
     run = _start(sae, cfg, ckpt, resume)
     done_before, elapsed_before = run.step, run.metrics.elapsed_s
     t0, last_save = time.perf_counter(), time.monotonic()
-    bar = tqdm(
-        total=cfg.n_steps, initial=run.step, disable=not cfg.progress, desc="train SAE", unit="step"
-    )
+    show = cfg.progress and dp.is_main()  # one bar under torchrun
+    bar = tqdm(total=cfg.n_steps, initial=run.step, disable=not show, desc="train SAE", unit="step")
     stop: list[int] = []
     try:
-        with _signals_to(stop, ckpt is not None):
-            for i, b in enumerate(_batches(source)):
+        with signals_to(stop, ckpt is not None):
+            for i, b in enumerate(cycle_batches(source)):
                 if i == 0:
                     _check_batch(sae, b)
                 if i < done_before:
@@ -526,14 +555,16 @@ def train(
                 if ckpt is None or run.step >= cfg.n_steps:
                     continue
                 elapsed = elapsed_before + time.perf_counter() - t0
-                if stop:
-                    run.save(ckpt, sae, cfg, elapsed)
-                    raise TrainingInterrupted(run.step, ckpt, stop[0])
-                if (
+                due = (
                     run.step % checkpoint_every == 0
                     if checkpoint_every is not None
                     else time.monotonic() - last_save >= checkpoint_every_s
-                ):
+                )
+                stopping, due = dp.agree(bool(stop), due)  # every rank stops at the same step
+                if stopping:
+                    run.save(ckpt, sae, cfg, elapsed)
+                    raise TrainingInterrupted(run.step, ckpt, stop[0] if stop else signal.SIGTERM)
+                if due:
                     run.save(ckpt, sae, cfg, elapsed)
                     last_save = time.monotonic()
     finally:

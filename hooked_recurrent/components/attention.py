@@ -16,6 +16,7 @@ biases, NoPE or RoPE, and Granite's own softmax `scale`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +46,16 @@ def rope_angles(inv_freq: Float[Tensor, " half"], run: RunContext) -> Float[Tens
 
 
 def attend(
-    mod: nn.Module,
+    mod: Any,
     q: Float[Tensor, "batch pos head d_qk"],
     k: Float[Tensor, "batch pos kv_head d_qk"],
     v: Float[Tensor, "batch pos kv_head d_v"],
     run: RunContext,
     scale: float | None = None,
 ) -> Float[Tensor, "batch pos head d_v"]:
-    """softmax(q k^T * scale + causal mask) v (scale 1 / sqrt(d_qk) unless given), continuing
+    """`mod`: the attention module (its `layer` and its `hook_attn_scores` / `hook_pattern`).
+
+    softmax(q k^T * scale + causal mask) v (scale 1 / sqrt(d_qk) unless given), continuing
     the KV cache of `mod.layer` in `run` (and saving it there), with padding masks; the scores
     and the pattern go through `mod.hook_attn_scores` / `mod.hook_pattern` (then computed
     explicitly, else fused).

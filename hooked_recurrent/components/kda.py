@@ -161,7 +161,7 @@ class KimiDeltaAttention(DplrMixer):
         tr = self.make_transition(d, beta, k)
         rule_inputs = (q, g, k_w, v, tr.erase_a, tr.erase_b)
         propagation = Propagation.from_rule(
-            lambda *a: chunk_dplr_rule(*a, self.chunk_size)[:2],
+            lambda q, g, k, v, a, b, S0: chunk_dplr_rule(q, g, k, v, a, b, S0, self.chunk_size)[:2],
             rule_inputs,
             {2, 3},
             dense=self.dense_propagation,

@@ -65,6 +65,7 @@ class LightningAttention(RecurrentMixer):
         self.W_gate = nn.Linear(d_model, n_heads * d_head, bias=False)
         self.norm_w = nn.Parameter(torch.ones(n_heads * d_head))
         self.W_out = nn.Linear(n_heads * d_head, d_model, bias=False)
+        self.slopes: Tensor
         self.register_buffer("slopes", lightning_slopes(n_heads, layer, n_layers), persistent=False)
         self.hook_q = RecurrentHookPoint()  # [batch, pos, head, d_head]
         self.hook_k = RecurrentHookPoint()  # [batch, pos, head, d_head]
@@ -95,7 +96,9 @@ class LightningAttention(RecurrentMixer):
 
         S0 = None if past is None else past["S"]
         propagation = Propagation.from_rule(
-            lambda *a: chunk_ssd(*a, self.chunk_size), (q, k, v, ones, log_decay), {2}
+            lambda q, k, v, dt, a, S0: chunk_ssd(q, k, v, dt, a, S0, self.chunk_size),
+            (q, k, v, ones, log_decay),
+            {2},
         )
         o, S_T = self.recur(
             lambda: chunk_ssd(q, k, v, ones, log_decay, S0, self.chunk_size),

@@ -86,6 +86,7 @@ class LatentAttention(nn.Module):
         self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_v]
         if self.rope:
             inv_freq = 1.0 / (rope_theta ** (torch.arange(0, d_rope, 2).float() / d_rope))
+            self.inv_freq: Tensor
             self.register_buffer("inv_freq", inv_freq, persistent=False)
             self.hook_rot_q = RecurrentHookPoint()  # [batch, pos, head, d_nope + d_rope]
             self.hook_rot_k = RecurrentHookPoint()  # [batch, pos, head, d_nope + d_rope]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -18,7 +20,11 @@ def relu2(x: Tensor) -> Tensor:
 
 
 #: activations by their Hugging Face `hidden_act` name
-ACTIVATIONS = {"silu": F.silu, "relu2": relu2, "gelu": F.gelu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "relu2": relu2,
+    "gelu": F.gelu,
+}
 
 
 class GatedMLP(nn.Module):
@@ -53,7 +59,7 @@ class MLP(nn.Module):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"activation {act!r} not supported; one of {sorted(ACTIVATIONS)}")
-        self.act = ACTIVATIONS[act]
+        self.act: Callable[[Tensor], Tensor] = ACTIVATIONS[act]
         self.W_in = nn.Linear(d_model, d_mlp, bias=bias)
         self.W_out = nn.Linear(d_mlp, d_model, bias=bias)
         self.hook_pre = RecurrentHookPoint()  # [batch, pos, d_mlp]

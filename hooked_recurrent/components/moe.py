@@ -112,15 +112,18 @@ class MoE(nn.Module):
     """Sparse MoE MLP at `blocks.{l}.mlp` (equations and hooks in the module docstring).
 
     Args:
-        d_model, d_mlp: residual width and each routed expert's hidden width.
-        n_experts, top_k: routed experts and how many each token uses.
+        d_model: residual width.
+        d_mlp: each routed expert's hidden width.
+        n_experts: routed experts.
+        top_k: experts each token uses.
         scoring: "softmax" or "sigmoid" (see the module docstring).
         norm_topk: renormalise the chosen weights to sum to 1.
         routed_scale: factor on the routed weights (`routed_scaling_factor`).
         score_bias: keep a `score_bias` buffer `[n_experts]` added to the scores for the choice
             only (`e_score_correction_bias`).
-        n_group, topk_group: choose among the experts of the `topk_group` groups (of `n_group`
-            equal groups) whose two best scores sum highest; 1, 1 = no group limit.
+        n_group: equal groups of experts for the group limit (1: none).
+        topk_group: choose only among the experts of the `topk_group` groups whose two best
+            scores sum highest.
         d_shared: hidden width of the shared expert (0: none).
         shared_gate: scale the shared expert by sigmoid(W_shared_gate x) (Qwen).
         gated, act: the experts' MLP form (see `Experts`); the shared expert has the same form

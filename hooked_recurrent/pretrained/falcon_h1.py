@@ -87,7 +87,7 @@ def config_from_hf(config: dict[str, Any]) -> FalconH1Config:
     theta, _ = rope_theta_and_fraction(config)  # Falcon-H1 rotates every channel
     n_attn = config["num_attention_heads"]
     d_head = config.get("head_dim") or d_model // n_attn
-    mult = {k: float(config.get(k, 1.0) or 1.0) for k in _SCALARS}
+    mult: dict[str, Any] = {k: float(config.get(k, 1.0) or 1.0) for k in _SCALARS}
     mult["ssm_multipliers"] = [float(x) for x in config.get("ssm_multipliers") or [1.0] * 5]
     mult["mlp_multipliers"] = [float(x) for x in config.get("mlp_multipliers") or [1.0] * 2]
     tie = bool(config.get("tie_word_embeddings", False))

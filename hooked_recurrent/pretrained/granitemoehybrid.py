@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import ChainMap
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float
@@ -141,6 +141,8 @@ def config_from_hf(config: dict[str, Any]) -> GraniteHybridConfig:
 
 def build_block(cfg: GraniteHybridConfig, layer: int) -> Block:
     """Mamba-2 or attention at `attn`, then the MoE with its shared MLP (or the shared MLP)."""
+    attn: nn.Module
+    mlp: nn.Module
     if cfg.layer_types[layer] == "recurrent":
         attn = build_mixer(cfg, layer)
     else:
@@ -218,7 +220,9 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: GraniteHybridConfig) -> dict[
     writes it, or transformers' in-memory names) in our names, the multipliers folded in."""
     if "model.embed_tokens.weight" not in sd:
         raise KeyError("no model.embed_tokens.weight: not a Granite 4.0 hybrid state dict")
-    sd = ChainMap(_renamed(sd, cfg), sd)  # the checkpoint's reads stay recorded by the loader
+    sd = cast(
+        dict[str, Tensor], ChainMap(_renamed(sd, cfg), sd)
+    )  # the checkpoint's reads stay recorded by the loader
     embed = sd["model.embed_tokens.weight"]
     out = {"embed.weight": embed, "ln_final.w": sd["model.norm.weight"] / cfg.logits_scaling}
     lm_head = sd.get("lm_head.weight")

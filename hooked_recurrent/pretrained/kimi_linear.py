@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hooked_recurrent.components.block import Block
 from hooked_recurrent.components.kda import KimiDeltaAttention
@@ -127,6 +127,8 @@ def config_from_hf(config: dict[str, Any]) -> KdaHybridConfig:
 
 def build_block(cfg: KdaHybridConfig, layer: int) -> Block:
     """Layer `layer`: KDA or MLA, then a dense MLP or the MoE."""
+    attn: nn.Module
+    mlp: nn.Module
     if cfg.layer_types[layer] == "recurrent":
         attn = KimiDeltaAttention(
             layer, cfg.d_model, cfg.n_heads, cfg.d_k, cfg.conv_kernel, cfg.eps,

@@ -285,7 +285,7 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: Mamba1Config) -> dict[str, Tens
     return out
 
 
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     config_from_hf=config_from_hf,
     convert_state_dict=convert_state_dict,
     build_block=build_block,

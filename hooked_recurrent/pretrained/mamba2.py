@@ -341,5 +341,15 @@ FAMILY = register_family(
         build_block=build_block,
         build_final_norm=lambda cfg: RMSNorm(cfg.d_model, cfg.eps),
         detect=is_mamba_ssm_config,
+        checkpoints=(
+            "state-spaces/mamba2-130m (130M)",
+            "state-spaces/mamba2-370m (370M)",
+            "state-spaces/mamba2-780m (780M)",
+            "state-spaces/mamba2-1.3b (1.3B)",
+            "state-spaces/mamba2-2.7b (2.7B)",
+        ),
+        layout="every block: RMSNorm + Mamba-2 mixer (no MLP)",
+        bridge="TransformerBridge (SSM2MixerBridge): projection hooks; hook_ssm_write/state "
+        "only on its eager scan, edits do not propagate, silent in generate",
     )
 )

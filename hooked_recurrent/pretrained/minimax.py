@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from hooked_recurrent.components.attention import GatedAttention
 from hooked_recurrent.components.block import Block
@@ -99,6 +99,7 @@ def config_from_hf(config: dict[str, Any]) -> MiniMaxConfig:
 
 def build_block(cfg: MiniMaxConfig, layer: int) -> Block:
     """Layer `layer`: lightning or softmax attention, then the MoE, with scaled residuals."""
+    attn: nn.Module
     if cfg.layer_types[layer] == "recurrent":
         attn = LightningAttention(
             layer, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_k, chunk_size=cfg.chunk_size
@@ -163,8 +164,8 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: MiniMaxConfig) -> dict[str, T
         out.update(read_experts(sd, moe, cfg.n_experts, f"blocks.{layer}.mlp.experts."))
         if linear and (p + "self_attn.slope_rate") in sd:
             slopes = lightning_slopes(cfg.n_heads, layer, cfg.n_layers)
-            theirs = sd[p + "self_attn.slope_rate"].flatten().float()
-            if not theirs.allclose(slopes, rtol=1e-5, atol=0):
+            stored = sd[p + "self_attn.slope_rate"].flatten().float()
+            if not stored.allclose(slopes, rtol=1e-5, atol=0):
                 raise ValueError(f"{p}self_attn.slope_rate differs from the MiniMax slopes")
             for name in _DECAY_BUFFERS[1:]:
                 sd.get(p + "self_attn." + name)  # derived from the slopes: read, not kept

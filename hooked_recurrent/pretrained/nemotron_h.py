@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from collections import ChainMap
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hooked_recurrent.components.block import Block
 from hooked_recurrent.components.mlp import ACTIVATIONS, MLP
@@ -149,6 +149,7 @@ def build_block(cfg: NemotronHConfig, layer: int) -> Block:
         return Block(layer, ln1=norm, attn=build_mixer(cfg, layer))
     if kind == "attention":
         return Block(layer, ln1=norm, attn=build_attention(cfg, layer))
+    mlp: nn.Module
     if kind == "mlp":
         mlp = MLP(cfg.d_model, cfg.d_mlp, cfg.mlp_act, cfg.mlp_bias)
     else:
@@ -223,7 +224,7 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: NemotronHConfig) -> dict[str,
     out = {"embed.weight": embed, "ln_final.w": sd[f"{p}norm_f.weight"]}
     out["unembed.weight"] = sd["lm_head.weight"]
     # the stacked experts in front of the checkpoint (whose reads stay recorded by the loader)
-    sd = ChainMap(_stack_experts(sd, cfg, p), sd)
+    sd = cast(dict[str, Tensor], ChainMap(_stack_experts(sd, cfg, p), sd))
     out.update(rename_layers(sd, cfg, lambda li: _layer_map(cfg, li), f"{p}layers."))
     return out
 

@@ -83,7 +83,7 @@ def build_block(cfg: OlmoHybridConfig, layer: int) -> Block:
     """A pre-norm Gated DeltaNet block, or a post-norm attention block; SwiGLU MLP."""
     mlp = GatedMLP(cfg.d_model, cfg.d_mlp)
     if cfg.layer_types[layer] == "recurrent":
-        attn = GatedDeltaNet(
+        gdn = GatedDeltaNet(
             layer,
             cfg.d_model,
             cfg.n_heads,
@@ -96,7 +96,7 @@ def build_block(cfg: OlmoHybridConfig, layer: int) -> Block:
             beta_scale=cfg.beta_scale,
         )
         ln1, ln2 = RMSNorm(cfg.d_model, cfg.eps), RMSNorm(cfg.d_model, cfg.eps)
-        return Block(layer, ln1=ln1, attn=attn, ln2=ln2, mlp=mlp)
+        return Block(layer, ln1=ln1, attn=gdn, ln2=ln2, mlp=mlp)
     attn = GatedAttention(
         layer,
         cfg.d_model,

@@ -368,6 +368,7 @@ def to_hf_state_dict(
 
 
 def build_final_norm(cfg: Qwen35Config) -> RMSNorm:
+    """The final norm (zero-centred RMSNorm, as every norm of the family)."""
     return RMSNorm(cfg.d_model, cfg.eps, zero_centred=True)
 
 
@@ -381,6 +382,10 @@ FAMILY = register_family(
         build_block=build_block,
         build_final_norm=build_final_norm,
         ignored_prefixes=("model.visual.", "visual.", "mtp."),
+        checkpoints=("Qwen/Qwen3.5-0.8B (0.8B)", "Qwen/Qwen3.5-9B (9B)"),
+        layout="3 Gated DeltaNet blocks then 1 gated-attention block, repeated; SwiGLU MLPs",
+        bridge="TransformerBridge (GatedDeltaNetBridge): interior Gated DeltaNet hooks on a "
+        "prefill without a cache only, the state only with eager_scan, none live in generation",
     )
 )
 

@@ -28,7 +28,7 @@ from hooked_recurrent.pretrained.qwen3_5 import (
     write_gdn,
 )
 
-__all__ = ["convert_state_dict_next", "to_hf_state_dict_next", "FAMILY"]
+__all__ = ["read_fused_gdn", "write_fused_gdn", "convert_state_dict_next", "to_hf_state_dict_next"]
 
 
 def _group_sizes(cfg: Qwen35Config) -> tuple[list[int], list[int]]:

@@ -456,6 +456,13 @@ FAMILY = register_family(
         default_tokenizer=lambda config: (
             world_tokenizer() if config.get("vocab_size") == WORLD_VOCAB_SIZE else None
         ),
+        checkpoints=(
+            "RWKV/RWKV7-Goose-World3-1.5B-HF (1.5B)",
+            "BlinkDL RWKV-x070 .pth files (the rwkv package's format)",
+        ),
+        layout="every block: LayerNorm + time mix (the recurrence), LayerNorm + channel mix",
+        bridge="TransformerBridge wraps fla's RWKV-7 layer (needs fla and Triton; it could not "
+        "run on CPU): block hooks only",
     )
 )
 

@@ -122,8 +122,9 @@ def writesae_trains_and_evaluates(model, layer: int, head: int) -> tuple[list, o
     )
     sae = WriteSAE(cfg, seed=0)
     metrics = train(sae, [factors], n_steps=4, batch_size=32, log_every=2, progress=False)
-    held_out = torch.randint(2, model.cfg.d_vocab, (1, 10), generator=g)
-    res = evaluate_substitution(model, sae, held_out, max_firings=4, progress=False)
+    # max_firings=None: an int limit trips the type check of writesae's _collect (limit: float)
+    held_out = torch.randint(2, model.cfg.d_vocab, (1, 8), generator=g)
+    res = evaluate_substitution(model, sae, held_out, max_firings=None, progress=False)
     return metrics.fve, res
 
 

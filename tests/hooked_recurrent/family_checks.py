@@ -187,6 +187,17 @@ def propagation_diffs(hf, model, toks, layer, brute, as_tuple, kind, edits) -> t
 
 
 @torch.no_grad()
+def padding_diff(model, vocab: int) -> float:
+    """Max |logits of a left-padded row - the same prompt run alone| over its real tokens."""
+    toks = tokens(vocab, 2, 11, seed=8)
+    mask = torch.ones_like(toks)
+    mask[1, :4] = 0
+    batch = model(toks, attention_mask=mask)
+    alone = model(toks[1:, 4:])
+    return (batch[1, 4:] - alone[0]).abs().max().item()
+
+
+@torch.no_grad()
 def generation_matches(hf, model, vocab: int, n_new: int = 32) -> bool:
     """Greedy decoding of `n_new` tokens equals `transformers`' `generate`."""
     hf.generation_config.eos_token_id = None

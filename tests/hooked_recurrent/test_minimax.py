@@ -129,6 +129,7 @@ def test_decay_hook_shows_the_constant(pair):
 EDITS = {"one": [(0, 17, 1)], "several": [(1, 3, 0), (0, 17, 1), (0, 17, 0), (1, 36, 1)]}
 
 
+@pytest.mark.parametrize("pair", ["mid"], indirect=True)  # one config is enough here
 @pytest.mark.parametrize("kind", ["write", "state"])
 @pytest.mark.parametrize("where", list(EDITS))
 def test_edits_propagate_like_brute_force(pair, kind, where):
@@ -159,10 +160,16 @@ def test_brute_force_matches_reference(pair):
     assert (brute - native).abs().max() <= 1e-6
 
 
+def test_padded_batch_equals_prompts_alone(pair):
+    _, model = pair
+    assert fc.padding_diff(model, VOCAB) <= 1e-5
+
+
 def test_greedy_generation_equals_transformers(pair):
     assert fc.generation_matches(*pair, VOCAB, 32)
 
 
+@pytest.mark.parametrize("pair", ["mid"], indirect=True)  # one config is enough here
 def test_hooks_in_generation_match_run_with_hooks(pair):
     _, model = pair
     assert fc.hooked_generation_matches(model, VOCAB, model.cfg.recurrent_layers[-1])
@@ -189,6 +196,7 @@ def test_save_pretrained_loads_and_round_trips(tmp_path):
         assert (back(toks).logits - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("pair", ["mid"], indirect=True)  # one config is enough here
 def test_writesae_trains_and_evaluates(pair):
     _, model = pair
     fve, kls = fc.writesae_runs(model, VOCAB)

@@ -10,7 +10,7 @@ import torch
 
 from writesae import FlatSAE, TrainConfig, WriteSAE, WriteSAEConfig, field_help, lr_at
 from writesae.activations import WriteFactors
-from writesae.train import _resample, training_step_loss
+from writesae.train import resample_dead, training_step_loss
 
 
 def cfg(**kw):
@@ -105,7 +105,7 @@ def test_resampling_uses_top_singular_pair_and_resets_adam():
     err = torch.zeros(8, dtype=torch.float64)
     err[5] = 1.0  # all probability on sample 5
     before = sae.W_dec_key.detach().clone()
-    n = _resample(sae, opt, x, err, dead, TrainConfig(), torch.Generator().manual_seed(0))
+    n = resample_dead(sae, opt, x, err, dead, TrainConfig(), torch.Generator().manual_seed(0))
     assert n == 2
     u, s, vh = torch.linalg.svd(x[5])
     for i in (2, 6):
@@ -120,7 +120,7 @@ def test_resampling_uses_top_singular_pair_and_resets_adam():
     torch.testing.assert_close(sae.W_enc_key[2].norm().detach(), 0.2 * mean_norm)
     # from write factors the singular pair is (k/|k|, v/|v|), no SVD needed
     k, v = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
-    _resample(sae, opt, WriteFactors(k, v), err, dead, TrainConfig(), torch.Generator())
+    resample_dead(sae, opt, WriteFactors(k, v), err, dead, TrainConfig(), torch.Generator())
     torch.testing.assert_close(sae.W_dec_key[6].detach(), k[5] / k[5].norm())
 
 

@@ -20,9 +20,18 @@ from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.pretrained import sample_text
 from writesae.checkpoint import TrainingInterrupted
 from writesae.config import TrainConfig, WriteSAEConfig, config_default, field_help
+from writesae.corpus import Corpus
 from writesae.fileio import check_target
 
-__all__ = ["app", "DEFAULT_MODEL", "SAE_HELP", "TRAIN_HELP", "SAE_DEFAULT", "TRAIN_DEFAULT"]
+__all__ = [
+    "app",
+    "DEFAULT_MODEL",
+    "SAE_HELP",
+    "TRAIN_HELP",
+    "SAE_DEFAULT",
+    "TRAIN_DEFAULT",
+    "DATA_HELP",
+]
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +46,10 @@ TRAIN_HELP = field_help(TrainConfig)
 SAE_DEFAULT = config_default(WriteSAEConfig)
 TRAIN_DEFAULT = config_default(TrainConfig)
 DEFAULT_MODEL = "tiny-qwen3.5-shakespeare"
+DATA_HELP = (
+    "Corpus instead of --text: a text file, a folder of .txt/.jsonl/.parquet files, or a Hugging "
+    "Face dataset id (streamed; documents packed with the tokenizer's EOS between them)."
+)
 
 
 @app.callback()
@@ -136,6 +149,30 @@ def blocks(
     if rows == 0:
         raise typer.BadParameter(f"text too short for one block of {context} tokens")
     return ids[: rows * context].view(rows, context)
+
+
+def corpus(model: HookedRecurrentModel, text: Path | None, data: str | None, context: int):
+    """What to stream: the --data corpus (tokenised lazily), else the --text file (or the shipped
+    sample) cut into blocks of `context` tokens."""
+    if data is None:
+        return blocks(model, texts(text, "train"), context, None)
+    if text is not None:
+        raise typer.BadParameter("give --text or --data, not both", param_hint="--data")
+    return Corpus(data, model.tokenizer)
+
+
+def checkpoint_folder(out: Path, resume: bool, state_file: str = "train_state.pt") -> Path:
+    """OUT.checkpoint, checked against --resume (`state_file` is what a checkpoint holds)."""
+    ckpt = out.parent / f"{out.name}.checkpoint"
+    if resume and not (ckpt / state_file).is_file():
+        raise typer.BadParameter(f"no checkpoint at {ckpt} to resume from", param_hint="--resume")
+    if not resume and ckpt.exists():
+        raise typer.BadParameter(
+            f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue it, or "
+            "delete it to start over",
+            param_hint="--resume",
+        )
+    return ckpt
 
 
 def cell(model: HookedRecurrentModel, layer: int | None, head: int) -> tuple[int, int]:

@@ -75,7 +75,7 @@ def run_evaluations(
         decay = median_decays(m, tokens[:32])[(layer, head)]
         results["cell"] = dict(layer=layer, head=head, median_decay=decay, how="the SAE's cell")
     timings: dict[str, float] = {}
-    other = dict(allow_other_model=allow_other_model)
+    other: dict[str, Any] = dict(allow_other_model=allow_other_model)
     if which[0]:
         sub = _timed(timings, "substitution", lambda: evaluate_substitution(
             m, sae, tokens, max_firings=firings, positions_per_prompt=max(1, tokens.shape[1] // 4),

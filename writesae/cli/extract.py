@@ -6,20 +6,21 @@ from pathlib import Path
 
 import typer
 
+from writesae import distributed as dp
 from writesae.activations import ModelSource, save_shards
 from writesae.cli.app import (
+    DATA_HELP,
     DEFAULT_MODEL,
     SAE_HELP,
     app,
-    blocks,
     cell,
     check_input_kind,
     check_out,
     check_text,
+    corpus,
     load_model,
     one_line_errors,
     positive,
-    texts,
 )
 
 
@@ -31,6 +32,7 @@ def extract(
     text: Path | None = typer.Option(
         None, help="Text file (default: the shipped training sample)."
     ),
+    data: str | None = typer.Option(None, help=DATA_HELP),
     layer: int | None = typer.Option(None, help="Recurrent layer (default: the middle one)."),
     head: int = typer.Option(0, help=SAE_HELP["head"]),
     input_kind: str = typer.Option("state", help=SAE_HELP["input_kind"]),
@@ -46,23 +48,20 @@ def extract(
     """Stream one cell's states (or write factors) from a model into safetensors shards.
 
     shards.json records the model, layer, head, input kind and token count (train reads them).
+    Under torchrun every rank runs the model on its share of the text and writes its own shards.
     """
     positive("--context", context)
     positive("--max-samples", max_samples)
     check_input_kind(input_kind)
     check_text(text)
     check_out(out, overwrite, "shard folder")
+    dp.init()
     m = load_model(model)
     layer, head = cell(m, layer, head)
     src = ModelSource(
-        m,
-        blocks(m, texts(text, "train"), context, None),
-        layer,
-        head,
-        kind=input_kind,
-        context_len=context,
-        max_samples=max_samples,
-    )
+        m, corpus(m, text, data, context), layer, head, kind=input_kind, context_len=context,
+        max_samples=max_samples, share=False, drop_last=False,
+    )  # fmt: skip
     paths = save_shards(
         src,
         out,
@@ -71,4 +70,5 @@ def extract(
         overwrite=overwrite,
         resume=resume,
     )
-    typer.echo(f"wrote {len(paths)} shard(s) to {out}")
+    if dp.is_main():
+        typer.echo(f"wrote {len(paths)} shard(s) to {out}")

@@ -11,8 +11,10 @@ import typer
 
 from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.validation import model_fingerprint
+from writesae import distributed as dp
 from writesae.activations import ModelSource, ShardSource
 from writesae.cli.app import (
+    DATA_HELP,
     DEFAULT_MODEL,
     SAE_DEFAULT,
     SAE_HELP,
@@ -24,11 +26,12 @@ from writesae.cli.app import (
     check_input_kind,
     check_out,
     check_text,
+    checkpoint_folder,
+    corpus,
     load_model,
     one_line_errors,
     positive,
     shard_meta,
-    texts,
 )
 from writesae.config import TrainConfig, WriteSAEConfig
 from writesae.fileio import atomic_dir
@@ -41,7 +44,7 @@ __all__ = ["train_sae", "train_cmd"]
 def train_sae(
     m: HookedRecurrentModel,
     model_name: str,
-    texts: list[str],
+    texts: Any,
     cell: tuple[int, int],
     sae_options: dict[str, Any],
     train_options: dict[str, Any],
@@ -49,7 +52,8 @@ def train_sae(
     shards: Path | None = None,
     **checkpointing: Any,
 ) -> tuple[WriteSAE, TrainMetrics]:
-    """A WriteSAE for `cell` trained on the model's `texts` (or on `shards`).
+    """A WriteSAE for `cell` trained on the model's `texts` (a list of strings, or what
+    `ModelSource` streams: token blocks, a `Corpus`), or on `shards`.
 
     `sae_options` holds `n_atoms`, `k`, `input_kind`; `train_options` holds `n_steps`,
     `batch_size`, `lr`, `seed`; `checkpointing` goes to `writesae.train`.
@@ -67,11 +71,13 @@ def train_sae(
     )
     seed, batch_size = train_options["seed"], train_options["batch_size"]
     sae = WriteSAE(cfg, seed=seed)
+    src: ShardSource | ModelSource
     if shards is not None:
         src = ShardSource(shards, batch_size=batch_size, seed=seed)
     else:
         src = ModelSource(
-            m, blocks(m, texts, context, None), layer, head, kind=cfg.input_kind,
+            m, blocks(m, texts, context, None) if isinstance(texts, list) else texts, layer, head,
+            kind=cfg.input_kind,
             batch_size=batch_size, context_len=context, seed=seed,
         )  # fmt: skip
     tcfg = TrainConfig(log_every=max(1, train_options["n_steps"] // 20), **train_options)
@@ -116,20 +122,6 @@ def _check_shards_model(given: dict[str, Any], m: HookedRecurrentModel, model: s
         )
 
 
-def _checkpoint_folder(out: Path, resume: bool) -> Path:
-    """OUT.checkpoint, checked against --resume."""
-    ckpt = out.parent / f"{out.name}.checkpoint"
-    if resume and not (ckpt / "train_state.pt").is_file():
-        raise typer.BadParameter(f"no checkpoint at {ckpt} to resume from", param_hint="--resume")
-    if not resume and ckpt.exists():
-        raise typer.BadParameter(
-            f"{ckpt} holds the checkpoint of an interrupted run; pass --resume to continue it, or "
-            "delete it to start over",
-            param_hint="--resume",
-        )
-    return ckpt
-
-
 @app.command("train")
 @one_line_errors
 def train_cmd(
@@ -143,6 +135,7 @@ def train_cmd(
     shards: Path | None = typer.Option(
         None, help="Train from shards written by `extract` instead (their layer, head, kind)."
     ),
+    data: str | None = typer.Option(None, help=DATA_HELP),
     layer: int | None = typer.Option(None, help="Recurrent layer (default: the middle one)."),
     head: int | None = typer.Option(
         None, help=SAE_HELP["head"] + f" Default {SAE_DEFAULT['head']}, or the shards' head."
@@ -179,13 +172,13 @@ def train_cmd(
         ("--ckpt-every", checkpoint_every, 0),
     ):  # fmt: skip
         positive(name, value, least)
-    train_options = dict(n_steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    train_options: dict[str, Any] = dict(n_steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     try:
         TrainConfig(**train_options)
         WriteSAEConfig(d_k=1, d_v=1, n_atoms=n_atoms, k=k)
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
-    given = dict(layer=layer, head=head, input_kind=input_kind, model=model)
+    given: dict[str, Any] = dict(layer=layer, head=head, input_kind=input_kind, model=model)
     given = given if shards is None else _from_shards(shards, given, text)
     head = SAE_DEFAULT["head"] if given["head"] is None else given["head"]
     input_kind = given["input_kind"] or SAE_DEFAULT["input_kind"]
@@ -193,17 +186,20 @@ def train_cmd(
     check_input_kind(input_kind)
     check_text(text)
     check_out(out, overwrite, "SAE folder")
-    ckpt = _checkpoint_folder(out, resume)
+    ckpt = checkpoint_folder(out, resume)
+    dp.init()  # under torchrun: join the process group (every rank trains on its rows)
     m = load_model(model)
     layer, head = cell(m, given["layer"], head)
     _check_shards_model(given, m, model)
     sae, metrics = train_sae(
-        m, model, [] if shards is not None else texts(text, "train"), (layer, head),
+        m, model, [] if shards is not None else corpus(m, text, data, context), (layer, head),
         dict(n_atoms=n_atoms, k=k, input_kind=input_kind), train_options, context, shards,
         checkpoint=ckpt, checkpoint_every=checkpoint_every or None, resume=resume,
     )  # fmt: skip
-    with atomic_dir(out, overwrite, "SAE folder") as tmp:
-        sae.save_into(tmp)
-        (tmp / "training.json").write_text(json.dumps(metrics.final, indent=2))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    typer.echo(f"saved {out}: " + ", ".join(f"{a}={b:.4g}" for a, b in metrics.final.items()))
+    if dp.is_main():  # under torchrun one rank writes; every rank holds the same SAE
+        with atomic_dir(out, overwrite, "SAE folder") as tmp:
+            sae.save_into(tmp)
+            (tmp / "training.json").write_text(json.dumps(metrics.final, indent=2))
+        shutil.rmtree(ckpt, ignore_errors=True)
+        typer.echo(f"saved {out}: " + ", ".join(f"{a}={b:.4g}" for a, b in metrics.final.items()))
+    dp.barrier()

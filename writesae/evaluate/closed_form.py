@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from writesae.closed_form import (
 )
 from writesae.evaluate.common import check_model, sae_layer
 from writesae.interventions import install_hook
-from writesae.protocols import CacheLike, RankOneSAELike, ReadoutModelLike
+from writesae.protocols import CacheLike, MixerLike, RankOneSAELike, ReadoutModelLike
 from writesae.stats import r_squared
 
 __all__ = ["closed_form_logit_shift", "ClosedFormResult", "evaluate_closed_form"]
@@ -155,7 +155,7 @@ def closed_form_logit_shift(
         _, cache = _cf_cache(model, tokens, layer)
     B = tokens.shape[0]
     many = not isinstance(atom, int)
-    atoms = torch.as_tensor(list(atom) if many else [atom]).long()
+    atoms = torch.as_tensor([atom] if isinstance(atom, int) else list(atom)).long()
     nA = len(atoms)
     rows = torch.arange(B).repeat(nA)  # edit i: atom i // B in prompt i % B
     u = sae.key_factors.detach()[atoms].double().repeat_interleave(B, 0)
@@ -372,7 +372,7 @@ def evaluate_closed_form(
     t = t0 + read_offset
     if not 0 <= t0 <= t < T:
         raise ValueError(f"positions {t0}..{t} outside prompts of length {T}")
-    W_O = model.blocks[layer].attn.head_output_weight(head).double()
+    W_O = cast(MixerLike, model.blocks[layer].attn).head_output_weight(head).double()
     readout = model.unembed.weight.double() @ (W_O @ sae.value_factors.double().T)  # [vocab, n]
     if atoms is None:
         atoms = readout.norm(dim=0).argsort(descending=True)[:n_atoms].tolist()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from hooked_recurrent.components.gated_deltanet import GatedDeltaNet
 from writesae.evaluate.common import check_model, sae_layer
-from writesae.protocols import HookLike, ReadoutModelLike, SAELike
+from writesae.protocols import HookLike, MixerLike, ReadoutModelLike, SAELike, TextModelLike
 from writesae.stats import wilson
 
 __all__ = [
@@ -35,9 +35,17 @@ def target_direction(
 ) -> Float[Tensor, " d_v"]:
     """v*_T = W_O^(h)T W_U[T] / ||.||: the value-side direction that most raises token T's logit
     through the direct path."""
-    W_O = model.blocks[layer].attn.head_output_weight(head).float()
+    W_O = cast(MixerLike, model.blocks[layer].attn).head_output_weight(head).float()
     v = W_O.T @ model.unembed.weight[token].float()
     return v / v.norm().clamp_min(1e-12)
+
+
+def _greedy(model: ReadoutModelLike, prompts: Tensor, max_new_tokens: int, **kw: Any) -> Any:
+    """The greedy continuation of `prompts` (`kw`: e.g. `fwd_hooks`); installing needs a model
+    that also generates (a :class:`writesae.protocols.TextModelLike`)."""
+    return cast(TextModelLike, model).generate(
+        prompts, max_new_tokens, stop_at_eos=False, verbose=False, **kw
+    )
 
 
 def _keep(box: dict[str, Tensor], name: str) -> Callable[[Tensor, HookLike], Tensor]:
@@ -100,7 +108,10 @@ def install_geometry(
         return r + box["d_resid"]
 
     last = f"blocks.{len(model.blocks) - 1}.hook_resid_post"
-    hooks = [(f"{prefix}.hook_read", on_read), (last, on_resid)]
+    hooks: list[tuple[str, Callable[[Tensor, HookLike], Tensor]]] = [
+        (f"{prefix}.hook_read", on_read),
+        (last, on_resid),
+    ]
     mixer = model.blocks[layer].attn
     gdn = isinstance(mixer, GatedDeltaNet)  # per-head gated RMSNorm: o -> norm_w rms(o) silu(z)
     if gdn:
@@ -114,7 +125,7 @@ def install_geometry(
     lg = logits[start].detach()
     top = int(lg.argmax())
     bound = float("nan")
-    if gdn:
+    if isinstance(mixer, GatedDeltaNet):  # gdn, narrowed for the type checker
         gap_logit = logits[start, target] - logits[start, top]
         (g_res,) = torch.autograd.grad(gap_logit, box["d_resid"])
         bound = _gap_bound(mixer, head, box, g_res, start)
@@ -222,9 +233,7 @@ def _trial(
     else:
         v_dir = geo["direction"]
     hooks = _install_hooks(f"blocks.{layer}.attn", head, P, positions, scale, v_dir)
-    edited = model.generate(
-        prompt, max_new_tokens, stop_at_eos=False, verbose=False, fwd_hooks=hooks
-    )
+    edited = _greedy(model, prompt, max_new_tokens, fwd_hooks=hooks)
     native_at_P = model(same)[0, P].float()
     step_logits = model.run_with_hooks(same, fwd_hooks=hooks)[0, P].float()
     return dict(
@@ -325,7 +334,7 @@ def evaluate_install(
         fixed_dir = None
     gen = torch.Generator().manual_seed(seed)
     trials = []
-    native_out = model.generate(prompts, max_new_tokens, stop_at_eos=False, verbose=False)
+    native_out = _greedy(model, prompts, max_new_tokens)
     first_logits = model(prompts)[:, -1].float()
     for b in tqdm(range(prompts.shape[0]), desc="install", disable=not progress):
         ranks = first_logits[b].argsort(descending=True).argsort()

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -70,10 +70,14 @@ def unit_rows(t: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     return t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+_SAE = TypeVar("_SAE", bound="BaseSAE")
+
+
 class BaseSAE(nn.Module):
     """Shared encode/sparsify/decode logic, persistence and intervention hooks."""
 
     kind: ClassVar[str] = ""
+    b_enc: nn.Parameter  # encoder bias [n_atoms], set by every subclass
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -284,6 +288,7 @@ class BaseSAE(nn.Module):
                     f"{name} has shape {tuple(t.shape)}; the SAE needs [..., {d}] "
                     f"({'d_k' if name == 'key' else 'd_v'} = {d})"
                 )
+        key, value = cast(Tensor, key), cast(Tensor, value)  # checked above
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(
                 f"key {tuple(key.shape)} and value {tuple(value.shape)} have different leading "
@@ -346,7 +351,7 @@ class BaseSAE(nn.Module):
                 )
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
+    def load(cls: type[_SAE], path: str | Path, device: str | torch.device = "cpu") -> _SAE:
         """Load an SAE saved by :meth:`save`; errors name the file and what is wrong."""
         sae = load_sae(path, device=device)
         if cls is not BaseSAE and not isinstance(sae, cls):
@@ -354,7 +359,7 @@ class BaseSAE(nn.Module):
                 f"{Path(path) / CFG_FILE}: kind {sae.cfg.kind!r} is a "
                 f"{type(sae).__name__}, not a {cls.__name__}; use load_sae()"
             )
-        return sae
+        return cast(_SAE, sae)  # an instance of cls (checked above unless cls is BaseSAE)
 
     # ---------------------------------------------------------------- interventions
     def substitute(self, write: Tensor, hook: HookLike) -> Tensor:

@@ -63,7 +63,8 @@ class WriteSAE(BaseSAE):
             self.W_enc_value = nn.Parameter(w.to(dt).clone())
         else:
             atoms = (u[:, :, None] * w[:, None, :]).reshape(cfg.n_atoms, cfg.d_in)
-            self.W_enc = nn.Parameter(atoms.T.contiguous().to(dt))
+            # registered by name: `W_enc` is also a property (the bilinear encoder's dense form)
+            self.register_parameter("W_enc", nn.Parameter(atoms.T.contiguous().to(dt)))
         self.b_enc = nn.Parameter(torch.zeros(cfg.n_atoms, dtype=dt))
         if cfg.decoder_bias:
             self.b_dec = nn.Parameter(torch.zeros(cfg.d_k, cfg.d_v, dtype=dt))
