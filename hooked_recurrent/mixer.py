@@ -10,8 +10,9 @@ state (`_assign`). `_AdjointTap` gives backward hooks on both points the adjoint
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -309,7 +310,7 @@ class RecurrentMixer(torch.nn.Module):
     #: `transition_from_cache` both build it here); the default is a pure decay
     make_transition: Callable[..., Transition] = staticmethod(Transition)
 
-    def transition_from_cache(self, cache: Mapping[str, Tensor], head: int) -> Transition:
+    def transition_from_cache(self, cache: Any, head: int) -> Transition:  # any cache by hook name
         """One head's transitions A_t rebuilt from this layer's cached `transition_hooks`, in
         float64, as tensors `[batch, pos, ...]` of that head (no head axis): what `writesae`'s
         closed forms step through."""

@@ -35,6 +35,9 @@ from writesae.cli import app
 
 QWEN = "tiny-qwen3.5-shakespeare"
 
+# what a user sees: the package's own checks, without the test run's type checker
+pytestmark = pytest.mark.usefixtures("without_typecheck")
+
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):

@@ -57,6 +57,14 @@ class MiniMaxConfig(HookedRecurrentConfig):
     chunk_size: int = 64
 
 
+def _factors(config: dict[str, Any], prefix: str) -> tuple[float, float]:
+    """(alpha, beta) of a residual: `{prefix}_alpha_factor`, `{prefix}_beta_factor`."""
+    return (
+        float(config.get(f"{prefix}_alpha_factor", 1)),
+        float(config.get(f"{prefix}_beta_factor", 1)),
+    )
+
+
 def config_from_hf(config: dict[str, Any]) -> MiniMaxConfig:
     """Our config from a Hugging Face MiniMax config dict."""
     n_layers = config["num_hidden_layers"]
@@ -82,15 +90,9 @@ def config_from_hf(config: dict[str, Any]) -> MiniMaxConfig:
         eps=config["rms_norm_eps"],
         attn_n_kv_heads=config["num_key_value_heads"],
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-        linear_scales=(
-            config.get("linear_attn_alpha_factor", 1),
-            config.get("linear_attn_beta_factor", 1),
-        ),
-        full_scales=(
-            config.get("full_attn_alpha_factor", 1),
-            config.get("full_attn_beta_factor", 1),
-        ),
-        mlp_scales=(config.get("mlp_alpha_factor", 1), config.get("mlp_beta_factor", 1)),
+        linear_scales=_factors(config, "linear_attn"),
+        full_scales=_factors(config, "full_attn"),
+        mlp_scales=_factors(config, "mlp"),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         chunk_size=config.get("block_size", 256),
         hf_config=config,

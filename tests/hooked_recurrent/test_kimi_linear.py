@@ -161,10 +161,11 @@ def test_transition_from_cache_rebuilds_the_states(pair):
     p = f"blocks.{layer}.attn."
     with torch.no_grad():
         _, cache = model.run_with_cache(fc.tokens(VOCAB, 2, 10), names_filter=lambda n: p in n)
-    tr = model.blocks[layer].attn.transition_from_cache(cache, 1)
+    tr = model.blocks[layer].attn.transition_from_cache(dict(cache.items()), 1)
+    tr = tr.map(lambda x: x[:, :, None])  # one head: a head axis of 1 for `step`
     S, W = cache[p + "hook_state"][:, :, 1].double(), cache[p + "hook_write"][:, :, 1].double()
     for t in range(1, 10):
-        torch.testing.assert_close(tr.step(S[:, t - 1], t) + W[:, t], S[:, t])
+        torch.testing.assert_close(tr.step(S[:, t - 1, None], t)[:, 0] + W[:, t], S[:, t])
 
 
 #: (batch, position, head): one position, and several (span > 16: the dense chunked response)

@@ -102,7 +102,7 @@ def demo(
         f"model {model}: layer {layer}, head {head} (median decay {decay:.3g}; {how}), "
         f"d_k={m.cfg.d_k}, d_v={m.cfg.d_v}"
     )
-    train_options = dict(
+    train_options: dict[str, Any] = dict(
         n_steps=steps, batch_size=TRAIN_DEFAULT["batch_size"], lr=TRAIN_DEFAULT["lr"], seed=seed
     )
     sae, metrics = train_sae(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import typer
@@ -142,7 +142,7 @@ def evaluate(
     if not sae.is_dir():
         raise typer.BadParameter(f"{sae} is not a folder", param_hint="--sae")
     check_out(out, overwrite, "report folder")
-    s = WriteSAE.load(sae)
+    s = cast(WriteSAE, WriteSAE.load(sae))  # load checks the class
     name = model or s.cfg.model_name
     if not name:
         raise typer.BadParameter("the SAE records no model; pass --model")

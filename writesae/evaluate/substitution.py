@@ -318,7 +318,7 @@ def _collect(
     sae: SAELike,
     tokens: Tensor,
     batch_size: int,
-    limit: float,
+    limit: int | float,
     progress: bool,
 ) -> _Firings:
     """Run every condition at every firing (up to `limit`), prompts in batches advancing from one
@@ -513,7 +513,7 @@ def evaluate_substitution(
         scale, sweep_scales, planted_cosines, best_atom, kl_direction, kl_position,
         tokens.shape[1], positions_per_prompt, min_position, seed,
     )  # fmt: skip
-    limit = max_firings if max_firings is not None else math.inf
+    limit = float(max_firings) if max_firings is not None else math.inf
     rec = _collect(plan, model, sae, tokens, batch_size, limit, progress)
     result = _result(rec, plan, settings)
     if population:
