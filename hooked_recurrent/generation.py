@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -34,7 +34,7 @@ class GenerationMixin:
         input: str | list[str] | Int[Tensor, "batch pos"],
         max_new_tokens: int = 10,
         *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, cast
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 
@@ -145,12 +145,12 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        input: str | list[str] | Int[Tensor, "batch pos"],
+        input: str | list[str] | Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
         state: RecurrentState | None = None,
         return_state: bool = False,
         return_type: Literal["logits", "loss", "both"] | None = "logits",
         *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Shaped[Tensor, "batch mask_pos"] | None = None,
         loss_per_token: bool = False,
         padding_side: Literal["right", "left"] = "right",
         prepend_bos: bool | None = None,
@@ -202,11 +202,11 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
 
     def _forward(
         self,
-        input: str | list[str] | Int[Tensor, "batch pos"],
+        input: str | list[str] | Int[Tensor, "batch pos"] | Float[Tensor, "batch pos d_model"],
         state: RecurrentState | None,
         return_state: bool,
         return_type: str | None,
-        attention_mask: Int[Tensor, "batch pos"] | None,
+        attention_mask: Shaped[Tensor, "batch mask_pos"] | None,
         loss_per_token: bool,
         padding_side: Literal["right", "left"],
         prepend_bos: bool | None = None,

@@ -330,6 +330,7 @@ def test_head_ablation_and_hooks_context(model, run):
         )
     assert not model.hook_dict[name].fwd_hooks  # the context removed its hook
     # zeroing one head's z removes exactly that head's result from attn_out
+    cache.compute_head_results()
     expected = cache["attn_out", l] - cache[f"blocks.{l}.attn.hook_result"][:, :, head]
     torch.testing.assert_close(ablated["attn_out", l], expected, atol=1e-5, rtol=0)
     assert float((ablated_logits - logits).abs().max()) > 0

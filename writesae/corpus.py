@@ -150,7 +150,9 @@ class Corpus:
         split: the dataset split (Hugging Face datasets only).
     """
 
-    def __init__(self, data: str | Path, tokenizer: Any, text_field: str = "text", split="train"):
+    def __init__(
+        self, data: str | Path, tokenizer: Any, text_field: str = "text", split: str = "train"
+    ):
         if tokenizer is None:
             raise ValueError("Corpus: the model has no tokenizer; give one to tokenise the data")
         self.data, self.tokenizer, self.text_field, self.split = data, tokenizer, text_field, split

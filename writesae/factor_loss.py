@@ -154,6 +154,7 @@ class Selection:
 
 
 def vecdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) over the last axis."""
     return (a * b).sum(-1)
 
 
@@ -227,6 +228,7 @@ class SelectedBilinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, idx, pk, pv, key, value, enc_key, enc_value, bias):  # noqa: D102
+        """The selected pre-activations (see the class docstring)."""
         pk_s, pv_s = pk.gather(-1, idx), pv.gather(-1, idx)
         ctx.save_for_backward(idx, pk_s, pv_s, key, value, enc_key, enc_value)
         ctx.n = bias.shape[0]
@@ -234,6 +236,7 @@ class SelectedBilinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
+        """The gradients of the inputs, in closed form."""
         idx, pk_s, pv_s, key, value, enc_key, enc_value = ctx.saved_tensors
         lead = idx.shape[:-1]
         grads = encoder_grads(
@@ -287,6 +290,7 @@ class Rank1SqError(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, key, value, coef, idx, u, w):  # noqa: D102
+        """The squared reconstruction error per sample (see the class docstring)."""
         grams = StackedGrams(key, value, coef, idx, u, w)
         ctx.save_for_backward(idx, *grams.saved())
         ctx.n = u.shape[0]
@@ -294,6 +298,7 @@ class Rank1SqError(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
+        """The gradients of the inputs, in closed form."""
         idx, P, Q, gp, gq, sigma, h_sigma = ctx.saved_tensors
         need = ctx.needs_input_grad
         s = 2 * g[:, None]  # [B, 1]
@@ -332,6 +337,7 @@ class TopKFactorLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, key, value, idx, pk, pv, b_enc, u, w, b_dec, enc_key, enc_value):  # noqa: D102
+        """The codes and the squared error (see the class docstring)."""
         pk_s, pv_s = pk.gather(-1, idx), pv.gather(-1, idx)
         p = torch.addcmul(rows(b_enc, idx), pk_s, pv_s)
         c = torch.relu(p)
@@ -350,6 +356,7 @@ class TopKFactorLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_c, g_err):  # noqa: D102
+        """The gradients of the inputs, in closed form."""
         (key, value, idx, pk_s, pv_s, p, c, ub, ubw, u, w, b_dec, enc_key, enc_value,
          P, Q, gp, gq, sigma, h_sigma) = ctx.saved_tensors  # fmt: skip
         need = ctx.needs_input_grad

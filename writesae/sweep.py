@@ -369,7 +369,9 @@ def sweep(
         kind: ``"state"`` or ``"write"`` input for every cell.
         cfg: training settings (``overrides`` replace single fields); ``cfg.seed`` seeds every
             cell's SAE, the shared shuffle and every cell's resampling.
-        checkpoint, checkpoint_every, resume: as in :func:`writesae.train`, for the whole sweep.
+        checkpoint: as in :func:`writesae.train`, for the whole sweep.
+        checkpoint_every: as in :func:`writesae.train`.
+        resume: as in :func:`writesae.train`.
 
     The SAEs train on the model's device (e.g. ``model.to("cuda")``); the shuffle buffer stays
     on the host and each step's batch is copied to the device.

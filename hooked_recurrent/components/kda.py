@@ -48,8 +48,10 @@ def _projection(d_in: int, d_out: int, rank: int | None) -> nn.Module:
 class KimiDeltaAttention(DplrMixer):
     """KDA at `blocks.{l}.attn` (equations in the module docstring).
 
+    The layer index, widths, head count, head size and convolution kernel are the family's
+    shapes; `eps` is the output norm's epsilon.
+
     Args:
-        layer, d_model, n_heads, d_head, conv_kernel, eps: shapes and the output norm's epsilon.
         decay: "softplus" (Kimi Linear) or "safe" (Bailing's bounded gate).
         lower_bound: the bound of the safe gate (negative).
         gate_rank: the bottleneck of the forget and output gate projections (Kimi Linear: d_head),

@@ -126,8 +126,9 @@ class MoE(nn.Module):
             scores sum highest.
         d_shared: hidden width of the shared expert (0: none).
         shared_gate: scale the shared expert by sigmoid(W_shared_gate x) (Qwen).
-        gated, act: the experts' MLP form (see `Experts`); the shared expert has the same form
-            (a `GatedMLP`, or with `gated=False` a plain `MLP` with activation `shared_act`).
+        gated: SwiGLU experts, else `W_out act(W_in x)` (see `Experts`); the shared expert has
+            the same form (a `GatedMLP`, or with `gated=False` a plain `MLP` with `shared_act`).
+        act: the experts' activation.
         shared_act: the plain shared expert's activation name (see `mlp.ACTIVATIONS`).
     """
 

@@ -84,6 +84,7 @@ class ScaleEmbedding(nn.Module):
         self.multiplier = float(multiplier)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """`x` times the embedding multiplier."""
         return x * self.multiplier
 
 

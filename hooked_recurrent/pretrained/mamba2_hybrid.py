@@ -8,7 +8,7 @@ weight names `mamba2.mixer_map`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,7 +101,7 @@ def attention_map(cfg: HybridConfig, theirs: str) -> dict[str, str]:
 
 
 def rename_layers(
-    sd: dict[str, Tensor],
+    sd: Mapping[str, Tensor],
     cfg: HybridConfig,
     layer_map: Callable[[int], dict[str, str]],
     prefix: str,
