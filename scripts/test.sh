@@ -10,7 +10,7 @@ python -m ruff check .
 python -m ruff format --check .
 python scripts/check_sizes.py
 python -m mypy
-python -m pytest -q "$@"
+python -m pytest -q -n 2 "$@"  # two workers on two cores (pytest-xdist)
 if [ -f mkdocs.yml ] && [ -d docs ]; then
   python -m mkdocs build --strict -q
 fi
