@@ -252,3 +252,21 @@ def writesae_runs(model, vocab: int) -> tuple[float, list[float]]:
     kls = [x for v in res.kl.values() for x in v]
     assert all(math.isfinite(x) for x in kls)
     return metrics.fve[-1], kls
+
+
+def randomise_kda_constants(hf: nn.Module, seed: int) -> nn.Module:
+    """Kimi Linear / Bailing reference models with the constants of initialisation randomised
+    (norm weights, A_log, dt_bias, the router's score-correction bias); returns `hf`."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # constants at initialisation: norms, gate biases, decay rates
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight") or n.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif n.endswith("A_log"):
+                p.copy_(torch.empty(p.shape).uniform_(-1.0, 1.0, generator=g))
+            elif n.endswith("dt_bias"):
+                p.copy_(torch.randn(p.shape, generator=g))
+        for n, b in hf.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return hf

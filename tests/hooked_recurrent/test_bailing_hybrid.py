@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from hooked_recurrent import HookedRecurrentModel
 from tests.hooked_recurrent import family_checks as fc
+from tests.hooked_recurrent.family_checks import randomise_kda_constants
 from tests.hooked_recurrent.test_kimi_linear import EDITS, brute_kda_layer, state_of
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -78,19 +79,7 @@ def bailing_hf(name: str, seed: int = 0):
     cfg._experts_implementation = "eager"  # the grouped-GEMM experts have no float64 path
     torch.manual_seed(seed)
     hf = BailingHybridForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # constants at initialisation: norms, gate biases, decay rates
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight") or n.endswith("layernorm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif n.endswith("A_log"):
-                p.copy_(torch.empty(p.shape).uniform_(-1.0, 1.0, generator=g))
-            elif n.endswith("dt_bias"):
-                p.copy_(torch.randn(p.shape, generator=g))
-        for n, b in hf.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    return hf
+    return randomise_kda_constants(hf, seed)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
