@@ -22,9 +22,9 @@ from hooked_recurrent.pretrained.mamba2_hybrid import (
     HybridConfig,
     attention_map,
     build_attention,
+    mamba2_fields,
     rename_layers,
     rope_theta_and_fraction,
-    time_step_limit,
 )
 
 __all__ = ["config_from_hf", "convert_state_dict", "to_hf_state_dict", "to_hf_config"]
@@ -36,40 +36,16 @@ def config_from_hf(config: dict[str, Any]) -> HybridConfig:
         raise ValueError(f"hidden_act {config['hidden_act']!r}: only 'silu' is supported")
     n_layers = config["num_hidden_layers"]
     attn = set(config.get("attn_layer_indices") or [])
-    d_model, H = config["hidden_size"], config["mamba_n_heads"]
-    d_inner = int(config.get("mamba_expand", 2) * d_model)
-    P = config.get("mamba_d_head", "auto")
-    P = d_inner // H if P == "auto" else P
-    if H * P != d_inner:
-        raise ValueError(f"mamba_n_heads * mamba_d_head = {H * P} != mamba_expand * hidden_size")
     theta, fraction = rope_theta_and_fraction(config)
-    n_attn = config["num_attention_heads"]
-    d_head = config.get("head_dim") or d_model // n_attn
+    fields = mamba2_fields(config)
     return HybridConfig(
         architecture="bamba",
         n_layers=n_layers,
-        d_model=d_model,
-        d_vocab=config["vocab_size"],
         layer_types=["attention" if i in attn else "recurrent" for i in range(n_layers)],
-        n_heads=H,
-        d_k=config["mamba_d_state"],
-        d_v=P,
-        n_groups=config.get("mamba_n_groups", 1),
-        conv_kernel=config.get("mamba_d_conv", 4),
-        eps=config.get("rms_norm_eps", 1e-5),
-        chunk_size=config.get("mamba_chunk_size", 256),
-        time_step_limit=time_step_limit(config),
-        use_conv_bias=bool(config.get("mamba_conv_bias", True)),
-        use_bias=bool(config.get("mamba_proj_bias", False)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        d_mlp=config["intermediate_size"],
-        attn_n_heads=n_attn,
-        attn_n_kv_heads=config.get("num_key_value_heads") or n_attn,
-        attn_d_head=d_head,
-        rotary_dim=int(d_head * fraction),
+        rotary_dim=int(fields["attn_d_head"] * fraction),
         rope_theta=theta,
-        attn_bias=bool(config.get("attention_bias", False)),
         mlp_bias=bool(config.get("mlp_bias", False)),
+        **fields,
         hf_config=config,
     )
 

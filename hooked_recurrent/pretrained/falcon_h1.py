@@ -41,9 +41,9 @@ from hooked_recurrent.pretrained.mamba2_hybrid import (
     attention_map,
     build_attention,
     fold_scales,
+    mamba2_fields,
     rename_layers,
     rope_theta_and_fraction,
-    time_step_limit,
 )
 
 __all__ = ["FalconH1Config", "config_from_hf", "convert_state_dict", "to_hf_state_dict"]
@@ -78,19 +78,12 @@ def config_from_hf(config: dict[str, Any]) -> FalconH1Config:
     """Our config from a Hugging Face `FalconH1Config` dict."""
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config['hidden_act']!r}: only 'silu' is supported")
-    d_model, H = config["hidden_size"], config["mamba_n_heads"]
-    d_ssm = config.get("mamba_d_ssm") or int(config.get("mamba_expand", 2) * d_model)
-    P = config.get("mamba_d_head", "auto")
-    P = d_ssm // H if P == "auto" else P
-    if H * P != d_ssm:
-        raise ValueError(f"mamba_n_heads * mamba_d_head = {H * P} != mamba_d_ssm = {d_ssm}")
+    fields = mamba2_fields(config, d_inner=config.get("mamba_d_ssm"))
     theta, _ = rope_theta_and_fraction(config)  # Falcon-H1 rotates every channel
-    n_attn = config["num_attention_heads"]
-    d_head = config.get("head_dim") or d_model // n_attn
     mult: dict[str, Any] = {k: float(config.get(k, 1.0) or 1.0) for k in _SCALARS}
     mult["ssm_multipliers"] = [float(x) for x in config.get("ssm_multipliers") or [1.0] * 5]
     mult["mlp_multipliers"] = [float(x) for x in config.get("mlp_multipliers") or [1.0] * 2]
-    tie = bool(config.get("tie_word_embeddings", False))
+    tie = fields["tie_word_embeddings"]
     if tie and (mult["embedding_multiplier"], mult["lm_head_multiplier"]) != (1.0, 1.0):
         raise ValueError(
             "tied Falcon-H1 embeddings with embedding_multiplier or lm_head_multiplier != 1 are "
@@ -100,33 +93,16 @@ def config_from_hf(config: dict[str, Any]) -> FalconH1Config:
     return FalconH1Config(
         architecture="falcon_h1",
         n_layers=n_layers,
-        d_model=d_model,
-        d_vocab=config["vocab_size"],
         layer_types=["recurrent"] * n_layers,
-        n_heads=H,
-        d_k=config["mamba_d_state"],
-        d_v=P,
-        n_groups=config.get("mamba_n_groups", 1),
-        conv_kernel=config.get("mamba_d_conv", 4),
-        eps=config.get("rms_norm_eps", 1e-5),
-        chunk_size=config.get("mamba_chunk_size", 256),
-        time_step_limit=time_step_limit(config),
-        use_conv_bias=bool(config.get("mamba_conv_bias", True)),
-        use_bias=bool(config.get("mamba_proj_bias", False)),
         out_bias=bool(config.get("projectors_bias", False)),
         gated_norm=bool(config.get("mamba_rms_norm", False)),
         norm_before_gate=bool(config.get("mamba_norm_before_gate", True)),
-        tie_word_embeddings=tie,
-        d_mlp=config["intermediate_size"],
-        attn_n_heads=n_attn,
-        attn_n_kv_heads=config.get("num_key_value_heads") or n_attn,
-        attn_d_head=d_head,
-        rotary_dim=d_head,
+        rotary_dim=fields["attn_d_head"],
         rope_theta=theta,
-        attn_bias=bool(config.get("attention_bias", False)),
         mlp_bias=bool(config.get("mlp_bias", False)),
         multipliers=mult,
         hf_config=config,
+        **fields,
     )
 
 

@@ -43,9 +43,9 @@ from hooked_recurrent.pretrained.mamba2_hybrid import (
     attention_map,
     build_attention,
     fold_scales,
+    mamba2_fields,
     rename_layers,
     rope_theta_and_fraction,
-    time_step_limit,
 )
 
 __all__ = ["GraniteHybridConfig", "ScaleEmbedding", "config_from_hf", "convert_state_dict"]
@@ -97,38 +97,15 @@ def config_from_hf(config: dict[str, Any]) -> GraniteHybridConfig:
     bad = sorted(set(types) - set(_KINDS))
     if bad:
         raise ValueError(f"layer_types has unknown kinds {bad}; known: {sorted(_KINDS)}")
-    d_model, H = config["hidden_size"], config["mamba_n_heads"]
-    d_inner = int(config.get("mamba_expand", 2) * d_model)
-    P = config.get("mamba_d_head", "auto")
-    P = d_inner // H if P == "auto" else P
-    n_attn = config["num_attention_heads"]
-    d_head = config.get("head_dim") or d_model // n_attn
+    fields = mamba2_fields(config, eps=1e-6)
     rope = config.get("position_embedding_type") == "rope"
     theta, fraction = rope_theta_and_fraction(config) if rope else (10000.0, 0.0)
     return GraniteHybridConfig(
         architecture="granitemoehybrid",
         n_layers=n_layers,
-        d_model=d_model,
-        d_vocab=config["vocab_size"],
         layer_types=[_KINDS[t] for t in types],
-        n_heads=H,
-        d_k=config["mamba_d_state"],
-        d_v=P,
-        n_groups=config.get("mamba_n_groups", 1),
-        conv_kernel=config.get("mamba_d_conv", 4),
-        eps=config.get("rms_norm_eps", 1e-6),
-        chunk_size=config.get("mamba_chunk_size", 256),
-        time_step_limit=time_step_limit(config),
-        use_conv_bias=bool(config.get("mamba_conv_bias", True)),
-        use_bias=bool(config.get("mamba_proj_bias", False)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        d_mlp=config["intermediate_size"],
-        attn_n_heads=n_attn,
-        attn_n_kv_heads=config.get("num_key_value_heads") or n_attn,
-        attn_d_head=d_head,
-        rotary_dim=int(d_head * fraction),
+        rotary_dim=int(fields["attn_d_head"] * fraction),
         rope_theta=theta,
-        attn_bias=bool(config.get("attention_bias", False)),
         n_experts=config.get("num_local_experts") or 0,
         top_k=config.get("num_experts_per_tok") or 0,
         d_shared=config.get("shared_intermediate_size", 1024),
@@ -137,6 +114,7 @@ def config_from_hf(config: dict[str, Any]) -> GraniteHybridConfig:
         embedding_multiplier=float(config.get("embedding_multiplier", 1.0)),
         logits_scaling=float(config.get("logits_scaling", 1.0)),
         hf_config=config,
+        **fields,
     )
 
 

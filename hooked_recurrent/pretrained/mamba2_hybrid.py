@@ -28,6 +28,7 @@ __all__ = [
     "BRIDGE",
     "HybridConfig",
     "build_attention",
+    "mamba2_fields",
     "fold_scales",
     "rename_layers",
     "rope_theta_and_fraction",
@@ -63,6 +64,44 @@ class HybridConfig(Mamba2Config):
 def time_step_limit(config: dict[str, Any], key: str = "time_step_limit") -> tuple[float, float]:
     """The dt clamp of a config (default: none)."""
     return _limit(config.get(key) or (0.0, float("inf")))
+
+
+def mamba2_fields(
+    config: dict[str, Any], d_inner: int | None = None, eps: float = 1e-5
+) -> dict[str, Any]:
+    """The `HybridConfig` fields that Bamba, Falcon-H1 and Granite 4.0 hybrids name alike in their
+    Hugging Face configs (`mamba_*`, the attention shape, the MLP width), as keyword arguments.
+
+    `d_inner` is the mixer's width (default `mamba_expand * hidden_size`); `eps` the default of
+    `rms_norm_eps`. The family adds `architecture`, `n_layers`, `layer_types` and its own fields.
+    """
+    d_model, H = config["hidden_size"], config["mamba_n_heads"]
+    d_inner = d_inner or int(config.get("mamba_expand", 2) * d_model)
+    P = config.get("mamba_d_head", "auto")
+    P = d_inner // H if P == "auto" else P
+    if H * P != d_inner:
+        raise ValueError(f"mamba_n_heads * mamba_d_head = {H * P} != the mixer width {d_inner}")
+    n_attn = config["num_attention_heads"]
+    return dict(
+        d_model=d_model,
+        d_vocab=config["vocab_size"],
+        n_heads=H,
+        d_k=config["mamba_d_state"],
+        d_v=P,
+        n_groups=config.get("mamba_n_groups", 1),
+        conv_kernel=config.get("mamba_d_conv", 4),
+        eps=config.get("rms_norm_eps", eps),
+        chunk_size=config.get("mamba_chunk_size", 256),
+        time_step_limit=time_step_limit(config),
+        use_conv_bias=bool(config.get("mamba_conv_bias", True)),
+        use_bias=bool(config.get("mamba_proj_bias", False)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        d_mlp=config["intermediate_size"],
+        attn_n_heads=n_attn,
+        attn_n_kv_heads=config.get("num_key_value_heads") or n_attn,
+        attn_d_head=config.get("head_dim") or d_model // n_attn,
+        attn_bias=bool(config.get("attention_bias", False)),
+    )
 
 
 def rope_theta_and_fraction(config: dict[str, Any]) -> tuple[float, float]:
