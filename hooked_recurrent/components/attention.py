@@ -16,7 +16,7 @@ biases, NoPE or RoPE, and Granite's own softmax `scale`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,19 @@ def attend(
     return z.transpose(1, 2)
 
 
+@runtime_checkable
+class AttentionShape(Protocol):
+    """The config fields `GatedAttention.from_config` reads (every hybrid config has them)."""
+
+    d_model: int
+    attn_n_heads: int
+    attn_n_kv_heads: int
+    attn_d_head: int
+    rotary_dim: int
+    rope_theta: float
+    eps: float
+
+
 class GatedAttention(nn.Module):
     """Gated multi-head attention with a KV cache for stepwise decoding.
 
@@ -183,6 +196,13 @@ class GatedAttention(nn.Module):
         self.hook_z = RecurrentHookPoint()  # [batch, pos, head, d_head]
         if gated:
             self.hook_gate = RecurrentHookPoint()  # [batch, pos, head, d_head]
+
+    @classmethod
+    def from_config(cls, cfg: AttentionShape, layer: int, **options: Any) -> GatedAttention:
+        """The attention of layer `layer`, its shape from `cfg`'s `attn_*` fields; `options` are
+        the keyword arguments of the constructor (`gated`, `qk_norm`, `bias`, `scale`)."""
+        shape = (cfg.attn_n_heads, cfg.attn_n_kv_heads, cfg.attn_d_head, cfg.rotary_dim)
+        return cls(layer, cfg.d_model, *shape, cfg.rope_theta, cfg.eps, **options)
 
     def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
         """q or k `[batch, pos, heads, d_head]` through its norm (per head, or over all heads)."""

@@ -116,19 +116,8 @@ def rope_theta_and_fraction(config: dict[str, Any]) -> tuple[float, float]:
 
 def build_attention(cfg: HybridConfig, layer: int, scale: float | None = None) -> GatedAttention:
     """The hybrids' attention: no output gate, no q/k norm, RoPE on `cfg.rotary_dim` channels."""
-    return GatedAttention(
-        layer,
-        cfg.d_model,
-        cfg.attn_n_heads,
-        cfg.attn_n_kv_heads,
-        cfg.attn_d_head,
-        cfg.rotary_dim,
-        cfg.rope_theta,
-        cfg.eps,
-        gated=False,
-        qk_norm="none",
-        bias=cfg.attn_bias,
-        scale=scale,
+    return GatedAttention.from_config(
+        cfg, layer, gated=False, qk_norm="none", bias=cfg.attn_bias, scale=scale
     )
 
 

@@ -23,11 +23,10 @@ from torch import Tensor
 
 from hooked_recurrent.components.attention import GatedAttention
 from hooked_recurrent.components.block import Block
-from hooked_recurrent.components.gated_deltanet import GatedDeltaNet
 from hooked_recurrent.components.mlp import GatedMLP
 from hooked_recurrent.components.norms import RMSNorm
 from hooked_recurrent.pretrained import Family, register_family
-from hooked_recurrent.pretrained.qwen3_5 import Qwen35Config, need
+from hooked_recurrent.pretrained.qwen3_5 import Qwen35Config, build_gated_deltanet, need
 
 __all__ = ["OlmoHybridConfig", "config_from_hf", "convert_state_dict", "to_hf_state_dict"]
 
@@ -83,32 +82,10 @@ def build_block(cfg: OlmoHybridConfig, layer: int) -> Block:
     """A pre-norm Gated DeltaNet block, or a post-norm attention block; SwiGLU MLP."""
     mlp = GatedMLP(cfg.d_model, cfg.d_mlp)
     if cfg.layer_types[layer] == "recurrent":
-        gdn = GatedDeltaNet(
-            layer,
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.n_key_heads,
-            cfg.d_k,
-            cfg.d_v,
-            cfg.conv_kernel,
-            GDN_NORM_EPS,
-            cfg.chunk_size,
-            beta_scale=cfg.beta_scale,
-        )
+        gdn = build_gated_deltanet(cfg, layer, GDN_NORM_EPS, beta_scale=cfg.beta_scale)
         ln1, ln2 = RMSNorm(cfg.d_model, cfg.eps), RMSNorm(cfg.d_model, cfg.eps)
         return Block(layer, ln1=ln1, attn=gdn, ln2=ln2, mlp=mlp)
-    attn = GatedAttention(
-        layer,
-        cfg.d_model,
-        cfg.attn_n_heads,
-        cfg.attn_n_kv_heads,
-        cfg.attn_d_head,
-        cfg.rotary_dim,
-        cfg.rope_theta,
-        cfg.eps,
-        gated=False,
-        qk_norm="all",
-    )
+    attn = GatedAttention.from_config(cfg, layer, gated=False, qk_norm="all")
     post1, post2 = RMSNorm(cfg.d_model, cfg.eps), RMSNorm(cfg.d_model, cfg.eps)
     return Block(layer, ln1=None, attn=attn, mlp=mlp, ln1_post=post1, ln2_post=post2)
 

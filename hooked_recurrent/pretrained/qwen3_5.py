@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -186,32 +186,31 @@ def build_mlp(cfg: Qwen35Config, layer: int) -> GatedMLP | MoE:
     )
 
 
+def build_gated_deltanet(
+    cfg: Qwen35Config, layer: int, eps: float, beta_scale: float = 1.0
+) -> GatedDeltaNet:
+    """The Gated DeltaNet of layer `layer`, its shape from `cfg`; `eps` is its output norm's."""
+    return GatedDeltaNet(
+        layer,
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_key_heads,
+        cfg.d_k,
+        cfg.d_v,
+        cfg.conv_kernel,
+        eps,
+        cfg.chunk_size,
+        beta_scale=beta_scale,
+    )
+
+
 def build_block(cfg: Qwen35Config, layer: int) -> Block:
     """The block of layer `layer`: Gated DeltaNet or gated attention, then the MLP."""
     attn: nn.Module
     if cfg.layer_types[layer] == "recurrent":
-        attn = GatedDeltaNet(
-            layer,
-            cfg.d_model,
-            cfg.n_heads,
-            cfg.n_key_heads,
-            cfg.d_k,
-            cfg.d_v,
-            cfg.conv_kernel,
-            cfg.eps,
-            cfg.chunk_size,
-        )
+        attn = build_gated_deltanet(cfg, layer, cfg.eps)
     else:
-        attn = GatedAttention(
-            layer,
-            cfg.d_model,
-            cfg.attn_n_heads,
-            cfg.attn_n_kv_heads,
-            cfg.attn_d_head,
-            cfg.rotary_dim,
-            cfg.rope_theta,
-            cfg.eps,
-        )
+        attn = GatedAttention.from_config(cfg, layer)
     return Block(
         layer,
         ln1=RMSNorm(cfg.d_model, cfg.eps, zero_centred=True),
@@ -389,16 +388,13 @@ FAMILY = register_family(
     )
 )
 
+# the same config reader, conversion and blocks (the MLP kind comes from the config)
 MOE_FAMILY = register_family(
-    Family(
+    replace(
+        FAMILY,
         architecture="qwen3_5_moe",
         display="Qwen3.5-MoE",
         model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
-        config_from_hf=config_from_hf,
-        convert_state_dict=convert_state_dict,
-        build_block=build_block,
-        build_final_norm=build_final_norm,
-        ignored_prefixes=("model.visual.", "visual.", "mtp."),
         checkpoints=(
             "Qwen/Qwen3.5-35B-A3B (35B, 3B active)",
             "Qwen/Qwen3.5-122B-A10B (122B, 10B active)",
