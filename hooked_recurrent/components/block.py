@@ -5,6 +5,7 @@ from __future__ import annotations
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from hooked_recurrent.components.norms import RMSNorm
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.state import RunContext
 
@@ -61,6 +62,20 @@ class Block(nn.Module):
             self.hook_mlp_out = RecurrentHookPoint()  # [batch, pos, d_model]
         else:
             self.mlp = None
+
+    @classmethod
+    def rms_norm(
+        cls,
+        layer: int,
+        d_model: int,
+        eps: float,
+        attn: nn.Module,
+        mlp: nn.Module,
+        scales: tuple[float, float, float, float] | None = None,
+    ) -> Block:
+        """The pre-norm block with an `RMSNorm(d_model, eps)` (weight applied as is) before the
+        mixer and another before the MLP, as most families build it."""
+        return cls(layer, RMSNorm(d_model, eps), attn, RMSNorm(d_model, eps), mlp, scales=scales)
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
         """One block: `x + mixer(norm(x))`, then `+ mlp(norm(.))` (or the post-norm or scaled

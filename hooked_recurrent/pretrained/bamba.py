@@ -81,13 +81,9 @@ def to_hf_config(cfg: HybridConfig) -> dict[str, Any]:
 def build_block(cfg: HybridConfig, layer: int) -> Block:
     """Mamba-2 mixer or attention at `attn`, then the gated MLP, each after an RMSNorm."""
     recurrent = cfg.layer_types[layer] == "recurrent"
-    return Block(
-        layer,
-        ln1=RMSNorm(cfg.d_model, cfg.eps),
-        attn=build_mixer(cfg, layer) if recurrent else build_attention(cfg, layer),
-        ln2=RMSNorm(cfg.d_model, cfg.eps),
-        mlp=GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias),
-    )
+    attn = build_mixer(cfg, layer) if recurrent else build_attention(cfg, layer)
+    mlp = GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+    return Block.rms_norm(layer, cfg.d_model, cfg.eps, attn, mlp)
 
 
 def _layer_map(cfg: HybridConfig, layer: int) -> dict[str, str]:

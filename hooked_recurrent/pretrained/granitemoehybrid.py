@@ -130,13 +130,7 @@ def build_block(cfg: GraniteHybridConfig, layer: int) -> Block:
         mlp = MoE(cfg.d_model, cfg.d_mlp, cfg.n_experts, cfg.top_k, d_shared=cfg.d_shared)
     else:
         mlp = GatedMLP(cfg.d_model, cfg.d_shared)
-    return Block(
-        layer,
-        ln1=RMSNorm(cfg.d_model, cfg.eps),
-        attn=attn,
-        ln2=RMSNorm(cfg.d_model, cfg.eps),
-        mlp=mlp,
-    )
+    return Block.rms_norm(layer, cfg.d_model, cfg.eps, attn, mlp)
 
 
 def _layer_map(cfg: GraniteHybridConfig, layer: int) -> dict[str, str]:

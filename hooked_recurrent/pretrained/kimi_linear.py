@@ -147,13 +147,7 @@ def build_block(cfg: KdaHybridConfig, layer: int) -> Block:
             norm_topk=cfg.norm_topk, routed_scale=cfg.routed_scale, score_bias=True,
             n_group=cfg.n_group, topk_group=cfg.topk_group, d_shared=cfg.d_shared,
         )  # fmt: skip
-    return Block(
-        layer,
-        ln1=RMSNorm(cfg.d_model, cfg.eps),
-        attn=attn,
-        ln2=RMSNorm(cfg.d_model, cfg.eps),
-        mlp=mlp,
-    )
+    return Block.rms_norm(layer, cfg.d_model, cfg.eps, attn, mlp)
 
 
 #: our mixer names (after "blocks.{l}.attn.") -> the in-memory Hugging Face names (after

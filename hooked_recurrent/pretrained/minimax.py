@@ -121,14 +121,8 @@ def build_block(cfg: MiniMaxConfig, layer: int) -> Block:
             qk_norm="none",
         )
         scales = cfg.full_scales
-    return Block(
-        layer,
-        ln1=RMSNorm(cfg.d_model, cfg.eps),
-        attn=attn,
-        ln2=RMSNorm(cfg.d_model, cfg.eps),
-        mlp=MoE(cfg.d_model, cfg.d_mlp, cfg.n_experts, cfg.top_k),
-        scales=(*scales, *cfg.mlp_scales),
-    )
+    mlp = MoE(cfg.d_model, cfg.d_mlp, cfg.n_experts, cfg.top_k)
+    return Block.rms_norm(layer, cfg.d_model, cfg.eps, attn, mlp, scales=(*scales, *cfg.mlp_scales))
 
 
 # our name (after "blocks.{l}.") -> Hugging Face name (after "layers.{l}.")
