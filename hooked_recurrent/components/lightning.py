@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from hooked_recurrent.components.mamba2 import chunk_ssd
+from hooked_recurrent.components.mamba2 import recur_ssd
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.mixer import RecurrentMixer
-from hooked_recurrent.recurrence import Propagation
 from hooked_recurrent.state import RunContext
 
 __all__ = ["LightningAttention", "lightning_slopes"]
@@ -95,21 +94,7 @@ class LightningAttention(RecurrentMixer):
         ones = q.new_ones(B, T, H)  # chunk_ssd's write strength
 
         S0 = None if past is None else past["S"]
-        propagation = Propagation.from_rule(
-            lambda q, k, v, dt, a, S0: chunk_ssd(q, k, v, dt, a, S0, self.chunk_size),
-            (q, k, v, ones, log_decay),
-            {2},
-        )
-        o, S_T = self.recur(
-            lambda: chunk_ssd(q, k, v, ones, log_decay, S0, self.chunk_size),
-            self.make_transition(decay),
-            q,
-            k,
-            v,
-            S0,
-            propagation,
-            run,
-        )
+        o, S_T = recur_ssd(self, q, k, v, ones, log_decay, decay, v, S0, self.chunk_size, run)
         run.save(self.layer, S=S_T)
         o = self.hook_read(o).reshape(B, T, H * D)
 

@@ -44,7 +44,7 @@ from hooked_recurrent.mixer import RecurrentMixer
 from hooked_recurrent.recurrence import Propagation
 from hooked_recurrent.state import RunContext
 
-__all__ = ["Mamba2Mixer", "chunk_ssd", "segment_sum"]
+__all__ = ["Mamba2Mixer", "chunk_ssd", "recur_ssd", "segment_sum"]
 
 
 def segment_sum(a: Float[Tensor, "... chunk"]) -> Float[Tensor, "... chunk chunk"]:
@@ -113,6 +113,32 @@ def chunk_ssd(
         S = chunk_decay[:, :, c] * S + chunk_write[:, :, c]
     y = y + torch.stack(carried, 2)
     return y.reshape(Bsz, H, n * L, P)[:, :, :T].transpose(1, 2), S
+
+
+def recur_ssd(
+    mixer: RecurrentMixer,
+    q: Float[Tensor, "batch pos head d_state"],
+    k: Float[Tensor, "batch pos head d_state"],
+    v: Float[Tensor, "batch pos head headdim"],
+    dt: Float[Tensor, "batch pos head"],
+    log_decay: Float[Tensor, "batch pos head"],
+    decay: Float[Tensor, "batch pos head"],
+    write_v: Float[Tensor, "batch pos head headdim"],
+    S0: Float[Tensor, "batch head d_state headdim"] | None,
+    chunk_size: int,
+    run: RunContext,
+) -> tuple[Float[Tensor, "batch pos head headdim"], Float[Tensor, "batch head d_state headdim"]]:
+    """`mixer.recur` for an SSD recurrence (`chunk_ssd` in chunks of `chunk_size`, the fast path
+    and the propagation of edits): the write k (dt v)^T, `write_v` = dt v as the hooks see it,
+    the transition `mixer.make_transition(decay)`. Returns the reads and the final state."""
+    propagation = Propagation.from_rule(
+        lambda q, k, v, dt, ld, S0: chunk_ssd(q, k, v, dt, ld, S0, chunk_size),
+        (q, k, v, dt, log_decay),
+        {2},
+    )
+    fast = lambda: chunk_ssd(q, k, v, dt, log_decay, S0, chunk_size)  # noqa: E731
+    transition = mixer.make_transition(decay)
+    return mixer.recur(fast, transition, q, k, write_v, S0, propagation, run)
 
 
 class Mamba2Mixer(RecurrentMixer):
@@ -210,20 +236,8 @@ class Mamba2Mixer(RecurrentMixer):
         decay, log_decay = self.hooked_decay(log_decay.exp(), log_decay)
 
         S0 = None if past is None else past["S"]
-        propagation = Propagation.from_rule(
-            lambda q, k, v, dt, ld, S0: chunk_ssd(q, k, v, dt, ld, S0, self.chunk_size),
-            (q, k, v, dt, log_decay),
-            {2},
-        )
-        o, S_T = self.recur(
-            lambda: chunk_ssd(q, k, v, dt, log_decay, S0, self.chunk_size),
-            self.make_transition(decay),
-            q,
-            k,
-            dt[..., None] * v,
-            S0,
-            propagation,
-            run,
+        o, S_T = recur_ssd(
+            self, q, k, v, dt, log_decay, decay, dt[..., None] * v, S0, self.chunk_size, run
         )
         run.save(self.layer, S=S_T, conv=conv_buf)
         o = self.hook_read(o)
