@@ -30,7 +30,7 @@ from hooked_recurrent.components.mamba1 import Mamba1Mixer
 from hooked_recurrent.components.norms import RMSNorm
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.pretrained import Family, register_family
-from hooked_recurrent.pretrained.mamba2 import backbone_to_hf, convert_backbone
+from hooked_recurrent.pretrained.mamba2 import backbone_hf_config, backbone_to_hf, convert_backbone
 
 __all__ = [
     "Mamba1Config",
@@ -165,25 +165,8 @@ def config_from_hf(config: dict[str, Any]) -> Mamba1Config:
 def to_hf_config(cfg: Mamba1Config) -> dict[str, Any]:
     """Keyword arguments of a Hugging Face `MambaConfig` (or `FalconMambaConfig`) for this
     model."""
-    if cfg.d_inner % cfg.d_model:
-        raise ValueError(
-            f"d_inner {cfg.d_inner} is not an integer multiple of d_model {cfg.d_model}; "
-            "transformers' MambaConfig needs an integer expand"
-        )
-    kw = dict(
-        vocab_size=cfg.d_vocab,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        state_size=cfg.d_k,
-        expand=cfg.d_inner // cfg.d_model,
-        time_step_rank=cfg.dt_rank,
-        conv_kernel=cfg.conv_kernel,
-        layer_norm_epsilon=cfg.eps,
-        use_conv_bias=cfg.use_conv_bias,
-        use_bias=cfg.use_bias,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        residual_in_fp32=True,
-    )
+    kw = backbone_hf_config(cfg, "MambaConfig")
+    kw["time_step_rank"] = cfg.dt_rank
     if cfg.bcdt_norm == "weightless":
         kw["mixer_rms_eps"] = cfg.bcdt_eps
     return kw

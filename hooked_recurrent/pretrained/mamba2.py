@@ -34,6 +34,7 @@ __all__ = [
     "convert_state_dict",
     "to_hf_state_dict",
     "to_hf_config",
+    "backbone_hf_config",
 ]
 
 #: mamba_ssm's `Mamba2` module defaults (mamba_ssm/modules/mamba2.py); `ssm_cfg` overrides them
@@ -201,12 +202,13 @@ def config_from_hf(config: dict[str, Any]) -> Mamba2Config:
     )
 
 
-def to_hf_config(cfg: Mamba2Config) -> dict[str, Any]:
-    """Keyword arguments of a Hugging Face `Mamba2Config` for this model."""
+def backbone_hf_config(cfg: Any, what: str) -> dict[str, Any]:
+    """The keyword arguments that transformers' `MambaConfig` and `Mamba2Config` (`what`, for the
+    error) name alike, for a Mamba-1 or Mamba-2 config `cfg`: sizes, conv, norm, biases, tying."""
     if cfg.d_inner % cfg.d_model:
         raise ValueError(
             f"d_inner {cfg.d_inner} is not an integer multiple of d_model {cfg.d_model}; "
-            "transformers' Mamba2Config needs an integer expand"
+            f"transformers' {what} needs an integer expand"
         )
     return dict(
         vocab_size=cfg.d_vocab,
@@ -214,17 +216,23 @@ def to_hf_config(cfg: Mamba2Config) -> dict[str, Any]:
         num_hidden_layers=cfg.n_layers,
         state_size=cfg.d_k,
         expand=cfg.d_inner // cfg.d_model,
-        head_dim=cfg.d_v,
-        num_heads=cfg.n_heads,
-        n_groups=cfg.n_groups,
         conv_kernel=cfg.conv_kernel,
         layer_norm_epsilon=cfg.eps,
-        chunk_size=cfg.chunk_size,
-        time_step_limit=tuple(cfg.time_step_limit),
         use_conv_bias=cfg.use_conv_bias,
         use_bias=cfg.use_bias,
         tie_word_embeddings=cfg.tie_word_embeddings,
         residual_in_fp32=True,
+    )
+
+
+def to_hf_config(cfg: Mamba2Config) -> dict[str, Any]:
+    """Keyword arguments of a Hugging Face `Mamba2Config` for this model."""
+    return backbone_hf_config(cfg, "Mamba2Config") | dict(
+        head_dim=cfg.d_v,
+        num_heads=cfg.n_heads,
+        n_groups=cfg.n_groups,
+        chunk_size=cfg.chunk_size,
+        time_step_limit=tuple(cfg.time_step_limit),
     )
 
 
