@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from jaxtyping import Float, Int
@@ -258,6 +258,24 @@ class HookedRecurrentCache(ActivationCache):
         return (stack, layers) if return_layers else stack
 
 
+class _Stacked:
+    """A read-only attribute: the weight `name` of every softmax-attention layer (`stack` is
+    "_attention_stack") or every MLP ("_mlp_stack"), stacked by the model's method `stack`."""
+
+    def __init__(self, stack: str, name: str) -> None:
+        self.stack, self.name = stack, name
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> _Stacked: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> Tensor: ...
+    def __get__(self, obj: object, owner: type | None = None) -> _Stacked | Tensor:
+        return self if obj is None else getattr(obj, self.stack)(self.name)
+
+    def __set__(self, obj: object, value: object) -> None:
+        raise AttributeError(f"{self.name} is read-only (it stacks the layers' weights)")
+
+
 class TLCompatMixin:
     """TransformerLens's `HookedTransformer` attributes that `HookedRecurrentModel` adds.
 
@@ -326,21 +344,15 @@ class TLCompatMixin:
             )
         return torch.stack([getattr(self.blocks[l].attn, which) for l in self.cfg.attention_layers])
 
-    @property
-    def W_Q(self) -> Float[Tensor, "attn_layer head d_model d_head"]:
-        """Query weights of the softmax-attention layers (`cfg.attention_layers`), before q-norm
-        and RoPE (Qwen3.5's gate rows are in `W_gate_attn`)."""
-        return self._attention_stack("W_Q")
-
-    @property
-    def W_K(self) -> Float[Tensor, "attn_layer head d_model d_head"]:
-        """Key weights of the softmax-attention layers, repeated over query heads (GQA)."""
-        return self._attention_stack("W_K")
-
-    @property
-    def W_V(self) -> Float[Tensor, "attn_layer head d_model d_head"]:
-        """Value weights of the softmax-attention layers, repeated over query heads (GQA)."""
-        return self._attention_stack("W_V")
+    W_Q = _Stacked("_attention_stack", "W_Q")
+    """Query weights of the softmax-attention layers (`cfg.attention_layers`), before q-norm and
+    RoPE (Qwen3.5's gate rows are in `W_gate_attn`): `[attn_layer, head, d_model, d_head]`."""
+    W_K = _Stacked("_attention_stack", "W_K")
+    """Key weights of the softmax-attention layers, repeated over query heads (GQA):
+    `[attn_layer, head, d_model, d_head]`."""
+    W_V = _Stacked("_attention_stack", "W_V")
+    """Value weights of the softmax-attention layers, repeated over query heads (GQA):
+    `[attn_layer, head, d_model, d_head]`."""
 
     @property
     def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
@@ -360,10 +372,9 @@ class TLCompatMixin:
             )
         return torch.stack([getattr(b.mlp, name).weight.T for b in self.blocks])
 
-    @property
-    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
-        """MLP input weights (Qwen3.5: the linear branch; RWKV-7: the key projection)."""
-        return self._mlp_stack("W_in")
+    W_in = _Stacked("_mlp_stack", "W_in")
+    """MLP input weights (Qwen3.5: the linear branch; RWKV-7: the key projection):
+    `[layer, d_model, d_mlp]`."""
 
     @property
     def W_gate(self) -> Float[Tensor, "layer d_model d_mlp"]:
@@ -372,10 +383,8 @@ class TLCompatMixin:
             raise NotApplicableError(f"{self.cfg.architecture} has no gated MLP, so no W_gate")
         return self._mlp_stack("W_gate")
 
-    @property
-    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
-        """MLP output weights."""
-        return self._mlp_stack("W_out")
+    W_out = _Stacked("_mlp_stack", "W_out")
+    """MLP output weights: `[layer, d_mlp, d_model]`."""
 
     @property
     def W_gate_attn(self) -> Float[Tensor, "attn_layer head d_model d_head"]:
