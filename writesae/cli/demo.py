@@ -13,12 +13,10 @@ import typer
 
 from hooked_recurrent import HookedRecurrentModel
 from writesae import report
+from writesae.cli import options
 from writesae.cli.app import (
     DEFAULT_MODEL,
-    SAE_DEFAULT,
-    SAE_HELP,
     TRAIN_DEFAULT,
-    TRAIN_HELP,
     app,
     blocks,
     cell,
@@ -70,17 +68,15 @@ def demo(
         help="Head (default: the head with the largest median decay in --layer, or without "
         "--layer among the last half of the recurrent layers).",
     ),
-    n_atoms: int = typer.Option(SAE_DEFAULT["n_atoms"], help=SAE_HELP["n_atoms"]),
-    k: int = typer.Option(SAE_DEFAULT["k"], help=SAE_HELP["k"]),
-    steps: int = typer.Option(TRAIN_DEFAULT["n_steps"], help=TRAIN_HELP["n_steps"]),
+    n_atoms: int = options.N_ATOMS,
+    k: int = options.K,
+    steps: int = options.STEPS,
     firings: int = typer.Option(600, help="Firings for the substitution test (>= 500)."),
     seed: int = typer.Option(TRAIN_DEFAULT["seed"], help="Seed for everything."),
     dashboard_tokens: int = typer.Option(
         32768, help="Held-out tokens (sequences of 128) the atom dashboard runs over."
     ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing --out folder (whole)."
-    ),
+    overwrite: bool = options.OVERWRITE,
 ) -> None:
     """Stream states, train a WriteSAE, run the evaluations, write the report and dashboard."""
     positive("--steps", steps)

@@ -11,9 +11,8 @@ from torch import Tensor
 
 from writesae import distributed as dp
 from writesae.activations import ModelSource, WriteFactors, save_shards
+from writesae.cli import options
 from writesae.cli.app import (
-    DATA_HELP,
-    DEFAULT_MODEL,
     SAE_HELP,
     app,
     cell,
@@ -31,19 +30,15 @@ from writesae.cli.app import (
 @one_line_errors
 def extract(
     out: Path = typer.Option(..., help="Folder for the safetensors shards."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Model name, folder or Hub id."),
-    text: Path | None = typer.Option(
-        None, help="Text file (default: the shipped training sample)."
-    ),
-    data: str | None = typer.Option(None, help=DATA_HELP),
-    layer: int | None = typer.Option(None, help="Recurrent layer (default: the middle one)."),
+    model: str = options.MODEL,
+    text: Path | None = options.TEXT,
+    data: str | None = options.DATA,
+    layer: int | None = options.LAYER,
     head: int = typer.Option(0, help=SAE_HELP["head"]),
     input_kind: str = typer.Option("state", help=SAE_HELP["input_kind"]),
     context: int = typer.Option(128, help="Tokens per block."),
     max_samples: int | None = typer.Option(None, help="Stop after this many samples."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing --out folder (whole)."
-    ),
+    overwrite: bool = options.OVERWRITE,
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted extract from its last complete shard."
     ),

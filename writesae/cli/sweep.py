@@ -8,13 +8,10 @@ from pathlib import Path
 import typer
 
 from writesae import distributed as dp
+from writesae.cli import options
 from writesae.cli.app import (
-    DATA_HELP,
-    DEFAULT_MODEL,
     SAE_DEFAULT,
     SAE_HELP,
-    TRAIN_DEFAULT,
-    TRAIN_HELP,
     app,
     check_input_kind,
     check_out,
@@ -34,22 +31,20 @@ __all__ = ["sweep_cmd"]
 @one_line_errors
 def sweep_cmd(
     out: Path = typer.Option(..., help="Folder for the sweep: one SAE folder per cell."),
-    model: str = typer.Option(DEFAULT_MODEL, help="Model name, folder or Hub id."),
-    text: Path | None = typer.Option(
-        None, help="Text file (default: the shipped training sample)."
-    ),
-    data: str | None = typer.Option(None, help=DATA_HELP),
+    model: str = options.MODEL,
+    text: Path | None = options.TEXT,
+    data: str | None = options.DATA,
     layers: str = typer.Option("all", help="Recurrent layers, e.g. 0,1,2, or 'all'."),
     heads: str = typer.Option("all", help="State heads, e.g. 0,3, or 'all'."),
     input_kind: str = typer.Option(SAE_DEFAULT["input_kind"], help=SAE_HELP["input_kind"]),
-    n_atoms: int = typer.Option(SAE_DEFAULT["n_atoms"], help=SAE_HELP["n_atoms"]),
-    k: int = typer.Option(SAE_DEFAULT["k"], help=SAE_HELP["k"]),
-    steps: int = typer.Option(TRAIN_DEFAULT["n_steps"], help=TRAIN_HELP["n_steps"]),
-    batch_size: int = typer.Option(TRAIN_DEFAULT["batch_size"], help=TRAIN_HELP["batch_size"]),
-    lr: float = typer.Option(TRAIN_DEFAULT["lr"], help=TRAIN_HELP["lr"]),
-    context: int = typer.Option(128, help="Tokens per block fed to the model."),
+    n_atoms: int = options.N_ATOMS,
+    k: int = options.K,
+    steps: int = options.STEPS,
+    batch_size: int = options.BATCH_SIZE,
+    lr: float = options.LR,
+    context: int = options.CONTEXT,
     buffer: int = typer.Option(16384, help="Shuffle buffer, in samples per cell."),
-    seed: int = typer.Option(TRAIN_DEFAULT["seed"], help=TRAIN_HELP["seed"]),
+    seed: int = options.SEED,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT.checkpoint."),
     checkpoint_every: int = typer.Option(

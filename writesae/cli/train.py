@@ -13,13 +13,11 @@ from hooked_recurrent import HookedRecurrentModel
 from hooked_recurrent.validation import model_fingerprint
 from writesae import distributed as dp
 from writesae.activations import ModelSource, ShardSource
+from writesae.cli import options
 from writesae.cli.app import (
-    DATA_HELP,
     DEFAULT_MODEL,
     SAE_DEFAULT,
     SAE_HELP,
-    TRAIN_DEFAULT,
-    TRAIN_HELP,
     app,
     blocks,
     cell,
@@ -129,31 +127,27 @@ def train_cmd(
     model: str | None = typer.Option(
         None, help=f"Model name, folder or Hub id (default: the shards' model, or {DEFAULT_MODEL})."
     ),
-    text: Path | None = typer.Option(
-        None, help="Text file (default: the shipped training sample)."
-    ),
+    text: Path | None = options.TEXT,
     shards: Path | None = typer.Option(
         None, help="Train from shards written by `extract` instead (their layer, head, kind)."
     ),
-    data: str | None = typer.Option(None, help=DATA_HELP),
-    layer: int | None = typer.Option(None, help="Recurrent layer (default: the middle one)."),
+    data: str | None = options.DATA,
+    layer: int | None = options.LAYER,
     head: int | None = typer.Option(
         None, help=SAE_HELP["head"] + f" Default {SAE_DEFAULT['head']}, or the shards' head."
     ),
-    n_atoms: int = typer.Option(SAE_DEFAULT["n_atoms"], help=SAE_HELP["n_atoms"]),
-    k: int = typer.Option(SAE_DEFAULT["k"], help=SAE_HELP["k"]),
+    n_atoms: int = options.N_ATOMS,
+    k: int = options.K,
     input_kind: str | None = typer.Option(
         None,
         help=SAE_HELP["input_kind"] + f" Default {SAE_DEFAULT['input_kind']!r}, or the shards'.",
     ),
-    steps: int = typer.Option(TRAIN_DEFAULT["n_steps"], help=TRAIN_HELP["n_steps"]),
-    batch_size: int = typer.Option(TRAIN_DEFAULT["batch_size"], help=TRAIN_HELP["batch_size"]),
-    lr: float = typer.Option(TRAIN_DEFAULT["lr"], help=TRAIN_HELP["lr"]),
-    context: int = typer.Option(128, help="Tokens per block fed to the model."),
-    seed: int = typer.Option(TRAIN_DEFAULT["seed"], help=TRAIN_HELP["seed"]),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing --out folder (whole)."
-    ),
+    steps: int = options.STEPS,
+    batch_size: int = options.BATCH_SIZE,
+    lr: float = options.LR,
+    context: int = options.CONTEXT,
+    seed: int = options.SEED,
+    overwrite: bool = options.OVERWRITE,
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the checkpoint OUT.checkpoint of an interrupted run."
     ),
