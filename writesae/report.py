@@ -39,6 +39,31 @@ def _plt():
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write the PNG at `path`, close the figure; `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
+def _rate_bars(
+    ax: Any,
+    names: list[str],
+    rates: list[Any],
+    cis: list[Any],
+    colors: list[str],
+) -> None:
+    """Bars of `rates` in percent with their (low, high) intervals `cis` as error bars."""
+    err = np.array(
+        [
+            [r - c[0] for r, c in zip(rates, cis, strict=True)],
+            [c[1] - r for r, c in zip(rates, cis, strict=True)],
+        ]
+    )
+    ax.bar(names, [100 * r for r in rates], yerr=100 * err, capsize=6, color=colors)
+
+
 def plot_substitution(sub: SubstitutionResult, path: Path) -> Path:
     """Win-rate bars (atom beats deletion / random) with Wilson 95% intervals."""
     plt = _plt()
@@ -46,13 +71,7 @@ def plot_substitution(sub: SubstitutionResult, path: Path) -> Path:
     names = ["atom beats deletion", "atom beats random"]
     rates = [sub.win_rate_vs_delete, sub.win_rate_vs_random]
     cis = [sub.ci_vs_delete, sub.ci_vs_random]
-    err = np.array(
-        [
-            [r - c[0] for r, c in zip(rates, cis, strict=True)],
-            [c[1] - r for r, c in zip(rates, cis, strict=True)],
-        ]
-    )
-    ax.bar(names, [100 * r for r in rates], yerr=100 * err, capsize=6, color=["#3b7dd8", "#7fb2f0"])
+    _rate_bars(ax, names, rates, cis, ["#3b7dd8", "#7fb2f0"])
     ax.axhline(50, color="gray", ls="--", lw=1, label="chance")
     for i, (r, c) in enumerate(zip(rates, cis, strict=True)):
         ax.text(i, 100 * c[1] + 2, f"{100 * r:.1f}%", ha="center")
@@ -60,10 +79,7 @@ def plot_substitution(sub: SubstitutionResult, path: Path) -> Path:
     ax.set_ylabel("win rate (%)")
     ax.set_title(f"single-write substitution, n = {sub.n} firings")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_closed_form(cf: ClosedFormResult, path: Path) -> Path:
@@ -87,10 +103,7 @@ def plot_closed_form(cf: ClosedFormResult, path: Path) -> Path:
         ax.set_xlabel(f"predicted dlogit ({meth.replace('_', '-')})")
         ax.set_ylabel("measured dlogit")
         ax.set_title(f"{meth.replace('_', '-')}: R$^2$ = {r2:.3f} (eps {cf.headline_eps:g}{unit})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_calibration(sub: SubstitutionResult, path: Path) -> Path:
@@ -140,10 +153,7 @@ def plot_calibration(sub: SubstitutionResult, path: Path) -> Path:
     ax.set_ylabel("beats deletion (%)")
     ax.set_title(f"substitution calibration ({sub.settings['scale']}, n = {sub.n})")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_install(inst: InstallResult, path: Path) -> Path:
@@ -152,26 +162,11 @@ def plot_install(inst: InstallResult, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
     rates = [inst.rate_native, inst.rate_edited]
     cis = [inst.ci_native, inst.ci_edited]
-    err = np.array(
-        [
-            [r - c[0] for r, c in zip(rates, cis, strict=True)],
-            [c[1] - r for r, c in zip(rates, cis, strict=True)],
-        ]
-    )
-    ax.bar(
-        ["unedited", "install"],
-        [100 * r for r in rates],
-        yerr=100 * err,
-        capsize=6,
-        color=["#999999", "#d8773b"],
-    )
+    _rate_bars(ax, ["unedited", "install"], rates, cis, ["#999999", "#d8773b"])
     ax.set_ylim(0, 105)
     ax.set_ylabel("target in continuation (%)")
     ax.set_title(f"install at {inst.settings['positions']} positions, n = {inst.n}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_training(metrics: TrainMetrics, path: Path) -> Path:
@@ -182,10 +177,7 @@ def plot_training(metrics: TrainMetrics, path: Path) -> Path:
         ax.plot(metrics.step, getattr(metrics, name))
         ax.set_title(name)
         ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 @torch.no_grad()
