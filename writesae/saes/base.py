@@ -92,6 +92,24 @@ class BaseSAE(nn.Module):
             )
         self.cfg = cfg
 
+    def _random_unit_rows(self, seed: int | None, *widths: int) -> list[Tensor]:
+        """The initial decoder tables: `[n_atoms, width]` float64 Gaussian rows scaled to unit
+        norm, one per width, drawn in order from one generator seeded with `seed` (None: torch's
+        global one)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        n = self.cfg.n_atoms
+        return [unit_rows(torch.randn(n, d, generator=gen, dtype=torch.float64)) for d in widths]
+
+    def _init_biases(self) -> None:
+        """Zero encoder bias `b_enc` [n_atoms]; zero decoder bias `b_dec` [d_k, d_v] if
+        `cfg.decoder_bias`, else the parameter `b_dec` is None."""
+        dt = getattr(torch, self.cfg.dtype)
+        self.b_enc = nn.Parameter(torch.zeros(self.cfg.n_atoms, dtype=dt))
+        if self.cfg.decoder_bias:
+            self.b_dec = nn.Parameter(torch.zeros(self.cfg.d_k, self.cfg.d_v, dtype=dt))
+        else:
+            self.register_parameter("b_dec", None)
+
     # ---------------------------------------------------------------- subclass interface
     def pre_acts(self, x: Float[Tensor, "... d_k d_v"]) -> Float[Tensor, "... n_atoms"]:
         """Encoder pre-activations `p(X)` of every atom, before the sparsifier."""

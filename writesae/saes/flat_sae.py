@@ -26,15 +26,10 @@ class FlatSAE(BaseSAE):
     def __init__(self, cfg: WriteSAEConfig, seed: int | None = None):
         super().__init__(cfg)
         dt = getattr(torch, cfg.dtype)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        dec = unit_rows(torch.randn(cfg.n_atoms, cfg.d_in, generator=gen, dtype=torch.float64))
+        (dec,) = self._random_unit_rows(seed, cfg.d_in)
         self.W_dec = nn.Parameter(dec.to(dt))
         self.W_enc = nn.Parameter(dec.T.contiguous().to(dt))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_atoms, dtype=dt))
-        if cfg.decoder_bias:
-            self.b_dec = nn.Parameter(torch.zeros(cfg.d_k, cfg.d_v, dtype=dt))
-        else:
-            self.register_parameter("b_dec", None)
+        self._init_biases()
 
     @staticmethod
     def matched_n_atoms(cfg: WriteSAEConfig) -> int:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from hooked_recurrent.memory import scratch
 from writesae.config import WriteSAEConfig
 from writesae.factor_loss import SelectedBilinear, TopKFactorLoss, rank1_sq_error, rows
-from writesae.saes.base import BaseSAE, SAEOutput, unit_rows
+from writesae.saes.base import BaseSAE, SAEOutput
 
 __all__ = ["WriteSAE"]
 
@@ -52,9 +52,7 @@ class WriteSAE(BaseSAE):
     def __init__(self, cfg: WriteSAEConfig, seed: int | None = None):
         super().__init__(cfg)
         dt = getattr(torch, cfg.dtype)
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        u = unit_rows(torch.randn(cfg.n_atoms, cfg.d_k, generator=gen, dtype=torch.float64))
-        w = unit_rows(torch.randn(cfg.n_atoms, cfg.d_v, generator=gen, dtype=torch.float64))
+        u, w = self._random_unit_rows(seed, cfg.d_k, cfg.d_v)
         self.W_dec_key = nn.Parameter(u.to(dt))
         self.W_dec_value = nn.Parameter(w.to(dt))
         if cfg.encoder == "bilinear":
@@ -65,11 +63,7 @@ class WriteSAE(BaseSAE):
             atoms = (u[:, :, None] * w[:, None, :]).reshape(cfg.n_atoms, cfg.d_in)
             # registered by name: `W_enc` is also a property (the bilinear encoder's dense form)
             self.register_parameter("W_enc", nn.Parameter(atoms.T.contiguous().to(dt)))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.n_atoms, dtype=dt))
-        if cfg.decoder_bias:
-            self.b_dec = nn.Parameter(torch.zeros(cfg.d_k, cfg.d_v, dtype=dt))
-        else:
-            self.register_parameter("b_dec", None)
+        self._init_biases()
 
     @property
     def key_factors(self) -> Float[Tensor, "n_atoms d_k"]:
