@@ -213,6 +213,36 @@ class StackedGrams:
         torch.mul(other_gram[:, -m:], (s * sigma_rows)[:, :, None], out=r).mul_(sigma[:, None, :])
         return torch.bmm(r, rows_, out=scratch.get((len(rows_), m, rows_.shape[-1]), rows_, "dP"))
 
+    @staticmethod
+    def decoder_sides(
+        s: Tensor,
+        sigma: Tensor,
+        PQ: tuple[Tensor, Tensor],
+        grams: tuple[Tensor, Tensor],
+        sel: Selection,
+        need: tuple[bool, bool, bool, bool],
+        names: tuple[str, str] = ("", ""),
+        base: tuple[Tensor | None, Tensor | None] = (None, None),
+    ) -> tuple[Tensor | None, ...]:
+        """``(s dk, s dU, s dv, s dW)`` from :meth:`side` on the key side (``P`` with ``Q Q^T``)
+        then the value side, each None where ``need`` (same order) says so: ``dk``, ``dv`` added
+        to ``base`` if given; ``dU``, ``dW`` summed into the tables (into the reused memory
+        ``names``, if given)."""
+        gp, gq = grams
+        out: list[Tensor | None] = []
+        for rows_, other, need_row, need_table, name, b in zip(
+            PQ, (gq, gp), need[::2], need[1::2], names, base, strict=True
+        ):
+            d_row = d_table = None
+            if need_row or need_table:
+                d = StackedGrams.side(s, sigma, rows_, other, key_row=need_row)
+                if need_row:
+                    d_row = d[:, 0].clone() if b is None else b + d[:, 0]
+                d_table = sel.per_slot(d, name) if need_table else None
+                del d  # its memory is reused by the value side
+            out += [d_row, d_table]
+        return tuple(out)
+
 
 class SelectedBilinear(torch.autograd.Function):
     """``p_{b, idx_bj} = (k_b . e_j)(v_b . f_j) + b_j`` read from the kept full products.
@@ -304,16 +334,9 @@ class Rank1SqError(torch.autograd.Function):
         s = 2 * g[:, None]  # [B, 1]
         d_coef = StackedGrams.d_coef(s, h_sigma) if need[2] else None
         sel = Selection(idx, ctx.n)
-        d_key = d_value = d_u = d_w = None
-        if need[0] or need[4]:
-            d = StackedGrams.side(s, sigma, P, gq, key_row=need[0])
-            d_key = d[:, 0].clone() if need[0] else None
-            d_u = sel.per_slot(d) if need[4] else None
-            del d  # its memory is reused by the value side
-        if need[1] or need[5]:
-            d = StackedGrams.side(s, sigma, Q, gp, key_row=need[1])
-            d_value = d[:, 0].clone() if need[1] else None
-            d_w = sel.per_slot(d) if need[5] else None
+        d_key, d_u, d_value, d_w = StackedGrams.decoder_sides(
+            s, sigma, (P, Q), (gp, gq), sel, (need[0], need[4], need[1], need[5])
+        )
         return d_key, d_value, d_coef, None, d_u, d_w
 
 
@@ -373,16 +396,11 @@ class TopKFactorLoss(torch.autograd.Function):
             enc_key, enc_value,
         )  # fmt: skip
         d_key, d_value, d_ek, d_ev, d_benc = enc
-        d_u = d_w = d_bdec = None
-        if need[0] or need[6]:
-            d = StackedGrams.side(s, sigma, P, gq, key_row=need[0])
-            d_key = d_key + d[:, 0] if need[0] else None
-            d_u = sel.per_slot(d, "dU") if need[6] else None
-            del d  # its memory is reused by the value side
-        if need[1] or need[7]:
-            d = StackedGrams.side(s, sigma, Q, gp, key_row=need[1])
-            d_value = d_value + d[:, 0] if need[1] else None
-            d_w = sel.per_slot(d, "dW") if need[7] else None
+        d_key, d_u, d_value, d_w = StackedGrams.decoder_sides(
+            s, sigma, (P, Q), (gp, gq), sel, (need[0], need[6], need[1], need[7]),
+            ("dU", "dW"), (d_key, d_value),
+        )  # fmt: skip
+        d_bdec = None
         if b_dec is not None:
             cs = sel.per_atom(s * c)[:, None]  # [n, 1]: s c_j summed over the batch per atom
             cw = cs * w
