@@ -291,7 +291,7 @@ class TLCompatMixin:
     tokenizer: Any
 
     def __getattr__(self, name: str) -> Any:
-        # a property that raises AttributeError (NotApplicableError) sends Python to
+        # a property (or _Stacked) that raises AttributeError (NotApplicableError) sends Python to
         # nn.Module.__getattr__, whose generic message would hide ours: raise ours again
         try:
             return super().__getattr__(name)  # type: ignore[misc]
@@ -299,6 +299,8 @@ class TLCompatMixin:
             prop = getattr(type(self), name, None)
             if isinstance(prop, property) and prop.fget is not None:
                 prop.fget(self)
+            if isinstance(prop, _Stacked):
+                prop.__get__(self, type(self))
             raise
 
     # ------------------------------------------------------------------ dtype / device
