@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from writesae.cli import options
 from writesae.cli.app import (
     app,
     blocks,
@@ -39,7 +40,7 @@ def report_win_rates(report: Path) -> dict[int, float]:
 def dashboard(
     sae: Path = typer.Option(..., help="Folder of a saved WriteSAE."),
     out: Path = typer.Option(..., help="Folder for index.html and its data."),
-    model: str | None = typer.Option(None, help="Model (default: the one the SAE records)."),
+    model: str | None = options.SAE_MODEL,
     data: Path | None = typer.Option(
         None, help="Text file (default: the shipped held-out sample, then the training sample)."
     ),
@@ -48,9 +49,7 @@ def dashboard(
     report: Path | None = typer.Option(
         None, help="Report folder of `writesae evaluate` whose per-atom win rates to show."
     ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing --out folder (whole)."
-    ),
+    overwrite: bool = options.OVERWRITE,
     allow_other_model: bool = typer.Option(
         False, "--allow-other-model", help="Run on a model other than the SAE's."
     ),

@@ -12,6 +12,7 @@ import typer
 
 from hooked_recurrent import HookedRecurrentModel
 from writesae import report
+from writesae.cli import options
 from writesae.cli.app import (
     app,
     blocks,
@@ -109,7 +110,7 @@ def run_evaluations(
 def evaluate(
     sae: Path = typer.Option(..., help="Folder of a saved SAE."),
     out: Path = typer.Option(..., help="Folder for results.json, report.md and the plots."),
-    model: str | None = typer.Option(None, help="Model (default: the one the SAE records)."),
+    model: str | None = options.SAE_MODEL,
     text: Path | None = typer.Option(
         None, help="Held-out text file (default: the shipped sample)."
     ),
@@ -125,9 +126,7 @@ def evaluate(
     ),
     kl_position: str = typer.Option("edited", help="Substitution KL at: edited, end or mean."),
     seed: int = typer.Option(0, help="Seed for random controls and target choice."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace an existing --out folder (whole)."
-    ),
+    overwrite: bool = options.OVERWRITE,
     allow_other_model: bool = typer.Option(
         False,
         "--allow-other-model",

@@ -1,5 +1,5 @@
-"""The options several `writesae` commands take alike (extract, train, sweep, demo): one
-definition each, used as a parameter's default (`n_atoms: int = options.N_ATOMS`).
+"""The options several `writesae` commands take alike (extract, train, sweep, demo, evaluate,
+dashboard): one definition each, used as a parameter's default (`n_atoms: int = options.N_ATOMS`).
 
 Every option that sets a `WriteSAEConfig` or `TrainConfig` field takes its default and its help
 text from that field. Typer copies an option before it reads it, so commands can share one.
@@ -29,4 +29,5 @@ BATCH_SIZE = typer.Option(TRAIN_DEFAULT["batch_size"], help=TRAIN_HELP["batch_si
 LR = typer.Option(TRAIN_DEFAULT["lr"], help=TRAIN_HELP["lr"])
 SEED = typer.Option(TRAIN_DEFAULT["seed"], help=TRAIN_HELP["seed"])
 CONTEXT = typer.Option(128, help="Tokens per block fed to the model.")
+SAE_MODEL = typer.Option(None, help="Model (default: the one the SAE records).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing --out folder (whole).")
