@@ -166,8 +166,9 @@ def propagation_diffs(
     hf, model, toks, layer, brute, as_tuple, kind, edits, attr: str = "self_attn"
 ) -> tuple:
     """An edit of `blocks.{layer}.attn.hook_{kind}` vs the reference model (float64) with the
-    brute-force layer swapped in (at `attr`, see `swapped`); returns (max |logits - brute force|, logits before the first
-    edited position bit-equal to the clean run, max |logits after the last edit - clean|)."""
+    brute-force layer swapped in (at `attr`, see `swapped`); returns (max |logits - brute
+    force|, logits before the first edited position bit-equal to the clean run, max |logits after
+    the last edit - clean|)."""
     ref = hf.double()
     try:
 
