@@ -71,6 +71,32 @@ def kimi_rows(rounds: int) -> list[dict]:
     return gdn_rows(hf, "Kimi Linear", torch.randint(0, VOCAB - 3, (B, T)), rounds)
 
 
+def jamba_rows(rounds: int) -> list[dict]:
+    """A random Jamba: d_model 256, 4 layers (3 Mamba-1, then attention), expand 2, state 16;
+    SwiGLU MLPs of 1024 at the even layers, MoE (4 experts of 1024, top-2) at the odd ones."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = JambaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_layer_period=4,
+        attn_layer_offset=3,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mamba_d_state=16,
+        pad_token_id=VOCAB - 2,
+        eos_token_id=VOCAB - 1,
+        bos_token_id=VOCAB - 1,
+    )
+    hf = JambaForCausalLM(cfg).eval()
+    return gdn_rows(hf, "Jamba", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
 def gdn_rows(hf, label: str, tokens, rounds: int, bridge=None) -> list[dict]:
     """Forward, run_with_cache and one write edit of ours against the HF model (and the
     TransformerBridge, when given)."""
@@ -259,6 +285,7 @@ def main() -> None:
         "rwkv7": rwkv7_rows,
         "nemotron_h": nemotron_h_rows,
         "mamba1": mamba1_rows,
+        "jamba": jamba_rows,
     }
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)

@@ -39,6 +39,8 @@ __all__ = [
     "to_hf_state_dict",
     "to_hf_config",
     "is_mamba1_ssm_config",
+    "build_mixer",
+    "mixer_map",
 ]
 
 #: mamba_ssm's `Mamba` (v1) module defaults (mamba_ssm/modules/mamba_simple.py)
@@ -172,8 +174,9 @@ def to_hf_config(cfg: Mamba1Config) -> dict[str, Any]:
     return kw
 
 
-def build_block(cfg: Mamba1Config, layer: int) -> Block:
-    attn = Mamba1Mixer(
+def build_mixer(cfg: Mamba1Config, layer: int) -> Mamba1Mixer:
+    """The Mamba-1 mixer of layer `layer` (also Jamba's Mamba layers)."""
+    return Mamba1Mixer(
         layer,
         cfg.d_model,
         cfg.d_inner,
@@ -186,7 +189,10 @@ def build_block(cfg: Mamba1Config, layer: int) -> Block:
         cfg.bcdt_eps,
         cfg.chunk_size,
     )
-    return Block(layer, ln1=RMSNorm(cfg.d_model, cfg.eps), attn=attn)
+
+
+def build_block(cfg: Mamba1Config, layer: int) -> Block:
+    return Block(layer, ln1=RMSNorm(cfg.d_model, cfg.eps), attn=build_mixer(cfg, layer))
 
 
 #: our name (after "blocks.{l}.") -> Hugging Face / mamba_ssm name (after "backbone.layers.{l}.")

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from hooked_recurrent.components.attention import GatedAttention
+from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.pretrained.mamba2 import Mamba2Config, _limit
 
 #: what TransformerLens 4.3's TransformerBridge offers for these hybrids (its Mamba-2 mixer bridge)
@@ -130,14 +131,14 @@ def attention_map(cfg: HybridConfig, theirs: str) -> dict[str, str]:
 
 def rename_layers(
     sd: Mapping[str, Tensor],
-    cfg: HybridConfig,
+    cfg: HookedRecurrentConfig,
     layer_map: Callable[[int], dict[str, str]],
     prefix: str,
     to_hf: bool = False,
 ) -> dict[str, Tensor]:
     """Every block's weights renamed: from `{prefix}{l}.{theirs}` to `blocks.{l}.{ours}`, or back
-    with `to_hf=True`. `layer_map(l)` gives layer l's names (ours -> theirs); the Mamba-2
-    convolution weight `[conv_dim, 1, K]` is stored as `[conv_dim, K]`."""
+    with `to_hf=True`. `layer_map(l)` gives layer l's names (ours -> theirs); a Mamba-1 or
+    Mamba-2 convolution weight `[conv_dim, 1, K]` is stored as `[conv_dim, K]`."""
     out = {}
     for layer in range(cfg.n_layers):
         for ours, theirs in layer_map(layer).items():

@@ -53,6 +53,13 @@ def mamba1_hf(name: str = "mamba", seed: int = 0, vocab: int = 101, **over):
         m = FalconMambaForCausalLM(FalconMambaConfig(**kw)).eval()
     else:
         m = MambaForCausalLM(MambaConfig(**kw)).eval()
+    return randomise_mamba1(m, seed)
+
+
+def randomise_mamba1(m, seed: int):
+    """`m` (a Mamba-1 model, or a hybrid with Mamba-1 layers) with its norm weights, A_log, D, dt
+    bias and biases drawn at random (Hugging Face initialises several to constants); returns
+    `m`."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in m.named_parameters():
