@@ -106,6 +106,7 @@ FAMILY_MODULES = (
     "falcon_h1",
     "granitemoehybrid",
     "mamba1",
+    "zamba2",
 )
 
 
