@@ -1,4 +1,5 @@
-"""A pre-norm residual block: token mixer at `attn`, optional MLP at `mlp`."""
+"""A pre-norm residual block: token mixer at `attn`, optional MLP at `mlp`; Falcon-H1's parallel
+block; Zamba2's block and the shared transformer it runs at its hybrid layers."""
 
 from __future__ import annotations
 

@@ -287,7 +287,8 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: Zamba2Config) -> dict[str, Tens
         if layer not in cfg.hybrid_layers:
             continue
         out[f"model.layers.{layer}.linear.weight"] = sd[f"blocks.{layer}.linear.weight"]
-        dst, src = f"model.layers.{layer}.shared_transformer.", f"blocks.{cfg.source(layer)}.shared."
+        dst = f"model.layers.{layer}.shared_transformer."
+        src = f"blocks.{cfg.source(layer)}.shared."
         out.update({dst + v: sd[src + k] for k, v in _shared_map(cfg).items()})
         for k in kinds:
             gate_up = (sd[f"{src}mlp.W_gate.{k}"], sd[f"{src}mlp.W_in.{k}"])

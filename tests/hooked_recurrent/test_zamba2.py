@@ -5,6 +5,7 @@ float64 copy with brute-force Mamba-2 mixers)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from hooked_recurrent import HookedRecurrentModel
+from tests.hooked_recurrent import family_checks as fc
 from tests.hooked_recurrent import hybrid_helpers as hh
 from tests.hooked_recurrent.mamba_helpers import randomise
 
@@ -81,10 +83,15 @@ def zamba2_hf(name: str, seed: int = 0, **over):
     return hf
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request):
-    hf = zamba2_hf(request.param, seed=list(CONFIGS).index(request.param))
+@functools.cache
+def _pair(name: str):
+    hf = zamba2_hf(name, seed=list(CONFIGS).index(name))
     return hf, HookedRecurrentModel.from_hf_model(hf)
+
+
+@pytest.fixture(params=list(CONFIGS))
+def pair(request):
+    return _pair(request.param)
 
 
 def test_logits_hidden_states_and_states_match_hf(pair):
@@ -171,8 +178,15 @@ def test_edits_propagate_like_brute_force(pair, hook_name, where):
     hh.check_edits(*pair, VOCAB, hook_name, where)
 
 
-def test_greedy_generation_and_hooks_in_generation(pair):
-    hh.check_generation(*pair, VOCAB)
+def test_greedy_generation_and_hooks_in_generation():
+    """On the config with the most sharing (one `generate` comparison for the family)."""
+    hh.check_generation(*_pair("mem2"), VOCAB)
+
+
+def test_hooks_in_generation_without_rope():
+    got = hh.generation_hooks_match(_pair("gqa_bias")[1], hh.tokens(VOCAB, 2, 8, seed=13))
+    assert got["tokens"] and got["effect"] > 1e-2, got
+    assert got["state"] <= 1e-5 and got["write"] <= 1e-5, got
 
 
 def test_save_pretrained_loads_and_converts_back(tmp_path):
@@ -188,8 +202,20 @@ def test_save_pretrained_loads_and_converts_back(tmp_path):
     assert not any(k.startswith("model.layers.3.shared_transformer.") for k in saved)
 
 
-def test_writesae_trains_and_evaluates(pair):
-    hh.check_writesae(pair[1], VOCAB)
+def test_writesae_trains_and_evaluates():
+    hh.check_writesae(_pair("gqa_bias")[1], VOCAB)
+
+
+def test_left_padding_and_continuing_a_state():
+    """A left-padded row equals the prompt alone (padding skipped by the mixers and the shared
+    attention); two calls chained by the returned state equal one call."""
+    hf, model = _pair("mem2")
+    assert fc.padding_diff(model, VOCAB) <= 1e-5
+    toks = hh.tokens(VOCAB, 2, 13, seed=6)
+    with torch.no_grad():
+        first, state = model(toks[:, :6], return_state=True)
+        rest = model(toks[:, 6:], state=state)
+        assert (torch.cat((first, rest), 1) - hf(toks).logits).abs().max() <= 1e-4
 
 
 def test_refusals():
