@@ -189,17 +189,20 @@ def test_hooks_in_generation_without_rope():
     assert got["state"] <= 1e-5 and got["write"] <= 1e-5, got
 
 
-def test_save_pretrained_loads_and_converts_back(tmp_path):
-    """The folder stores each shared block once (under its first user), which the conversion
-    copies into every user."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_pretrained_loads_and_converts_back(tmp_path, tied):
+    """A tied folder stores each shared block once (under its first user), which the conversion
+    copies into every user; an untied one has every layer's own copy (transformers ties the
+    shared blocks only with tied embeddings)."""
     from hooked_recurrent.pretrained.zamba2 import to_hf_state_dict
 
-    hf = zamba2_hf("mem2", seed=7, tie_word_embeddings=True)
+    hf = zamba2_hf("mem2", seed=7, tie_word_embeddings=tied)
     hh.check_save_and_convert_back(hf, tmp_path, to_hf_state_dict, VOCAB)
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert json.loads((tmp_path / "config.json").read_text())["hybrid_layer_ids"] == [0, 2, 3]
     assert "model.layers.0.shared_transformer.self_attn.q_proj.weight" in saved
-    assert not any(k.startswith("model.layers.3.shared_transformer.") for k in saved)
+    own = any(k.startswith("model.layers.3.shared_transformer.") for k in saved)
+    assert own != tied
 
 
 def test_writesae_trains_and_evaluates():
