@@ -120,7 +120,8 @@ def config_from_hf(config: dict[str, Any]) -> Zamba2Config:
             "k and v adapters have 2 * hidden_size outputs)"
         )
     d_head = 2 * d_model // n_attn
-    theta, _ = rope_theta_and_fraction(config)  # Zamba2 rotates every channel of a head
+    rope = bool(config.get("use_mem_rope", False))
+    theta = rope_theta_and_fraction(config)[0] if rope else 10000.0  # every channel rotated
     bias = bool(config.get("add_bias_linear", False))
     return Zamba2Config(
         architecture="zamba2",
@@ -143,7 +144,7 @@ def config_from_hf(config: dict[str, Any]) -> Zamba2Config:
         attn_n_heads=n_attn,
         attn_n_kv_heads=n_kv,
         attn_d_head=d_head,
-        rotary_dim=d_head if config.get("use_mem_rope", False) else 0,
+        rotary_dim=d_head if rope else 0,
         rope_theta=theta,
         mlp_bias=bias,
         mlp_act=act,

@@ -117,6 +117,20 @@ def test_shared_attention_pattern_matches_hf(pair):
         assert (cache[name] - r).abs().max() <= 1e-5, name
 
 
+def test_tl_weights_include_the_adapters(pair):
+    """`shared.attn.W_Q` / `W_K` / `W_V` (TransformerLens layout) include the layer's adapter:
+    the normed input times them gives `hook_q` / `hook_k` / `hook_v`."""
+    _, model = pair
+    li = model.cfg.hybrid_layers[-1]
+    a = f"blocks.{li}.shared."
+    names = [a + "ln1.hook_normalized"] + [a + f"attn.hook_{n}" for n in "qkv"]
+    _, cache = model.run_with_cache(hh.tokens(VOCAB, 2, 7), names_filter=names)
+    attn, x = model.blocks[li].shared.attn, cache[a + "ln1.hook_normalized"]
+    rep = attn.n_heads // attn.n_kv_heads
+    for n, W in (("q", attn.W_Q), ("k", attn.W_K[::rep]), ("v", attn.W_V[::rep])):
+        torch.testing.assert_close(torch.einsum("bpd,hde->bphe", x, W), cache[a + f"attn.hook_{n}"])
+
+
 def test_dt_clamped_below_at_time_step_min():
     """dt >= time_step_min at every position (it binds at 0.3 here). transformers' one-token
     decode step does not clamp, so only its full forward pass is compared with ours."""
