@@ -263,6 +263,31 @@ def nemotron_h_rows(rounds: int) -> list[dict]:
     ]
 
 
+def zamba2_rows(rounds: int) -> list[dict]:
+    """A random Zamba2: d_model 256, 4 layers (Mamba-2, hybrid, Mamba-2, hybrid: one shared
+    block with per-layer adapters, RoPE), 8 Mamba heads of 64, state 64, chunk 64; the edit on
+    block 1's mixer."""
+    from transformers import Zamba2Config, Zamba2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Zamba2Config(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        num_hidden_layers=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        num_attention_heads=8,
+        intermediate_size=1024,
+        n_mamba_heads=8,
+        mamba_d_state=64,
+        chunk_size=64,
+        adapter_rank=32,
+        use_shared_attention_adapter=True,
+        use_mem_rope=True,
+    )
+    hf = Zamba2ForCausalLM(cfg).eval()
+    return gdn_rows(hf, "Zamba2", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | run | median ms | ratio | target | met |",
@@ -286,6 +311,7 @@ def main() -> None:
         "nemotron_h": nemotron_h_rows,
         "mamba1": mamba1_rows,
         "jamba": jamba_rows,
+        "zamba2": zamba2_rows,
     }
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)

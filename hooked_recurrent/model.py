@@ -222,18 +222,7 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
         else:
             tokens = input
         if start_at_layer is not None:
-            if return_type in ("loss", "both"):
-                raise ValueError(
-                    "start_at_layer takes a residual, so there are no tokens for a loss"
-                )
-            if tokens.dim() != 3:
-                raise ValueError("start_at_layer needs the residual [batch, pos, d_model] as input")
-            if self.cfg.architecture == "rwkv7" and start_at_layer % len(self.blocks) > 0:
-                raise ValueError(
-                    "RWKV-7's blocks after the first also read block 0's value (v_first), which "
-                    "the residual does not carry: start_at_layer must be 0 on RWKV-7 (patch "
-                    "blocks.{l}.hook_resid_pre with run_with_hooks instead)"
-                )
+            self._check_start(tokens, return_type, start_at_layer)
         elif tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape [batch, pos], got {tuple(tokens.shape)}")
         if state is not None and state.batch_size not in (0, tokens.shape[0]):
@@ -252,6 +241,8 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
                     x = self.ln_embed(x)
             else:
                 x = tokens
+            if first == 0:  # the embedding, for blocks that read it (Zamba2's shared blocks)
+                run.shared["embed"] = x
             for block in self.blocks[first:last]:
                 x = block(x, run)
             if stop_at_layer is not None:
@@ -274,6 +265,28 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
         if return_state:
             return out, RecurrentState(offset + tokens.shape[1], run.state_out, run.key_mask)
         return out
+
+    def _check_start(self, residual: Tensor, return_type: str | None, start_at_layer: int) -> None:
+        """`start_at_layer` needs a residual `[batch, pos, d_model]`, no loss, and a layer whose
+        blocks need nothing from the earlier ones but the residual."""
+        if return_type in ("loss", "both"):
+            raise ValueError("start_at_layer takes a residual, so there are no tokens for a loss")
+        if residual.dim() != 3:
+            raise ValueError("start_at_layer needs the residual [batch, pos, d_model] as input")
+        if start_at_layer % len(self.blocks) == 0:
+            return
+        if self.cfg.architecture == "rwkv7":
+            raise ValueError(
+                "RWKV-7's blocks after the first also read block 0's value (v_first), which "
+                "the residual does not carry: start_at_layer must be 0 on RWKV-7 (patch "
+                "blocks.{l}.hook_resid_pre with run_with_hooks instead)"
+            )
+        if self.cfg.architecture == "zamba2":
+            raise ValueError(
+                "Zamba2's shared transformer blocks also read the token embeddings, which the "
+                "residual does not carry: start_at_layer must be 0 on Zamba2 (patch "
+                "blocks.{l}.hook_resid_pre with run_with_hooks instead)"
+            )
 
     def _run_context(
         self,

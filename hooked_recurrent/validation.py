@@ -48,6 +48,7 @@ _STATE_KEYS = {
     ("granitemoehybrid", "attention"): {"k", "v"},
     ("jamba", "recurrent"): {"S", "conv"},
     ("jamba", "attention"): {"k", "v"},
+    ("zamba2", "recurrent"): {"S", "conv"},  # the hybrid layers also carry "k", "v"
 }
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

@@ -10,7 +10,9 @@ layers): no gate rows in `q_proj`, no q/k norms, out = o_proj z. OLMo hybrid's a
 `gated=False`, `qk_norm="all"` (one RMSNorm over all heads' channels together, weight applied as
 is) and `rotary_dim=0` for its released checkpoints without position encoding (NoPE). The Mamba-2
 hybrids (Bamba, Nemotron-H, Falcon-H1, Granite 4) use `gated=False`, `qk_norm="none"`, optional
-biases, NoPE or RoPE, and Granite's own softmax `scale`.
+biases, NoPE or RoPE, and Granite's own softmax `scale`. Zamba2's shared attention reads a wider
+input (`d_in` = 2 d_model: the residual and the embeddings) and adds a per-layer low-rank adapter
+to each of q, k, v (`adapter_rank`): q = q_proj x + B_q A_q x, and so on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from hooked_recurrent.components.mlp import LowRankAdapter
 from hooked_recurrent.components.norms import RMSNorm
 from hooked_recurrent.hook_points import RecurrentHookPoint
 from hooked_recurrent.state import RunContext
@@ -157,18 +160,33 @@ class GatedAttention(nn.Module):
         qk_norm: str = "head",
         bias: bool = False,
         scale: float | None = None,
+        d_in: int | None = None,
+        adapter_rank: int = 0,
     ) -> None:
         super().__init__()
         if qk_norm not in ("head", "all", "none"):
             raise ValueError(f"qk_norm must be 'head', 'all' or 'none', not {qk_norm!r}")
+        if adapter_rank and gated:
+            raise ValueError("q/k/v adapters are not supported with the output gate (gated=True)")
+        d_in = d_model if d_in is None else d_in
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.d_head = n_heads, n_kv_heads, d_head
         self.gated, self.qk_norm, self.scale = gated, qk_norm, scale
         # the projections as in Hugging Face; the TransformerLens layout is the W_* properties
-        self.q_proj = nn.Linear(d_model, (1 + gated) * n_heads * d_head, bias=bias)
-        self.k_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
-        self.v_proj = nn.Linear(d_model, n_kv_heads * d_head, bias=bias)
+        self.q_proj = nn.Linear(d_in, (1 + gated) * n_heads * d_head, bias=bias)
+        self.k_proj = nn.Linear(d_in, n_kv_heads * d_head, bias=bias)
+        self.v_proj = nn.Linear(d_in, n_kv_heads * d_head, bias=bias)
         self.o_proj = nn.Linear(n_heads * d_head, d_model, bias=bias)
+        self.adapters = (
+            nn.ModuleDict(
+                {
+                    n: LowRankAdapter(d_in, adapter_rank, h * d_head)
+                    for n, h in (("q", n_heads), ("k", n_kv_heads), ("v", n_kv_heads))
+                }
+            )
+            if adapter_rank
+            else None
+        )
         self.q_norm: nn.Module
         self.k_norm: nn.Module
         if qk_norm == "head":  # Qwen: per head, scale (1 + w)
@@ -203,6 +221,15 @@ class GatedAttention(nn.Module):
         the keyword arguments of the constructor (`gated`, `qk_norm`, `bias`, `scale`)."""
         shape = (cfg.attn_n_heads, cfg.attn_n_kv_heads, cfg.attn_d_head, cfg.rotary_dim)
         return cls(layer, cfg.d_model, *shape, cfg.rope_theta, cfg.eps, **options)
+    def _project(self, name: str, x: Tensor) -> Tensor:
+        """`x` through the "q", "k" or "v" projection, plus its adapter (if any)."""
+        out = getattr(self, f"{name}_proj")(x)
+        return out if self.adapters is None else out + self.adapters[name](x)
+
+    def _weight(self, name: str) -> Tensor:
+        """The "q", "k" or "v" projection's weight, its adapter's B A added (if any)."""
+        w = getattr(self, f"{name}_proj").weight
+        return w if self.adapters is None else w + self.adapters[name].weight
 
     def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
         """q or k `[batch, pos, heads, d_head]` through its norm (per head, or over all heads)."""
@@ -214,10 +241,10 @@ class GatedAttention(nn.Module):
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.d_head
-        qg = self.q_proj(x).view(B, T, H, -1)
+        qg = self._project("q", x).view(B, T, H, -1)
         q = self.hook_q(self._norm(self.q_norm, qg[..., :D]))
-        k = self.hook_k(self._norm(self.k_norm, self.k_proj(x).view(B, T, Hkv, D)))
-        v = self.hook_v(self.v_proj(x).view(B, T, Hkv, D))
+        k = self.hook_k(self._norm(self.k_norm, self._project("k", x).view(B, T, Hkv, D)))
+        v = self.hook_v(self._project("v", x).view(B, T, Hkv, D))
         gate = self.hook_gate(qg[..., D:]) if self.gated else None
 
         if self.rotary_dim:
@@ -237,10 +264,10 @@ class GatedAttention(nn.Module):
     # TransformerLens layout: [head, d_model, d_head] in, [head, d_head, d_model] out
     @property
     def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
-        """Query weights per head (before q-norm and RoPE): `x @ W_Q[h]`; the gate rows that
-        `q_proj` interleaves with them are `W_gate`."""
+        """Query weights per head (before q-norm and RoPE; with a q adapter, its B A added):
+        `x @ W_Q[h]`; the gate rows that `q_proj` interleaves with them are `W_gate`."""
         H, D = self.n_heads, self.d_head
-        return self.q_proj.weight.view(H, (1 + self.gated) * D, -1)[:, :D].transpose(-1, -2)
+        return self._weight("q").view(H, (1 + self.gated) * D, -1)[:, :D].transpose(-1, -2)
 
     @property
     def W_gate(self) -> Float[Tensor, "head d_model d_head"]:
@@ -252,11 +279,11 @@ class GatedAttention(nn.Module):
 
     @property
     def _W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
-        return self.k_proj.weight.view(self.n_kv_heads, self.d_head, -1).transpose(-1, -2)
+        return self._weight("k").view(self.n_kv_heads, self.d_head, -1).transpose(-1, -2)
 
     @property
     def _W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
-        return self.v_proj.weight.view(self.n_kv_heads, self.d_head, -1).transpose(-1, -2)
+        return self._weight("v").view(self.n_kv_heads, self.d_head, -1).transpose(-1, -2)
 
     @property
     def W_K(self) -> Float[Tensor, "head d_model d_head"]:

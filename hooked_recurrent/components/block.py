@@ -1,7 +1,9 @@
-"""A pre-norm residual block: token mixer at `attn`, optional MLP at `mlp`."""
+"""A pre-norm residual block: token mixer at `attn`, optional MLP at `mlp`; Falcon-H1's parallel
+block; Zamba2's block and the shared transformer it runs at its hybrid layers."""
 
 from __future__ import annotations
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -140,3 +142,81 @@ class ParallelBlock(nn.Module):
         resid = self.hook_resid_mid(resid + mixed)
         resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid), run))
         return self.hook_resid_post(resid)
+
+
+class SharedTransformer(nn.Module):
+    """Zamba2's shared transformer block, as one layer runs it (its weights are copies of the
+    shared block's, with that layer's adapters): attention then MLP, with no residual, on the
+    concatenation of the residual stream and the token embeddings:
+
+        x = concat(resid, embed)                          hook_in [batch, pos, 2 d_model]
+        a = attn(ln1(x))                                  hook_attn_out [batch, pos, d_model]
+        out = mlp(ln2(a))                                 hook_mlp_out [batch, pos, d_model]
+    """
+
+    def __init__(self, ln1: nn.Module, attn: nn.Module, ln2: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.ln1, self.attn, self.ln2, self.mlp = ln1, attn, ln2, mlp
+        self.hook_in = RecurrentHookPoint()  # [batch, pos, 2 d_model]
+        self.hook_attn_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = RecurrentHookPoint()  # [batch, pos, d_model]
+
+    def forward(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        embed: Float[Tensor, "batch pos d_model"],
+        run: RunContext,
+    ) -> Tensor:
+        """The block's output `[batch, pos, d_model]` (see the class docstring)."""
+        x = self.hook_in(torch.cat((resid, embed.to(resid.dtype)), dim=-1))
+        a = self.hook_attn_out(self.attn(self.ln1(x), run))
+        return self.hook_mlp_out(self.mlp(self.ln2(a), run))
+
+
+class Zamba2Block(nn.Module):
+    """A Zamba2 layer: a Mamba-2 mixer at `attn`; at the hybrid layers the shared transformer
+    (`shared`, a `SharedTransformer`) runs first and its output, through the layer's own
+    `linear`, is added to the mixer's input (not to the residual):
+
+        s = linear(shared(resid_pre, embed))              hook_shared_out (hybrid layers only)
+        resid_post = resid_pre + attn(ln1(resid_pre + s)) hook_attn_out
+
+    `embed` is the token embedding (`hook_embed`), which the model hands to every block in
+    `run.shared["embed"]`.
+    """
+
+    hook_out_is_single_residual_stream = True
+
+    def __init__(
+        self,
+        layer: int,
+        ln1: nn.Module,
+        attn: nn.Module,
+        shared: SharedTransformer | None = None,
+        linear: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if (shared is None) != (linear is None):
+            raise ValueError(f"block {layer}: the shared transformer needs its linear, and back")
+        self.layer = layer
+        self.ln1, self.attn, self.shared, self.linear = ln1, attn, shared, linear
+        self.hook_resid_pre = RecurrentHookPoint()  # [batch, pos, d_model]
+        if shared is not None:
+            self.hook_shared_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = RecurrentHookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = RecurrentHookPoint()  # [batch, pos, d_model]
+
+    def forward(self, resid: Float[Tensor, "batch pos d_model"], run: RunContext) -> Tensor:
+        """One Zamba2 layer (see the class docstring); returns `[batch, pos, d_model]`."""
+        resid = self.hook_resid_pre(resid)
+        x = resid
+        if self.shared is not None and self.linear is not None:
+            if "embed" not in run.shared:
+                raise ValueError(
+                    f"block {self.layer} reads the token embeddings, which this run does not "
+                    "have (start_at_layer > 0?)"
+                )
+            s = self.linear(self.shared(resid, run.shared["embed"], run))
+            x = resid + self.hook_shared_out(s)
+        out = self.hook_attn_out(self.attn(self.ln1(x), run))
+        return self.hook_resid_post(resid + out)

@@ -107,6 +107,7 @@ FAMILY_MODULES = (
     "granitemoehybrid",
     "mamba1",
     "jamba",
+    "zamba2",
 )
 
 
