@@ -46,6 +46,7 @@ _STATE_KEYS = {
     ("falcon_h1", "recurrent"): {"S", "conv", "k", "v"},  # Mamba-2 and attention in parallel
     ("granitemoehybrid", "recurrent"): {"S", "conv"},
     ("granitemoehybrid", "attention"): {"k", "v"},
+    ("xlstm", "recurrent"): {"S", "m"},  # the stabilised state and the stabiliser m [b, head]
 }
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

@@ -121,15 +121,17 @@ class _Swapped(nn.Module):
 
 
 @contextlib.contextmanager
-def swapped(layer: nn.Module, fn: Callable, as_tuple: bool) -> Iterator[None]:
-    """`layer.self_attn` replaced by `fn(the original self_attn, hidden_states)` for the
-    duration."""
-    orig = layer.self_attn
-    layer.self_attn = _Swapped(fn, orig, as_tuple)
+def swapped(
+    layer: nn.Module, fn: Callable, as_tuple: bool, attr: str = "self_attn"
+) -> Iterator[None]:
+    """`layer.{attr}` (`self_attn` unless told) replaced by `fn(the original module,
+    hidden_states)` for the duration."""
+    orig = getattr(layer, attr)
+    setattr(layer, attr, _Swapped(fn, orig, as_tuple))
     try:
         yield
     finally:
-        layer.self_attn = orig
+        setattr(layer, attr, orig)
 
 
 def random_edits(model, positions: list[tuple[int, int, int]], seed: int = 0) -> EditSet:
@@ -160,9 +162,12 @@ def edit_hook(edits: EditSet):
 
 
 @torch.no_grad()
-def propagation_diffs(hf, model, toks, layer, brute, as_tuple, kind, edits) -> tuple:
+def propagation_diffs(
+    hf, model, toks, layer, brute, as_tuple, kind, edits, attr="self_attn", layers=None
+) -> tuple:
     """An edit of `blocks.{layer}.attn.hook_{kind}` vs the reference model (float64) with the
-    brute-force layer swapped in; returns (max |logits - brute force|, logits before the first
+    brute-force layer swapped in (at `layers(ref)[layer].{attr}`; `ref.model.layers` and
+    `self_attn` unless told); returns (max |logits - brute force|, logits before the first
     edited position bit-equal to the clean run, max |logits after the last edit - clean|)."""
     ref = hf.double()
     try:
@@ -170,7 +175,8 @@ def propagation_diffs(hf, model, toks, layer, brute, as_tuple, kind, edits) -> t
         def fn(la, h):
             return brute(la, h, **{f"{kind}_edits": edits})
 
-        with swapped(ref.model.layers[layer], fn, as_tuple):
+        blocks = ref.model.layers if layers is None else layers(ref)
+        with swapped(blocks[layer], fn, as_tuple, attr):
             expected = ref(toks).logits
     finally:
         hf.float()
