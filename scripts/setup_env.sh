@@ -12,7 +12,7 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,docs]"
+python -m pip install -q -e ".[test,docs]" -c scripts/constraints.txt
 # Hugging Face silently swaps in these GPU kernels when importable: keep them out on CPU
 for pkg in fla mamba_ssm causal_conv1d; do
   if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('$pkg') else 1)"; then

@@ -5,10 +5,11 @@ Reads `NemotronHForCausalLM` checkpoints in both layouts: transformers' (`model.
 experts stacked as `mixer.experts.up_proj` `[expert, d_mlp, d_model]`) and the published one
 (`backbone.layers.{l}.mixer`, one `mixer.experts.{e}.up_proj.weight` per expert). The layer kinds
 come from `layers_block_type` or the published `hybrid_override_pattern` ("M" Mamba-2, "*"
-attention, "-" MLP, "E" MoE). The Mamba-2 step size is clamped below at `time_step_min` (the
-published configs' `time_step_limit` is not what the model uses) at every position; transformers'
-one-token decode step (like mamba_ssm's `step`) leaves it unclamped, so where the clamp binds its
-`generate` differs from its own forward pass, while ours equals our forward pass.
+attention, "-" MLP, "E" MoE). The Mamba-2 step size is clamped to the config's `time_step_limit`
+(default: no clamp) at every position, as NVIDIA's kernel path (`dt_limit=time_step_limit`) and
+transformers >= 5.25 do; transformers 5.23-5.24 clamped below at `time_step_min` instead (as the
+published code's torch fallback does), which differs only where softplus(dt + dt_bias) falls below
+`time_step_min`.
 
 In our blocks a Mamba-2 or attention block is `ln1` -> `attn` (no MLP); an MLP or MoE block is
 `ln2` -> `mlp` (no token mixer), so the hook names say what each block holds.
@@ -35,6 +36,7 @@ from hooked_recurrent.pretrained.mamba2_hybrid import (
     attention_map,
     build_attention,
     rename_layers,
+    time_step_limit,
 )
 
 __all__ = ["NemotronHConfig", "config_from_hf", "convert_state_dict", "to_hf_state_dict"]
@@ -115,8 +117,10 @@ def config_from_hf(config: dict[str, Any]) -> NemotronHConfig:
         conv_kernel=config.get("conv_kernel", 4),
         eps=config.get("layer_norm_epsilon", 1e-5),
         chunk_size=config.get("chunk_size", 128),
-        # the mixer clamps dt below at time_step_min, with no upper limit
-        time_step_limit=(float(config.get("time_step_min", 0.001)), float("inf")),
+        # NVIDIA's kernels and transformers >= 5.25 clamp dt to time_step_limit (not time_step_min)
+        time_step_limit=time_step_limit(
+            config, "time_step_limit" if "time_step_limit" in config else "mamba_dt_limit"
+        ),
         use_conv_bias=bool(config.get("use_conv_bias", True)),
         use_bias=bool(config.get("use_bias", False)),
         # transformers' NemotronHForCausalLM never ties lm_head to the embedding

@@ -88,11 +88,12 @@ def test_logits_hidden_states_and_states_match_hf(pair):
     hh.check_parity(hf, model, VOCAB)
 
 
-def test_dt_clamped_below_at_time_step_min():
-    """dt >= time_step_min at every position (it binds at 0.5 here). transformers' one-token
-    decode step does not clamp (nor does mamba_ssm's `step`), so only the full forward pass is
-    compared with it; ours clamps in generation too, so generation equals the forward pass."""
-    hf = nemotron_hf("all_kinds", seed=3, time_step_min=0.5)
+def test_dt_clamped_to_time_step_limit():
+    """dt is clamped to the config's time_step_limit at every position (the lower end binds at 0.5
+    here); time_step_min (an initialisation range) clamps nothing. transformers' one-token decode
+    step does not clamp (nor does mamba_ssm's `step`), so only the full forward pass is compared
+    with it; ours clamps in generation too, so generation equals the forward pass."""
+    hf = nemotron_hf("all_kinds", seed=3, time_step_limit=(0.5, float("inf")), time_step_min=0.9)
     model = HookedRecurrentModel.from_hf_model(hf)
     d = hh.hf_parity(hf, model, hh.tokens(VOCAB, 2, 23))
     assert d["logits"] <= 1e-4 and max(d["resid_post"]) <= 1e-4 and max(d["state"]) <= 1e-5, d
@@ -101,7 +102,7 @@ def test_dt_clamped_below_at_time_step_min():
         hh.tokens(VOCAB, 2, 11), names_filter=f"blocks.{r}.attn.hook_dt"
     )
     dt = cache[f"blocks.{r}.attn.hook_dt"]
-    assert dt.min() == 0.5 and (dt > 0.5).any()
+    assert dt.min() == 0.5 and (dt > 0.5).any() and (dt < 0.9).any()
 
 
 def test_layout_and_hooks(pair):
@@ -123,7 +124,7 @@ def test_layout_and_hooks(pair):
     _, cache = model.run_with_cache(
         hh.tokens(VOCAB, 2, 11), names_filter=f"blocks.{r}.attn.hook_dt"
     )
-    assert cache[f"blocks.{r}.attn.hook_dt"].min() >= c.time_step_min
+    assert cache[f"blocks.{r}.attn.hook_dt"].min() >= c.time_step_limit[0]
 
 
 def test_moe_router_hooks_match_hf():
