@@ -129,14 +129,37 @@ def brute_mlstm(la, x, write_edits=None, state_edits=None):
     return y, (S[..., :V], S[..., V], m[..., None])
 
 
+@torch.no_grad()
+def block_output_diffs(hf, model, toks) -> list[float]:
+    """Per block, max |hook_resid_post - the reference block's output| (the reference's hidden
+    states end with the final norm's output, so the last block's is read with a forward hook)."""
+    outs: list = []
+    handles = [
+        b.register_forward_hook(lambda mod, args, out: outs.append(out[0]))
+        for b in hf.backbone.blocks
+    ]
+    try:
+        hf(toks, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    _, cache = model.run_with_cache(toks, names_filter=lambda n: n.endswith("resid_post"))
+    return [
+        (cache[f"blocks.{i}.hook_resid_post"] - o).abs().max().item() for i, o in enumerate(outs)
+    ]
+
+
 def test_logits_hidden_states_and_final_states_match(pair):
     hf, model = pair
     for T in (37, 7):  # longer than the chunk (chunkwise, then steps) and shorter (steps)
         assert T % hf.config.chunk_size
-        d = fc.parity(hf, model, fc.tokens(VOCAB, 3, T), state_of)
+        toks = fc.tokens(VOCAB, 3, T)
+        d = fc.parity(hf, model, toks, state_of)
         assert d["logits"] <= 1e-4, (T, d)
         assert max(d["resid_post"]) <= 1e-4, (T, d["resid_post"])
         assert max(d["state"]) <= 1e-5, (T, d["state"])
+        blocks = block_output_diffs(hf, model, toks)
+        assert len(blocks) == model.cfg.n_layers and max(blocks) <= 1e-4, (T, blocks)
 
 
 def test_stabiliser_matches_the_reference_cache(pair):
