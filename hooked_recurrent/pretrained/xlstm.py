@@ -23,7 +23,13 @@ from hooked_recurrent.components.norms import RMSNorm
 from hooked_recurrent.config import HookedRecurrentConfig
 from hooked_recurrent.pretrained import Family, register_family
 
-__all__ = ["XLSTMConfig", "LogitSoftCap", "config_from_hf", "convert_state_dict"]
+__all__ = [
+    "XLSTMConfig",
+    "LogitSoftCap",
+    "config_from_hf",
+    "convert_state_dict",
+    "to_hf_state_dict",
+]
 
 
 @dataclass
@@ -193,6 +199,37 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: XLSTMConfig) -> dict[str, Ten
             out.update({q + k: v for k, v in _split_fused(sd, p, cfg).items()})
         else:
             out.update({q + ours: sd[p + theirs] for ours, theirs in _SINGLE_MAP.items()})
+    return out
+
+
+def to_hf_state_dict(sd: dict[str, Tensor], cfg: XLSTMConfig) -> dict[str, Tensor]:
+    """Our state dict in `xLSTMForCausalLM`'s names, in the config's `weight_mode` (the fused
+    projections concatenated back)."""
+    out = {"backbone.embeddings.weight": sd["embed.weight"]}
+    out["backbone.out_norm.weight"] = sd["ln_final.w"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["unembed.weight"]
+    fused = cfg.hf_config.get("weight_mode", "single") == "fused"
+    for layer in range(cfg.n_layers):
+        p, q = f"backbone.blocks.{layer}.", f"blocks.{layer}."
+        for ours, theirs in _LAYER_MAP.items():
+            out[p + theirs] = sd[q + ours]
+        if not fused:
+            out.update({p + theirs: sd[q + ours] for ours, theirs in _SINGLE_MAP.items()})
+            continue
+        a = q + "attn."
+        out[p + "mlstm_layer.qkv_opreact.weight"] = torch.cat(
+            [sd[a + n] for n in ("W_q.weight", "W_k.weight", "W_v.weight", "W_gate.weight")]
+        )
+        out[p + "mlstm_layer.ifgate_preact.weight"] = torch.cat(
+            (sd[a + "W_i.weight"], sd[a + "W_f.weight"])
+        )
+        out[p + "mlstm_layer.ifgate_preact.bias"] = torch.cat(
+            (sd[a + "W_i.bias"], sd[a + "W_f.bias"])
+        )
+        out[p + "ffn.proj_up_gate_z.weight"] = torch.cat(
+            (sd[q + "mlp.W_gate.weight"], sd[q + "mlp.W_in.weight"])
+        )
     return out
 
 

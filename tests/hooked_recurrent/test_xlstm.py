@@ -37,7 +37,8 @@ CONFIGS = {
         gate_soft_cap=15.0,
         output_logit_soft_cap=2.0,
     ),
-    # fused projections, 2 heads of 32 x 64, chunks of 8, a gate cap the gates reach
+    # fused projections, 2 heads of 32 x 64, chunks of 8, a gate cap the gates reach, a read
+    # epsilon that shows
     "fused": dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -48,6 +49,7 @@ CONFIGS = {
         weight_mode="fused",
         gate_soft_cap=4.0,
         output_logit_soft_cap=30.0,
+        eps=1e-2,
     ),
 }
 
@@ -230,13 +232,20 @@ def test_hooks_in_generation_match_run_with_hooks(pair):
     assert fc.hooked_generation_matches(model, VOCAB, model.cfg.n_layers - 1)
 
 
-def test_save_pretrained_loads(tmp_path):
-    hf = xlstm_hf("fused", seed=4)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_save_pretrained_loads_and_round_trips(tmp_path, name):
+    from hooked_recurrent.pretrained.xlstm import to_hf_state_dict
+
+    hf = xlstm_hf(name, seed=4)
     hf.save_pretrained(tmp_path)
     model = HookedRecurrentModel.from_pretrained(str(tmp_path))
     toks = fc.tokens(VOCAB, 2, 23)
     with torch.no_grad():
-        assert (model(toks) - hf(toks).logits).abs().max() <= 1e-4
+        ref = hf(toks).logits
+        assert (model(toks) - ref).abs().max() <= 1e-4
+        back = xlstm_hf(name, seed=5)  # other weights, then ours converted back
+        back.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=True)
+        assert (back(toks).logits - ref).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("pair", ["single"], indirect=True)  # one config is enough here
