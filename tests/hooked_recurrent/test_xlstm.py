@@ -9,7 +9,6 @@ swapped into the (float64) reference model.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from unittest import mock
 
@@ -66,21 +65,19 @@ def xlstm_hf(name: str, seed: int = 0):
         vocab_size=VOCAB, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=16, pad_token_id=0,
         eos_token_id=1, bos_token_id=1, norm_reduction_force_float32=False, **CONFIGS[name],
     )  # fmt: skip
-    torch.manual_seed(seed)
-    fused = cfg.weight_mode == "fused"
-    with contextlib.ExitStack() as stack:
-        if fused:  # the reference's initialisation of the fused gate bias fails on its shapes
-            stack.enter_context(mock.patch.object(xLSTMPreTrainedModel, "_init_weights", _skip))
+    # the reference's own initialisation fails on the fused layout (its gate-bias shapes) and
+    # sets the norms to ones and the gate weights to zero: every parameter is drawn here instead
+    with mock.patch.object(xLSTMPreTrainedModel, "_init_weights", _skip):
         hf = xLSTMForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # the reference initialises norms to ones and gate weights to zero
+    with torch.no_grad():
         for n, p in hf.named_parameters():
-            if fused and "norm" not in n and "gate_preact" not in n:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
             if "norm" in n:
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "gate_preact" in n and "ogate" not in n:  # input and forget gates (fused too)
+            elif "gate_preact" in n and "ogate" not in n:  # input and forget gates
                 p.copy_((2.0 if n.endswith("bias") else 0.3) * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
     return hf
 
 
