@@ -161,6 +161,13 @@ def test_logits_hidden_states_and_final_states_match(pair):
         assert len(blocks) == model.cfg.n_layers and max(blocks) <= 1e-4, (T, blocks)
 
 
+@pytest.mark.parametrize("pair", ["single"], indirect=True)  # one config is enough here
+def test_a_few_hundred_tokens_match(pair):
+    hf, model = pair  # the stabilised state stays bounded: float32 keeps its precision
+    d = fc.parity(hf, model, fc.tokens(VOCAB, 2, 300, seed=6), state_of)
+    assert d["logits"] <= 1e-4 and max(d["state"]) <= 1e-5, d
+
+
 def test_stabiliser_matches_the_reference_cache(pair):
     hf, model = pair
     toks = fc.tokens(VOCAB, 2, 37, seed=2)
