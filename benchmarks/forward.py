@@ -286,6 +286,47 @@ def zamba2_rows(rounds: int) -> list[dict]:
     )
     hf = Zamba2ForCausalLM(cfg).eval()
     return gdn_rows(hf, "Zamba2", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+def xlstm_rows(rounds: int) -> list[dict]:
+    """A random xLSTM: d_model 256, 4 mLSTM blocks of 4 heads (d_k 32, d_v 64), chunk 64; the
+    edit on the first block."""
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+
+    torch.manual_seed(0)
+    cfg = xLSTMConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_heads=4,
+        qk_dim_factor=0.5,
+        v_dim_factor=1.0,
+        chunk_size=64,
+    )
+    hf = xLSTMForCausalLM(cfg).eval()
+    ours = HookedRecurrentModel.from_hf_model(hf)
+    tokens = torch.randint(0, VOCAB - 3, (B, T))
+    edit = [("blocks.0.attn.hook_write", inplace_write_edit(T // 2))]
+    base = "HF `xLSTMForCausalLM` forward"
+    runs = {
+        base: (lambda: hf(tokens, use_cache=False).logits, None),
+        "ours, forward": (lambda: ours(tokens), 1.1),
+        "ours, `run_with_cache()`": (lambda: ours.run_with_cache(tokens), 1.3),
+        "ours, rank-1 `hook_write` edit, 1 layer, 1 position (in place)": (
+            lambda: ours.run_with_hooks(tokens, fwd_hooks=edit),
+            1.5,
+        ),
+    }
+    meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
+    return [
+        dict(
+            model="xLSTM",
+            run=k,
+            ms=1e3 * meds[k],
+            against=None if k == base else "HF",
+            ratio=meds[k] / meds[base],
+            target=runs[k][1],
+        )
+        for k in runs
+    ]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -312,6 +353,7 @@ def main() -> None:
         "mamba1": mamba1_rows,
         "jamba": jamba_rows,
         "zamba2": zamba2_rows,
+        "xlstm": xlstm_rows,
     }
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=15)

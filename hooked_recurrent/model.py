@@ -73,6 +73,7 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if getattr(cfg, "tie_word_embeddings", False):
             self.unembed.weight = self.embed.weight  # one parameter, as in the checkpoint
+        self.logit_transform = family.build_logit_transform(cfg)  # xLSTM's soft cap; else None
         self.to(cfg.dtype)
         self.setup()
         self._owner: int | None = None  # the thread running the model now (see `_exclusive`)
@@ -250,6 +251,8 @@ class HookedRecurrentModel(GenerationMixin, TLCompatMixin, HookedRootModule):
                     (x, RecurrentState(offset + x.shape[1], run.state_out)) if return_state else x
                 )
             logits = self.unembed(self.ln_final(x))
+            if self.logit_transform is not None:
+                logits = self.logit_transform(logits)
 
         if return_type == "logits":
             out: Any = logits

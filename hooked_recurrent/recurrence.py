@@ -15,6 +15,7 @@ with a transition that is diagonal plus rank-1 on the key side and never depends
 | Mamba-2               | exp(dt_t A_h) (scalar)       | none                | none     |
 | RWKV-7                | exp(w_t) (per key channel)   | -(a_t * kappa_t)    | kappa_t  |
 | Mamba-1               | exp(dt_t A) (per state entry)| none                | none     |
+| xLSTM mLSTM           | f_t exp(m_{t-1} - m_t) (scalar)| none              | none     |
 
 For Mamba-1 `diag(d_t) S` is read as the elementwise product d_t * S: its decay has one entry per
 state entry (`[d_k, d_v]` per head). That map is linear, independent of S and its own adjoint, so

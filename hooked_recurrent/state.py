@@ -18,7 +18,8 @@ class RecurrentState:
 
     * recurrent mixers: `"S"` the matrix state `[batch, head, d_k, d_v]` (float32, key side first)
       and the mixer's short-range buffer (`"conv"`: the last K-1 pre-convolution inputs
-      `[batch, channels, K-1]`, or RWKV-7's `"shift"`: the previous normalised token);
+      `[batch, channels, K-1]`, or RWKV-7's `"shift"`: the previous normalised token; xLSTM has
+      none, but carries its stabiliser `"m"` `[batch, head]`, the scale of its stabilised `"S"`);
     * attention layers: `"k"`, `"v"`: the KV cache `[batch, kv_head, pos, d_head]` (keys rotated);
     * blocks with a token-shifted MLP (RWKV-7): `"mlp_shift"`.
 

@@ -319,7 +319,8 @@ class TLCompatMixin:
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        """The unembedding: `logits = ln_final(resid) @ W_U + b_U`."""
+        """The unembedding: `logits = ln_final(resid) @ W_U + b_U`, then the family's
+        `logit_transform` where it has one (xLSTM's soft cap)."""
         return self.unembed.weight.T  # type: ignore[attr-defined]
 
     @property

@@ -49,6 +49,7 @@ _STATE_KEYS = {
     ("jamba", "recurrent"): {"S", "conv"},
     ("jamba", "attention"): {"k", "v"},
     ("zamba2", "recurrent"): {"S", "conv"},  # the hybrid layers also carry "k", "v"
+    ("xlstm", "recurrent"): {"S", "m"},  # the stabilised state and the stabiliser m [b, head]
 }
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

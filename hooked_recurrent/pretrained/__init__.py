@@ -51,6 +51,8 @@ class Family:
         build_block: (config, layer) -> the block module.
         build_final_norm: config -> the final norm module.
         build_embed_norm: config -> a norm applied right after the embedding, or None.
+        build_logit_transform: config -> a module applied to the logits after the unembedding
+            (xLSTM's soft cap), or None.
         detect: recognises a config.json without a known `model_type` (e.g. `mamba_ssm`).
         load_file: loads a single-file checkpoint (e.g. a BlinkDL `.pth`) -> (config dict,
             state dict, tokenizer or None), or None if the family has no such format.
@@ -70,6 +72,7 @@ class Family:
     build_block: Callable[[FamilyConfig, int], nn.Module]
     build_final_norm: Callable[[FamilyConfig], nn.Module]
     build_embed_norm: Callable[[FamilyConfig], nn.Module | None] = lambda cfg: None
+    build_logit_transform: Callable[[FamilyConfig], nn.Module | None] = lambda cfg: None
     detect: Callable[[dict[str, Any]], bool] | None = None
     load_file: Callable[[Path], tuple[dict[str, Any], dict[str, Tensor], Any]] | None = None
     default_tokenizer: Callable[[dict[str, Any]], Any] | None = None
@@ -108,6 +111,7 @@ FAMILY_MODULES = (
     "mamba1",
     "jamba",
     "zamba2",
+    "xlstm",
 )
 
 

@@ -124,8 +124,8 @@ class _Swapped(nn.Module):
 def swapped(
     layer: nn.Module, fn: Callable, as_tuple: bool, attr: str = "self_attn"
 ) -> Iterator[None]:
-    """`layer.{attr}` (the recurrent mixer: `self_attn`, Jamba's `mamba`) replaced by
-    `fn(the original mixer, hidden_states)` for the duration."""
+    """`layer.{attr}` (`self_attn` unless told) replaced by `fn(the original module,
+    hidden_states)` for the duration."""
     orig = getattr(layer, attr)
     setattr(layer, attr, _Swapped(fn, orig, as_tuple))
     try:
@@ -163,19 +163,20 @@ def edit_hook(edits: EditSet):
 
 @torch.no_grad()
 def propagation_diffs(
-    hf, model, toks, layer, brute, as_tuple, kind, edits, attr: str = "self_attn"
+    hf, model, toks, layer, brute, as_tuple, kind, edits, attr="self_attn", layers=None
 ) -> tuple:
     """An edit of `blocks.{layer}.attn.hook_{kind}` vs the reference model (float64) with the
-    brute-force layer swapped in (at `attr`, see `swapped`); returns (max |logits - brute
-    force|, logits before the first edited position bit-equal to the clean run, max |logits after
-    the last edit - clean|)."""
+    brute-force layer swapped in (at `layers(ref)[layer].{attr}`; `ref.model.layers` and
+    `self_attn` unless told); returns (max |logits - brute force|, logits before the first
+    edited position bit-equal to the clean run, max |logits after the last edit - clean|)."""
     ref = hf.double()
     try:
 
         def fn(la, h):
             return brute(la, h, **{f"{kind}_edits": edits})
 
-        with swapped(ref.model.layers[layer], fn, as_tuple, attr):
+        blocks = ref.model.layers if layers is None else layers(ref)
+        with swapped(blocks[layer], fn, as_tuple, attr):
             expected = ref(toks).logits
     finally:
         hf.float()
