@@ -286,6 +286,8 @@ def zamba2_rows(rounds: int) -> list[dict]:
     )
     hf = Zamba2ForCausalLM(cfg).eval()
     return gdn_rows(hf, "Zamba2", torch.randint(0, VOCAB - 3, (B, T)), rounds)
+
+
 def xlstm_rows(rounds: int) -> list[dict]:
     """A random xLSTM: d_model 256, 4 mLSTM blocks of 4 heads (d_k 32, d_v 64), chunk 64; the
     edit on the first block."""

@@ -221,6 +221,7 @@ class GatedAttention(nn.Module):
         the keyword arguments of the constructor (`gated`, `qk_norm`, `bias`, `scale`)."""
         shape = (cfg.attn_n_heads, cfg.attn_n_kv_heads, cfg.attn_d_head, cfg.rotary_dim)
         return cls(layer, cfg.d_model, *shape, cfg.rope_theta, cfg.eps, **options)
+
     def _project(self, name: str, x: Tensor) -> Tensor:
         """`x` through the "q", "k" or "v" projection, plus its adapter (if any)."""
         out = getattr(self, f"{name}_proj")(x)
