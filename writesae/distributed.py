@@ -20,8 +20,10 @@ The scheme (data parallelism with replicated optimiser state):
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -60,7 +62,26 @@ def init() -> bool:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
+        atexit.register(_shutdown)
     return dist.get_world_size() > 1
+
+
+def _shutdown() -> None:
+    """At interpreter exit: wait for the other ranks (at most a minute), then leave the group.
+
+    A process that exits while its peers still talk to it over gloo can abort in the transport's
+    threads ("terminate called without an active exception") after all its work is done.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # a peer failed or left first: nothing left to wait for
+    dist.destroy_process_group()
 
 
 def active() -> bool:
