@@ -3,11 +3,20 @@
 
     PYTHONPATH=. python benchmarks/sweep.py                 # shipped tiny-qwen3.5-shakespeare
     PYTHONPATH=. python benchmarks/sweep.py --steps 120 --kind state
+    PYTHONPATH=. python benchmarks/sweep.py --width 512 --layers 8   # random weights, wider model
+
+The ratio of item 1 is set by how a model pass compares with an SAE step: a sweep saves 7 of 8
+model passes and none of the 8 SAE steps. On the shipped tiny model (d_model 128, 4 layers) a pass
+over a batch costs about as much as four SAE steps, which bounds the ratio near 3.6; ``--width``
+and ``--layers`` build a Qwen3.5 of that shape with random weights (the shipped tokenizer, the
+same per-head state size 32 x 32, so the SAEs are the same size) to show the regime of real
+checkpoints, where the pass dominates.
 
 One run, side by side in one script:
 
-1. ``writesae.sweep`` of 8 cells (one model pass feeds all) against 8 ``writesae.train`` runs of
-   one cell each from a ``ModelSource`` (8 model passes), same seed, data and settings, in this
+1. ``writesae.sweep`` of 8 cells spread over the layers and heads (one model pass feeds all)
+   against 8 ``writesae.train`` runs of one cell each from a ``ModelSource`` (8 model passes,
+   each up to its cell's layer), same seed, data and settings, in this
    process with 2 threads; reported: seconds, the ratio, and the largest parameter difference
    between a swept cell and the same cell trained alone (target: ratio >= 4, difference
    <= 1e-5).
@@ -41,14 +50,35 @@ from writesae import distributed as dp
 MODEL = "tiny-qwen3.5-shakespeare"
 
 
+def wider(shipped: HookedRecurrentModel, width: int, layers: int) -> HookedRecurrentModel:
+    """A Qwen3.5 of ``width`` x ``layers`` (every fourth layer attention, as shipped) with random
+    weights, the shipped tokenizer and the shipped per-head sizes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hooked_recurrent.pretrained import _resolve
+
+    cfg = AutoConfig.from_pretrained(_resolve(MODEL))
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = width, 3 * width, layers
+    kinds = ("linear_attention", "linear_attention", "full_attention", "linear_attention")
+    cfg.layer_types = [kinds[i % 4] for i in range(layers)]
+    cfg.num_attention_heads = cfg.linear_num_value_heads = width // 32
+    cfg.linear_num_key_heads = cfg.num_key_value_heads = width // 64
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    return HookedRecurrentModel.from_hf_model(hf, tokenizer=shipped.tokenizer).eval()
+
+
 def setup(args: argparse.Namespace):
     """The model, its training text as blocks of ``args.context`` tokens, and 8 cells."""
     torch.manual_seed(0)
     m = HookedRecurrentModel.from_pretrained(MODEL).eval()
+    if args.width:
+        m = wider(m, args.width, args.layers)
     ids = m.to_tokens(sample_text("train"))[0]
     rows = len(ids) // args.context
     blocks = ids[: rows * args.context].view(rows, args.context)
-    cells = [(layer, h) for layer in m.cfg.recurrent_layers for h in range(m.cfg.n_heads)][:8]
+    grid = [(layer, h) for layer in m.cfg.recurrent_layers for h in range(m.cfg.n_heads)]
+    # 8 cells spread evenly over the (layer, head) grid, as a sweep over the model's layers
+    cells = [grid[round(i * (len(grid) - 1) / 7)] for i in range(8)]
     return m, blocks, cells
 
 
@@ -99,6 +129,12 @@ def extraction_rate(args, m, blocks) -> float:
     return src.tokens_seen / dt
 
 
+def model_name(args: argparse.Namespace) -> str:
+    if not args.width:
+        return MODEL
+    return f"random Qwen3.5 d_model {args.width} x {args.layers} layers ({MODEL}'s tokenizer)"
+
+
 def per_cell_rate(result: dict) -> float:
     """Median over cells of samples per second of the training loop."""
     rates = sorted(mt.samples_per_s for _, mt in result.values())
@@ -137,6 +173,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--buffer", type=int, default=4096)
     p.add_argument("--extract-blocks", type=int, default=256)
+    p.add_argument("--width", type=int, default=0, help="random Qwen3.5 of this d_model")
+    p.add_argument("--layers", type=int, default=8, help="its number of layers (with --width)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -155,7 +193,8 @@ def main() -> None:
     one = {"per_cell": per_cell_rate(res), "extract": extraction_rate(args, m, blocks)}
     two = two_processes(args)
     print(
-        f"torch {torch.__version__}, {MODEL}, {len(cells)} cells {cells}, input {args.kind}, "
+        f"torch {torch.__version__}, {model_name(args)}, {len(cells)} cells {cells}, "
+        f"input {args.kind}, "
         f"{args.atoms} atoms, k={args.k}, batch {args.batch}, {args.steps} steps, context "
         f"{args.context}; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
