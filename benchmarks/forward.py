@@ -97,12 +97,14 @@ def jamba_rows(rounds: int) -> list[dict]:
     return gdn_rows(hf, "Jamba", torch.randint(0, VOCAB - 3, (B, T)), rounds)
 
 
-def gdn_rows(hf, label: str, tokens, rounds: int, bridge=None) -> list[dict]:
-    """Forward, run_with_cache and one write edit of ours against the HF model (and the
-    TransformerBridge, when given)."""
+def gdn_rows(
+    hf, label: str, tokens, rounds: int, bridge=None, hook: str = WRITE_HOOK, copy: bool = True
+) -> list[dict]:
+    """Forward, run_with_cache and one write edit at `hook` of ours against the HF model (with
+    `copy`, also the edit by a hook that returns a copy; and the TransformerBridge, when given)."""
     ours = HookedRecurrentModel.from_hf_model(hf)
-    in_place = [(WRITE_HOOK, inplace_write_edit(T // 2))]
-    clone = [(WRITE_HOOK, rank1_write_edit(T // 2))]
+    in_place = [(hook, inplace_write_edit(T // 2))]
+    clone = [(hook, rank1_write_edit(T // 2))]
     base = f"HF `{type(hf).__name__}` forward"
     runs = {
         base: (lambda: hf(tokens, use_cache=False).logits, None),
@@ -112,11 +114,12 @@ def gdn_rows(hf, label: str, tokens, rounds: int, bridge=None) -> list[dict]:
             lambda: ours.run_with_hooks(tokens, fwd_hooks=in_place),
             1.5,
         ),
-        "ours, the same edit, the hook returning a copy": (
+    }
+    if copy:
+        runs["ours, the same edit, the hook returning a copy"] = (
             lambda: ours.run_with_hooks(tokens, fwd_hooks=clone),
             None,
-        ),
-    }
+        )
     if bridge is not None:
         runs["TransformerBridge forward"] = (lambda: bridge(tokens, return_type="logits"), None)
         runs["TransformerBridge `run_with_cache()` (its state hooks silent)"] = (
@@ -236,31 +239,8 @@ def nemotron_h_rows(rounds: int) -> list[dict]:
         chunk_size=64,
     )
     hf = NemotronHForCausalLM(cfg).eval()
-    ours = HookedRecurrentModel.from_hf_model(hf)
     tokens = torch.randint(0, VOCAB - 3, (B, T))
-    edit = [("blocks.0.attn.hook_write", inplace_write_edit(T // 2))]
-    base = "HF `NemotronHForCausalLM` forward"
-    runs = {
-        base: (lambda: hf(tokens, use_cache=False).logits, None),
-        "ours, forward": (lambda: ours(tokens), 1.1),
-        "ours, `run_with_cache()`": (lambda: ours.run_with_cache(tokens), 1.3),
-        "ours, rank-1 `hook_write` edit, 1 layer, 1 position (in place)": (
-            lambda: ours.run_with_hooks(tokens, fwd_hooks=edit),
-            1.5,
-        ),
-    }
-    meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
-    return [
-        dict(
-            model="Nemotron-H",
-            run=k,
-            ms=1e3 * meds[k],
-            against=None if k == base else "HF",
-            ratio=meds[k] / meds[base],
-            target=runs[k][1],
-        )
-        for k in runs
-    ]
+    return gdn_rows(hf, "Nemotron-H", tokens, rounds, hook="blocks.0.attn.hook_write", copy=False)
 
 
 def zamba2_rows(rounds: int) -> list[dict]:
@@ -304,31 +284,8 @@ def xlstm_rows(rounds: int) -> list[dict]:
         chunk_size=64,
     )
     hf = xLSTMForCausalLM(cfg).eval()
-    ours = HookedRecurrentModel.from_hf_model(hf)
     tokens = torch.randint(0, VOCAB - 3, (B, T))
-    edit = [("blocks.0.attn.hook_write", inplace_write_edit(T // 2))]
-    base = "HF `xLSTMForCausalLM` forward"
-    runs = {
-        base: (lambda: hf(tokens, use_cache=False).logits, None),
-        "ours, forward": (lambda: ours(tokens), 1.1),
-        "ours, `run_with_cache()`": (lambda: ours.run_with_cache(tokens), 1.3),
-        "ours, rank-1 `hook_write` edit, 1 layer, 1 position (in place)": (
-            lambda: ours.run_with_hooks(tokens, fwd_hooks=edit),
-            1.5,
-        ),
-    }
-    meds = interleaved_medians({k: f for k, (f, _) in runs.items()}, rounds=rounds)
-    return [
-        dict(
-            model="xLSTM",
-            run=k,
-            ms=1e3 * meds[k],
-            against=None if k == base else "HF",
-            ratio=meds[k] / meds[base],
-            target=runs[k][1],
-        )
-        for k in runs
-    ]
+    return gdn_rows(hf, "xLSTM", tokens, rounds, hook="blocks.0.attn.hook_write", copy=False)
 
 
 def markdown(rows: list[dict]) -> str:

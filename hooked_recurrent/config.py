@@ -167,3 +167,18 @@ class HookedRecurrentConfig:
     def use_attn_result(self) -> bool:
         """False: per-head results are computed from `hook_z` by `ActivationCache`."""
         return False
+
+
+class SwiGLU:
+    """Mixin for the configs of families whose MLPs (and experts) are SwiGLU: TransformerLens's
+    `gated_mlp` is True and `act_fn` is "silu". List it before the config base class."""
+
+    @property
+    def gated_mlp(self) -> bool:
+        """True: the MLPs (and experts) are SwiGLU."""
+        return True
+
+    @property
+    def act_fn(self) -> str:
+        """ "silu", the SwiGLU's activation."""
+        return "silu"

@@ -22,6 +22,7 @@ from hooked_recurrent.pretrained.mamba2_hybrid import (
     HybridConfig,
     attention_map,
     build_attention,
+    hf_ends,
     mamba2_fields,
     rename_layers,
     rope_theta_and_fraction,
@@ -118,12 +119,7 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: HybridConfig) -> dict[str, Te
 
 def to_hf_state_dict(sd: dict[str, Tensor], cfg: HybridConfig) -> dict[str, Tensor]:
     """Our state dict in `BambaForCausalLM` names (for saving a checkpoint)."""
-    out = {
-        "model.embed_tokens.weight": sd["embed.weight"],
-        "model.final_layernorm.weight": sd["ln_final.w"],
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["unembed.weight"]
+    out = hf_ends(sd, cfg.tie_word_embeddings)
     out.update(rename_layers(sd, cfg, lambda li: _layer_map(cfg, li), "model.layers.", True))
     return out
 

@@ -27,16 +27,17 @@ from hooked_recurrent.components.block import Block
 from hooked_recurrent.components.mlp import GatedMLP
 from hooked_recurrent.components.moe import MoE
 from hooked_recurrent.components.norms import RMSNorm
+from hooked_recurrent.config import SwiGLU
 from hooked_recurrent.pretrained import Family, register_family
 from hooked_recurrent.pretrained.experts import read_experts, write_experts
 from hooked_recurrent.pretrained.mamba1 import Mamba1Config, _dt_rank, build_mixer, mixer_map
-from hooked_recurrent.pretrained.mamba2_hybrid import rename_layers
+from hooked_recurrent.pretrained.mamba2_hybrid import hf_ends, rename_layers
 
 __all__ = ["JambaConfig", "config_from_hf", "convert_state_dict", "to_hf_state_dict"]
 
 
 @dataclass
-class JambaConfig(Mamba1Config):
+class JambaConfig(SwiGLU, Mamba1Config):
     """Jamba fields beyond `Mamba1Config` (Hugging Face name in brackets).
 
     The Mamba-1 fields: `d_k` = d_state [mamba_d_state], `d_v` = d_inner [mamba_expand *
@@ -58,16 +59,6 @@ class JambaConfig(Mamba1Config):
     n_experts: int = 1
     top_k: int = 1
     moe_layers: list[int] = field(default_factory=list)
-
-    @property
-    def gated_mlp(self) -> bool:
-        """True: the MLPs and experts are SwiGLU."""
-        return True
-
-    @property
-    def act_fn(self) -> str:
-        """The MLP activation: "silu"."""
-        return "silu"
 
 
 def _every(n_layers: int, period: int, offset: int) -> list[int]:
@@ -189,12 +180,7 @@ def convert_state_dict(sd: dict[str, Tensor], cfg: JambaConfig) -> dict[str, Ten
 
 def to_hf_state_dict(sd: dict[str, Tensor], cfg: JambaConfig) -> dict[str, Tensor]:
     """Our state dict in transformers' in-memory `JambaForCausalLM` names (fused experts)."""
-    out = {
-        "model.embed_tokens.weight": sd["embed.weight"],
-        "model.final_layernorm.weight": sd["ln_final.w"],
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["unembed.weight"]
+    out = hf_ends(sd, cfg.tie_word_embeddings)
     out.update(rename_layers(sd, cfg, lambda li: _layer_map(cfg, li), "model.layers.", True))
     for layer in cfg.moe_layers:
         ours = f"blocks.{layer}.mlp.experts."

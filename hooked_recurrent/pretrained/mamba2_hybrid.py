@@ -129,6 +129,19 @@ def attention_map(cfg: HybridConfig, theirs: str) -> dict[str, str]:
     return {f"attn.{n}.{k}": f"{theirs}{n}.{k}" for n in names for k in kinds}
 
 
+def hf_ends(sd: Mapping[str, Tensor], tied: bool) -> dict[str, Tensor]:
+    """The embedding, final norm and head (unless `tied` to the embedding) in transformers'
+    `model.embed_tokens`, `model.final_layernorm`, `lm_head` names: the start of a family's
+    `to_hf_state_dict`."""
+    out = {
+        "model.embed_tokens.weight": sd["embed.weight"],
+        "model.final_layernorm.weight": sd["ln_final.w"],
+    }
+    if not tied:
+        out["lm_head.weight"] = sd["unembed.weight"]
+    return out
+
+
 def rename_layers(
     sd: Mapping[str, Tensor],
     cfg: HookedRecurrentConfig,

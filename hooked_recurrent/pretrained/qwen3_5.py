@@ -25,7 +25,7 @@ from hooked_recurrent.components.gated_deltanet import GatedDeltaNet
 from hooked_recurrent.components.mlp import GatedMLP
 from hooked_recurrent.components.moe import MoE
 from hooked_recurrent.components.norms import RMSNorm
-from hooked_recurrent.config import HookedRecurrentConfig
+from hooked_recurrent.config import HookedRecurrentConfig, SwiGLU
 from hooked_recurrent.pretrained import Family, register_family
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ _MULTIMODAL = ("qwen3_5", "qwen3_5_moe")
 
 
 @dataclass
-class Qwen35Config(HookedRecurrentConfig):
+class Qwen35Config(SwiGLU, HookedRecurrentConfig):
     """Qwen3.5-family fields beyond the shared ones (Hugging Face name in brackets).
 
     Attributes:
@@ -95,16 +95,6 @@ class Qwen35Config(HookedRecurrentConfig):
     def n_key_value_heads(self) -> int:
         """Key/value heads of the softmax-attention layers (GQA)."""
         return self.attn_n_kv_heads
-
-    @property
-    def gated_mlp(self) -> bool:
-        """True: the MLPs (and the experts) are SwiGLU."""
-        return True
-
-    @property
-    def act_fn(self) -> str:
-        """ "silu" (SwiGLU)."""
-        return "silu"
 
     @property
     def positional_embedding_type(self) -> str:

@@ -20,7 +20,7 @@ from hooked_recurrent.components.block import Block
 from hooked_recurrent.components.mlp import GatedMLP
 from hooked_recurrent.components.mlstm import MLSTMMixer, soft_cap
 from hooked_recurrent.components.norms import RMSNorm
-from hooked_recurrent.config import HookedRecurrentConfig
+from hooked_recurrent.config import HookedRecurrentConfig, SwiGLU
 from hooked_recurrent.pretrained import Family, register_family
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
 
 
 @dataclass
-class XLSTMConfig(HookedRecurrentConfig):
+class XLSTMConfig(SwiGLU, HookedRecurrentConfig):
     """xLSTM fields beyond the shared ones (Hugging Face name in brackets).
 
     `d_v` is the state's column count, the value head size plus one (the normaliser's column);
@@ -62,16 +62,6 @@ class XLSTMConfig(HookedRecurrentConfig):
     def d_head(self) -> int:
         """The value head size (the state has one more column, the normaliser)."""
         return self.d_v - 1
-
-    @property
-    def gated_mlp(self) -> bool:
-        """True: the feed-forward is a SwiGLU."""
-        return True
-
-    @property
-    def act_fn(self) -> str:
-        """ "silu", the SwiGLU's activation."""
-        return "silu"
 
 
 def _round_up(x: float, multiple: int) -> int:

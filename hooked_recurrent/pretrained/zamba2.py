@@ -41,7 +41,12 @@ from hooked_recurrent.components.mlp import ACTIVATIONS, GatedMLP
 from hooked_recurrent.components.norms import RMSNorm
 from hooked_recurrent.pretrained import Family, register_family
 from hooked_recurrent.pretrained.mamba2 import build_mixer, mixer_map
-from hooked_recurrent.pretrained.mamba2_hybrid import BRIDGE, HybridConfig, rope_theta_and_fraction
+from hooked_recurrent.pretrained.mamba2_hybrid import (
+    BRIDGE,
+    HybridConfig,
+    hf_ends,
+    rope_theta_and_fraction,
+)
 
 __all__ = ["Zamba2Config", "config_from_hf", "convert_state_dict", "to_hf_state_dict"]
 
@@ -272,12 +277,7 @@ def to_hf_state_dict(sd: dict[str, Tensor], cfg: Zamba2Config) -> dict[str, Tens
     """Our state dict in `Zamba2ForCausalLM` names, every copy included (as the in-memory state
     dict of `Zamba2ForCausalLM` has them): each shared block from its first user (tied) or from
     each layer (untied), each adapter from its own layer."""
-    out = {
-        "model.embed_tokens.weight": sd["embed.weight"],
-        "model.final_layernorm.weight": sd["ln_final.w"],
-    }
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["unembed.weight"]
+    out = hf_ends(sd, cfg.tie_word_embeddings)
     kinds = ("weight", "bias") if cfg.mlp_bias else ("weight",)
     for layer in range(cfg.n_layers):
         dst = _mamba_prefix(cfg, layer)
